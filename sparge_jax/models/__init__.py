@@ -1,0 +1,1 @@
+"""Models with pluggable sparse attention."""

@@ -1,0 +1,12 @@
+"""Wan2.1 video DiT: the model (`model`) and diffusers checkpoint loading/saving (`diffusers_io`)."""
+
+from sparge_jax.models.wan.model import (
+    AttentionConfig,
+    WanConfig,
+    WanModel,
+    tiny,
+    wan2_1_1_3b,
+    wan2_1_14b,
+)
+
+__all__ = ["AttentionConfig", "WanConfig", "WanModel", "tiny", "wan2_1_1_3b", "wan2_1_14b"]

@@ -1,0 +1,374 @@
+"""Wan2.1 text-to-video DiT in Flax NNX, number for number with diffusers' `WanTransformer3DModel`.
+
+`WanModel(config, *, rngs)(x, t, context)` maps latents `x: [batch, frames, height, width, channels]`
+(channels last), timesteps `t: [batch]` in [0, 1000] and text embeddings
+`context: [batch, text_len, text_dim]` to the predicted velocity, shaped like `x` with `out_channels`.
+
+Dense or sparse self-attention. `config.attention` (an `AttentionConfig`) picks it; cross-attention to
+text is always dense. The setting is static configuration, not a parameter, so switching never copies
+weights: `model.set_attention(AttentionConfig(kind="sparse", topk=0.03, topp=0.2))` changes the
+model in place (a jitted function retraces once). For a sparse student next to a dense teacher that
+share nothing but the architecture, build each with its own config. To get a second view of the SAME
+arrays, `nnx.merge(*nnx.split(model))` gives a new module over the same arrays, then `set_attention`
+on it.
+
+Layers. The blocks' parameters are stacked on a leading `layers` axis (built with `nnx.vmap`) and the
+forward runs them with `nnx.scan`, so 30-40 layers compile once; `config.remat` rematerialises each
+block in the backward pass.
+
+Logical axis names (`nnx.with_partitioning`), for the trainer to map to mesh axes with
+`nnx.logical_axis_rules`:
+  "layers"      the stacked block axis (leading axis of every block parameter)
+  "embed"       the model width (`dim` = heads * head_dim)
+  "heads"       the attention inner width (heads * head_dim) of q/k/v/out projections and qk-norms
+  "mlp"         the feed-forward hidden width (`ffn_dim`)
+  "text_embed"  the text-encoder width (`text_dim`) of the text projection's input
+  None          small axes that stay replicated: patch volume, time frequencies, the 6- and
+                2-way modulation tables' first axis, the head's output features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ATTENTION_KINDS = ("dense", "sparse")
+_ROPE_THETA = 10000.0
+# Wan's timestep sinusoid uses the usual 10,000 period.
+_TIME_MAX_PERIOD = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """How self-attention runs. `kind="dense"` ignores the other fields.
+
+  topk, topp: floats in [0, 1] or per-head tuples; mode: "hybrid" | "topk" | "topp"; block_q,
+  block_kv: tile sizes in tokens; backend: passed to `sparge_jax.attention.sparse_attention`.
+  """
+
+  kind: str = "dense"
+  topk: float | tuple[float, ...] = 0.03
+  topp: float | tuple[float, ...] = 0.2
+  mode: str = "hybrid"
+  block_q: int = 128
+  block_kv: int = 64
+  backend: str = "auto"
+
+  def __post_init__(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {self.kind!r}")
+    # Lists would make the config unhashable, and it is static jit data.
+    for name in ("topk", "topp"):
+      value = getattr(self, name)
+      if isinstance(value, (list, np.ndarray)):
+        object.__setattr__(self, name, tuple(float(v) for v in value))
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+  """Architecture (diffusers config.json names and meanings) plus run options.
+
+  Architecture fields must match a checkpoint; `attention`, `remat`, `param_dtype` and
+  `compute_dtype` are run options. Norms, modulation and the time embedding always compute in float32.
+  """
+
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  num_attention_heads: int = 12
+  attention_head_dim: int = 128
+  in_channels: int = 16
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  ffn_dim: int = 8960
+  num_layers: int = 30
+  cross_attn_norm: bool = True
+  eps: float = 1e-6
+  rope_max_seq_len: int = 1024
+  attention: AttentionConfig = AttentionConfig()
+  remat: bool = False
+  param_dtype: Any = jnp.float32
+  compute_dtype: Any = jnp.float32
+
+  @property
+  def dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  @property
+  def rope_dims(self) -> tuple[int, int, int]:
+    """Head-dim channels given to the frame, height and width rotary axes (diffusers' split)."""
+    hw = 2 * (self.attention_head_dim // 6)
+    return self.attention_head_dim - 2 * hw, hw, hw
+
+  def __post_init__(self):
+    object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+    if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+      raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
+    if any(d % 2 for d in self.rope_dims):
+      raise ValueError(f"attention_head_dim {self.attention_head_dim} splits into odd rotary dims {self.rope_dims}")
+    if not isinstance(self.attention, AttentionConfig):
+      raise ValueError(f"attention must be an AttentionConfig, got {type(self.attention).__name__}")
+
+
+def tiny() -> WanConfig:
+  """A 2-layer toy with Wan's structure, for CPU tests (head_dim 16 splits into rotary dims 8/4/4)."""
+  return WanConfig(
+      num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=24,
+      freq_dim=16, ffn_dim=64, num_layers=2)
+
+
+def wan2_1_1_3b() -> WanConfig:
+  """Wan2.1-T2V-1.3B: dim 1536, 30 layers, 12 heads x 128, ffn 8960."""
+  return WanConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+
+
+def wan2_1_14b() -> WanConfig:
+  """Wan2.1-T2V-14B: dim 5120, 40 layers, 40 heads x 128, ffn 13824."""
+  return WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
+
+
+def _linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], config: WanConfig,
+            rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
+  return nnx.Linear(
+      in_features, out_features, dtype=dtype or config.compute_dtype, param_dtype=config.param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+
+
+def _layer_norm(x, eps: float):
+  """Parameter-free LayerNorm in float32 (two-pass variance, like torch)."""
+  x = x.astype(jnp.float32)
+  centered = x - x.mean(-1, keepdims=True)
+  return centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), -1, keepdims=True) + eps)
+
+
+def _apply_rope(x, cos, sin):
+  """Rotate interleaved channel pairs (x[2i], x[2i+1]). x: [batch, seq, heads, head_dim]; cos, sin: [seq, head_dim/2]."""
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  even, odd = pairs[..., 0], pairs[..., 1]
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def rope_tables(config: WanConfig, frames: int, height: int, width: int):
+  """cos, sin float32 [frames*height*width, head_dim/2] for a token grid (after patching).
+
+  Each axis gets its own slice of channel pairs, frequencies theta^(-2i/d_axis), angles in float64
+  like diffusers; tokens are ordered frame-major, then height, then width.
+  """
+  per_axis = []
+  for positions, dim in zip((frames, height, width), config.rope_dims):
+    freqs = 1.0 / _ROPE_THETA ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = np.outer(np.arange(positions, dtype=np.float64), freqs)
+    per_axis.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+
+  def grid(tables):
+    t, h, w = (jnp.asarray(a) for a in tables)
+    shape = (frames, height, width)
+    full = jnp.concatenate([
+        jnp.broadcast_to(t[:, None, None], shape + t.shape[-1:]),
+        jnp.broadcast_to(h[None, :, None], shape + h.shape[-1:]),
+        jnp.broadcast_to(w[None, None, :], shape + w.shape[-1:]),
+    ], axis=-1)
+    return full.reshape(frames * height * width, -1)
+
+  return grid([c for c, _ in per_axis]), grid([s for _, s in per_axis])
+
+
+def timestep_sinusoid(t, dim: int):
+  """t: [batch] -> float32 [batch, dim], [cos | sin] with frequencies 10000^(-i/(dim/2))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(_TIME_MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with RMS qk-norm across all heads (Wan's `attn1`/`attn2`)."""
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    dim, heads_width = config.dim, config.dim
+    self.heads = config.num_attention_heads
+    self.query = _linear(dim, heads_width, ("embed", "heads"), config, rngs)
+    self.key = _linear(dim, heads_width, ("embed", "heads"), config, rngs)
+    self.value = _linear(dim, heads_width, ("embed", "heads"), config, rngs)
+    self.out = _linear(heads_width, dim, ("heads", "embed"), config, rngs)
+    norm = dict(epsilon=config.eps, dtype=config.compute_dtype, param_dtype=config.param_dtype,
+                scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("heads",)), rngs=rngs)
+    self.query_norm = nnx.RMSNorm(heads_width, **norm)
+    self.key_norm = nnx.RMSNorm(heads_width, **norm)
+
+  def _split_heads(self, x):
+    return x.reshape(*x.shape[:-1], self.heads, -1)
+
+  def __call__(self, x, context=None, rope=None, attention: AttentionConfig | None = None):
+    """x: [batch, seq, dim]; context: [batch, ctx_len, dim] for cross-attention, None for self.
+
+    Returns (out [batch, seq, dim], sparsity float32 [batch, heads]: fraction of blocks skipped).
+    """
+    source = x if context is None else context
+    q = self._split_heads(self.query_norm(self.query(x)))
+    k = self._split_heads(self.key_norm(self.key(source)))
+    v = self._split_heads(self.value(source))
+    if rope is not None:
+      q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+    out, sparsity = _attend(q, k, v, attention or AttentionConfig())
+    return self.out(out.reshape(*out.shape[:-2], -1)), sparsity
+
+
+def _attend(q, k, v, attention: AttentionConfig):
+  """q, k, v: [batch, seq, heads, head_dim] -> (out like q, sparsity float32 [batch, heads])."""
+  from sparge_jax import attention as sparge_attention  # noqa: PLC0415 (sibling module, avoids a cycle)
+
+  if attention.kind == "dense":
+    return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
+  heads = q.shape[2]
+  topk, topp = (jnp.asarray(p, jnp.float32) if isinstance(p, tuple) else p
+                for p in (attention.topk, attention.topp))
+  for name, p in (("topk", topk), ("topp", topp)):
+    if getattr(p, "shape", ()) not in ((), (heads,)):
+      raise ValueError(f"attention.{name} must be a float or {heads} per-head values, got shape {p.shape}")
+  out, stats = sparge_attention.sparse_attention(
+      q, k, v, topk=topk, topp=topp, mode=attention.mode, block_q=attention.block_q,
+      block_kv=attention.block_kv, backend=attention.backend, return_stats=True)
+  return out, stats["sparsity"].astype(jnp.float32)
+
+
+class WanBlock(nnx.Module):
+  """Self-attention, cross-attention to text and FFN, each on a modulated residual (Wan's block)."""
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    self.eps = config.eps
+    self.compute_dtype = config.compute_dtype
+    self.self_attn = Attention(config, rngs=rngs)
+    self.cross_attn = Attention(config, rngs=rngs)
+    self.cross_norm = nnx.LayerNorm(
+        config.dim, epsilon=config.eps, use_fast_variance=False, dtype=jnp.float32,
+        param_dtype=config.param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        rngs=rngs) if config.cross_attn_norm else None
+    self.ffn_in = _linear(config.dim, config.ffn_dim, ("embed", "mlp"), config, rngs)
+    self.ffn_out = _linear(config.ffn_dim, config.dim, ("mlp", "embed"), config, rngs)
+    # Rows: shift, scale, gate for self-attention, then the same for the FFN; added to the time signal.
+    self.modulation = nnx.Param(
+        nnx.with_partitioning(nnx.initializers.normal(config.dim**-0.5), (None, "embed"))(
+            rngs.params(), (6, config.dim), config.param_dtype))
+
+  def __call__(self, x, context, time_mod, rope, attention: AttentionConfig):
+    """x: [batch, seq, dim]; context: [batch, text_len, dim]; time_mod: float32 [batch, 6, dim].
+
+    Returns (x, self-attention sparsity float32 [batch, heads]).
+    """
+    dtype = x.dtype
+    mod = self.modulation[...].astype(jnp.float32)[None] + time_mod
+    shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (mod[:, i, None, :] for i in range(6))
+
+    h = (_layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
+    attn_out, sparsity = self.self_attn(h, rope=rope, attention=attention)
+    x = (x.astype(jnp.float32) + attn_out * gate).astype(dtype)
+
+    h = x if self.cross_norm is None else self.cross_norm(x.astype(jnp.float32)).astype(dtype)
+    x = x + self.cross_attn(h, context)[0]
+
+    h = (_layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).astype(dtype)
+    ffn_out = self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=True))
+    x = (x.astype(jnp.float32) + ffn_out.astype(jnp.float32) * ffn_gate).astype(dtype)
+    return x, sparsity
+
+
+class WanModel(nnx.Module):
+  """The Wan2.1 DiT. See the module docstring for attention switching and sharding names."""
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dim, patch_volume = config.dim, math.prod(config.patch_size)
+    self.patch_embed = nnx.Param(nnx.with_partitioning(
+        nnx.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, None, "embed"))(
+            rngs.params(), (*config.patch_size, config.in_channels, dim), config.param_dtype))
+    self.patch_embed_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))(
+        rngs.params(), (dim,), config.param_dtype))
+    # The time path runs in float32 whatever the compute dtype (diffusers keeps it in fp32 too).
+    self.time_in = _linear(config.freq_dim, dim, (None, "embed"), config, rngs, jnp.float32)
+    self.time_out = _linear(dim, dim, ("embed", None), config, rngs, jnp.float32)
+    self.time_modulation = _linear(dim, 6 * dim, (None, "embed"), config, rngs, jnp.float32)
+    self.text_in = _linear(config.text_dim, dim, ("text_embed", "embed"), config, rngs)
+    self.text_out = _linear(dim, dim, ("embed", None), config, rngs)
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return WanBlock(config, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    # Rows: shift, scale of the output norm, added to the time embedding.
+    self.head_modulation = nnx.Param(
+        nnx.with_partitioning(nnx.initializers.normal(dim**-0.5), (None, "embed"))(
+            rngs.params(), (2, dim), config.param_dtype))
+    self.head = _linear(dim, patch_volume * config.out_channels, ("embed", None), config, rngs)
+
+  def set_attention(self, attention: AttentionConfig) -> None:
+    """Switch self-attention between dense and sparse in place; parameters are untouched."""
+    if not isinstance(attention, AttentionConfig):
+      raise ValueError(f"attention must be an AttentionConfig, got {type(attention).__name__}")
+    self.config = dataclasses.replace(self.config, attention=attention)
+
+  def _check_inputs(self, x, t, context):
+    c = self.config
+    if x.ndim != 5:
+      raise ValueError(f"x must be [batch, frames, height, width, channels], got shape {x.shape}")
+    if x.shape[-1] != c.in_channels:
+      raise ValueError(f"x has {x.shape[-1]} channels, the model takes in_channels={c.in_channels}")
+    if any(size % p for size, p in zip(x.shape[1:4], c.patch_size)):
+      raise ValueError(f"x frames/height/width {x.shape[1:4]} are not multiples of patch_size {c.patch_size}")
+    grid = [size // p for size, p in zip(x.shape[1:4], c.patch_size)]
+    if max(grid) > c.rope_max_seq_len:
+      raise ValueError(f"x patch grid {grid} exceeds rope_max_seq_len={c.rope_max_seq_len}")
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+      raise ValueError(f"t must be [batch] = [{x.shape[0]}], got shape {t.shape}")
+    if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != c.text_dim:
+      raise ValueError(f"context must be [batch={x.shape[0]}, text_len, text_dim={c.text_dim}], got {context.shape}")
+
+  def __call__(self, x, t, context, *, return_sparsity: bool = False):
+    """x: [batch, frames, height, width, in_channels]; t: [batch] in [0, 1000];
+    context: [batch, text_len, text_dim].
+
+    Returns the velocity [batch, frames, height, width, out_channels] in the compute dtype, and with
+    `return_sparsity` also float32 [num_layers, batch, heads]: the fraction of self-attention blocks
+    skipped per layer (zeros when dense).
+    """
+    x, t, context = jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)
+    self._check_inputs(x, t, context)
+    c = self.config
+    dtype = c.compute_dtype
+    batch, (pt, ph, pw) = x.shape[0], c.patch_size
+    frames, height, width = x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw
+
+    patches = x.astype(dtype).reshape(batch, frames, pt, height, ph, width, pw, -1)
+    patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [b, f, h, w, pt, ph, pw, c]
+    tokens = jnp.einsum("bfhwtyxc,tyxcd->bfhwd", patches, self.patch_embed[...].astype(dtype))
+    tokens = (tokens + self.patch_embed_bias[...].astype(dtype)).reshape(batch, frames * height * width, -1)
+    rope = rope_tables(c, frames, height, width)
+
+    time_emb = self.time_out(jax.nn.silu(self.time_in(timestep_sinusoid(t, c.freq_dim))))
+    time_mod = self.time_modulation(jax.nn.silu(time_emb)).reshape(batch, 6, -1)
+    text = self.text_out(jax.nn.gelu(self.text_in(context.astype(dtype)), approximate=True))
+
+    def run_block(block, tokens):
+      return block(tokens, text, time_mod, rope, c.attention)
+
+    if c.remat:
+      run_block = nnx.remat(run_block)
+    tokens, sparsity = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.blocks, tokens)
+
+    shift, scale = (self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :])[:, :, None, :].transpose(1, 0, 2, 3)
+    h = (_layer_norm(tokens, c.eps) * (1 + scale) + shift).astype(dtype)
+    out = self.head(h).reshape(batch, frames, height, width, pt, ph, pw, -1)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames * pt, height * ph, width * pw, -1)
+    return (out, sparsity) if return_sparsity else out

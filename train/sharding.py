@@ -1,0 +1,88 @@
+"""Device mesh ``(data, fsdp)`` and the shardings of parameters and batches.
+
+Parameters carry logical axis names (``nnx.with_partitioning``); ``LOGICAL_RULES`` maps them to
+mesh axes. FSDP shards each parameter over ``fsdp`` along its first dimension whose logical name
+maps to ``fsdp`` and whose size divides evenly; everything else is replicated. The batch is split
+over both axes (FSDP is data parallelism with sharded weights), so every device sees
+``batch / (data * fsdp)`` examples.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis. Names not listed are replicated. The model dimension ("embed")
+# appears in every large matrix, so sharding it alone shards all of them.
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+}
+
+
+def make_mesh(data: int, fsdp: int) -> Mesh:
+    """A mesh over all devices (of all processes); ``data = -1`` takes what ``fsdp`` leaves."""
+    n = jax.device_count()
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"mesh.fsdp ({fsdp}) must be >= 1 and divide the device count ({n})")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh.data * mesh.fsdp ({data} * {fsdp}) must equal the device count ({n})")
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _spec(shape: tuple[int, ...], names: tuple | None, mesh: Mesh, rules: dict) -> P:
+    spec = [None] * len(shape)
+    if names:
+        for dim, (size, name) in enumerate(zip(shape, names)):
+            axis = rules.get(name) if isinstance(name, str) else None
+            if axis is not None and size % mesh.shape[axis] == 0:
+                spec[dim] = axis
+                break
+    return P(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict | None = None) -> dict:
+    """NamedShardings for ``abstract_state.to_pure_dict()``, from each Param's logical axis names."""
+    rules = LOGICAL_RULES if rules is None else rules
+
+    def one(variable):
+        names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
+        value = variable.value if isinstance(variable, nnx.Variable) else variable
+        return NamedSharding(mesh, _spec(tuple(value.shape), names, mesh, rules))
+
+    shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """The contiguous ``[start, stop)`` rows of a global batch that this process's devices hold."""
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    start, stop = min(starts), max(stops)
+    rows = np.zeros(batch_size, bool)
+    for a, b in zip(starts, stops):
+        rows[a:b] = True
+    if rows.sum() != stop - start:
+        raise ValueError("this process's devices hold non-contiguous batch rows; the mesh must be "
+                         "ordered process by process (jax.make_mesh does this)")
+    return start, stop
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays sharded by ``sharding``."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
+            for k, v in local.items()}
