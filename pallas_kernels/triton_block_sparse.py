@@ -86,6 +86,7 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
   q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, heads, dim] (dim a power of two ≥ 16).
   kv_block_index: int32 [batch, heads, n_q_blocks, n_kv_blocks]; kv_block_count: int32 [batch, heads, n_q_blocks].
   Returns (out [batch, q_len, heads, dim], lse float32 [batch, heads, q_len]).
+  Launch defaults (here and in `backward`) are the best of `python -m benchmarks.attention --sweep`.
   """
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
@@ -170,7 +171,7 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_warps",
                                              "num_stages", "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale, num_warps=4, num_stages=2, interpret=False):
+             *, block_q, block_kv, scale, num_warps=8, num_stages=3, interpret=False):
   """Gradients (dq, dk, dv) of `forward`.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].

@@ -24,12 +24,14 @@ LOGICAL_RULES: dict[str, str | None] = {
 
 
 def make_mesh(data: int, fsdp: int) -> Mesh:
-    """A mesh over all devices (of all processes); ``data = -1`` takes what ``fsdp`` leaves."""
+    """A mesh over all devices (of all processes); one of the sizes may be -1 for "the rest"."""
     n = jax.device_count()
-    if fsdp < 1 or n % fsdp:
-        raise ValueError(f"mesh.fsdp ({fsdp}) must be >= 1 and divide the device count ({n})")
-    if data == -1:
-        data = n // fsdp
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+    for name, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+        if size != -1 and (size < 1 or n % size):
+            raise ValueError(f"{name} ({size}) must be >= 1 and divide the device count ({n})")
+    data, fsdp = (n // fsdp if data == -1 else data), (n // data if fsdp == -1 else fsdp)
     if data * fsdp != n:
         raise ValueError(f"mesh.data * mesh.fsdp ({data} * {fsdp}) must equal the device count ({n})")
     return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))

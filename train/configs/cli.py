@@ -72,7 +72,11 @@ def override(config: Any, dotted: str, text: str) -> Any:
         if dataclasses.is_dataclass(annotation):
             raise ValueError(f"--config.{here} is a group; set one of its fields, e.g. --config.{here}."
                              f"{dataclasses.fields(annotation)[0].name}=...")
-        return dataclasses.replace(node, **{name: _parse_value(text, annotation, f"--config.{here}")})
+        value = _parse_value(text, annotation, f"--config.{here}")
+        try:
+            return dataclasses.replace(node, **{name: value})
+        except ValueError as e:  # the dataclass's own __post_init__ checks
+            raise ValueError(f"--config.{here}={text!r}: {e}") from None
 
     return replace(config, dotted.split("."), "")
 

@@ -7,24 +7,25 @@
 Dense or sparse self-attention. `config.attention` (an `AttentionConfig`) picks it; cross-attention to
 text is always dense. The setting is static configuration, not a parameter, so switching never copies
 weights: `model.set_attention(AttentionConfig(kind="sparse", topk=0.03, topp=0.2))` changes the
-model in place (a jitted function retraces once). For a sparse student next to a dense teacher that
-share nothing but the architecture, build each with its own config. To get a second view of the SAME
-arrays, `nnx.merge(*nnx.split(model))` gives a new module over the same arrays, then `set_attention`
-on it.
+model in place (a jitted function retraces once). A dense teacher and a sparse student can start from
+the same arrays: `student = nnx.merge(*nnx.split(teacher)); student.set_attention(sparse)` makes new
+Variables over the same (immutable) arrays, so training the student never touches the teacher.
 
 Layers. The blocks' parameters are stacked on a leading `layers` axis (built with `nnx.vmap`) and the
 forward runs them with `nnx.scan`, so 30-40 layers compile once; `config.remat` rematerialises each
 block in the backward pass.
 
-Logical axis names (`nnx.with_partitioning`), for the trainer to map to mesh axes with
-`nnx.logical_axis_rules`:
+Logical axis names (`nnx.with_partitioning`; no eager sharding, so building a model needs no mesh).
+Map them to mesh axes with `nnx.logical_axis_rules`, e.g. for FSDP
+`with nnx.logical_axis_rules([("embed", "fsdp")]): specs = nnx.get_partition_spec(nnx.state(model))`
+(every name needs a rule there; `load_diffusers(mesh=, rules=)` replicates the unnamed ones itself):
   "layers"      the stacked block axis (leading axis of every block parameter)
   "embed"       the model width (`dim` = heads * head_dim)
   "heads"       the attention inner width (heads * head_dim) of q/k/v/out projections and qk-norms
   "mlp"         the feed-forward hidden width (`ffn_dim`)
   "text_embed"  the text-encoder width (`text_dim`) of the text projection's input
-  None          small axes that stay replicated: patch volume, time frequencies, the 6- and
-                2-way modulation tables' first axis, the head's output features.
+  None          replicated: patch volume, time frequencies, the modulation tables' 6/2 rows, the
+                head's output features, and the second side of the time/text projections.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sparge_jax import attention as sparge_attention
 
 ATTENTION_KINDS = ("dense", "sparse")
 _ROPE_THETA = 10000.0
@@ -132,12 +135,18 @@ def wan2_1_14b() -> WanConfig:
   return WanConfig(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
 
 
+def _partitioned(initializer, axes):
+  """Attach logical axis names; placement is the caller's (load_diffusers, or the trainer's jit
+  out_shardings), so building a model never needs a mesh."""
+  return nnx.with_partitioning(initializer, axes, eager_sharding=False)
+
+
 def _linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], config: WanConfig,
             rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
   return nnx.Linear(
       in_features, out_features, dtype=dtype or config.compute_dtype, param_dtype=config.param_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+      kernel_init=_partitioned(nnx.initializers.lecun_normal(), axes),
+      bias_init=_partitioned(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
 
 
 def _layer_norm(x, eps: float):
@@ -200,7 +209,7 @@ class Attention(nnx.Module):
     self.value = _linear(dim, heads_width, ("embed", "heads"), config, rngs)
     self.out = _linear(heads_width, dim, ("heads", "embed"), config, rngs)
     norm = dict(epsilon=config.eps, dtype=config.compute_dtype, param_dtype=config.param_dtype,
-                scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("heads",)), rngs=rngs)
+                scale_init=_partitioned(nnx.initializers.ones_init(), ("heads",)), rngs=rngs)
     self.query_norm = nnx.RMSNorm(heads_width, **norm)
     self.key_norm = nnx.RMSNorm(heads_width, **norm)
 
@@ -224,8 +233,6 @@ class Attention(nnx.Module):
 
 def _attend(q, k, v, attention: AttentionConfig):
   """q, k, v: [batch, seq, heads, head_dim] -> (out like q, sparsity float32 [batch, heads])."""
-  from sparge_jax import attention as sparge_attention  # noqa: PLC0415 (sibling module, avoids a cycle)
-
   if attention.kind == "dense":
     return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
   heads = q.shape[2]
@@ -245,20 +252,19 @@ class WanBlock(nnx.Module):
 
   def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
     self.eps = config.eps
-    self.compute_dtype = config.compute_dtype
     self.self_attn = Attention(config, rngs=rngs)
     self.cross_attn = Attention(config, rngs=rngs)
     self.cross_norm = nnx.LayerNorm(
         config.dim, epsilon=config.eps, use_fast_variance=False, dtype=jnp.float32,
         param_dtype=config.param_dtype,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        scale_init=_partitioned(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=_partitioned(nnx.initializers.zeros_init(), ("embed",)),
         rngs=rngs) if config.cross_attn_norm else None
     self.ffn_in = _linear(config.dim, config.ffn_dim, ("embed", "mlp"), config, rngs)
     self.ffn_out = _linear(config.ffn_dim, config.dim, ("mlp", "embed"), config, rngs)
     # Rows: shift, scale, gate for self-attention, then the same for the FFN; added to the time signal.
     self.modulation = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.normal(config.dim**-0.5), (None, "embed"))(
+        _partitioned(nnx.initializers.normal(config.dim**-0.5), (None, "embed"))(
             rngs.params(), (6, config.dim), config.param_dtype))
 
   def __call__(self, x, context, time_mod, rope, attention: AttentionConfig):
@@ -289,10 +295,10 @@ class WanModel(nnx.Module):
   def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
     self.config = config
     dim, patch_volume = config.dim, math.prod(config.patch_size)
-    self.patch_embed = nnx.Param(nnx.with_partitioning(
+    self.patch_embed = nnx.Param(_partitioned(
         nnx.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, None, "embed"))(
             rngs.params(), (*config.patch_size, config.in_channels, dim), config.param_dtype))
-    self.patch_embed_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))(
+    self.patch_embed_bias = nnx.Param(_partitioned(nnx.initializers.zeros_init(), ("embed",))(
         rngs.params(), (dim,), config.param_dtype))
     # The time path runs in float32 whatever the compute dtype (diffusers keeps it in fp32 too).
     self.time_in = _linear(config.freq_dim, dim, (None, "embed"), config, rngs, jnp.float32)
@@ -309,7 +315,7 @@ class WanModel(nnx.Module):
     self.blocks = make_blocks(rngs)
     # Rows: shift, scale of the output norm, added to the time embedding.
     self.head_modulation = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.normal(dim**-0.5), (None, "embed"))(
+        _partitioned(nnx.initializers.normal(dim**-0.5), (None, "embed"))(
             rngs.params(), (2, dim), config.param_dtype))
     self.head = _linear(dim, patch_volume * config.out_channels, ("embed", None), config, rngs)
 
@@ -367,7 +373,8 @@ class WanModel(nnx.Module):
       run_block = nnx.remat(run_block)
     tokens, sparsity = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.blocks, tokens)
 
-    shift, scale = (self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :])[:, :, None, :].transpose(1, 0, 2, 3)
+    head_mod = self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :]  # [b, 2, dim]
+    shift, scale = head_mod[:, 0, None, :], head_mod[:, 1, None, :]
     h = (_layer_norm(tokens, c.eps) * (1 + scale) + shift).astype(dtype)
     out = self.head(h).reshape(batch, frames, height, width, pt, ph, pw, -1)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames * pt, height * ph, width * pw, -1)

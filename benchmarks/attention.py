@@ -1,0 +1,151 @@
+"""Block-sparse attention against cuDNN dense attention, in the same run.
+
+    python -m benchmarks.attention                  # the issue's table; writes benchmarks/results/<device>.json
+    python -m benchmarks.attention --sweep          # also times kernel launch settings (num_warps, num_stages)
+
+Masks keep the same number of randomly chosen kv blocks in every row. Times are medians (see
+benchmarks/timing.py). fwd_ms and fwd_bwd_ms are the public `block_sparse_attention` call on a given mask
+(index tables included); mask_ms is `block_mask` (pooling, pooled softmax, Top-k ∪ Top-p selection).
+TFLOP/s count only the kept blocks' work: forward 4·B·H·Nq·Nk·D·(1−s), forward+backward 3.5x that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from pallas_kernels import triton_block_sparse
+from sparge_jax import attention, mask as mask_lib
+
+
+def random_block_mask(key, batch, heads, n_q_blocks, n_kv_blocks, kept):
+  """bool [batch, heads, n_q_blocks, n_kv_blocks] keeping exactly `kept` random kv blocks per row."""
+  noise = jax.random.uniform(key, (batch, heads, n_q_blocks, n_kv_blocks))
+  ranks = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)
+  return ranks < kept
+
+
+def _fwd_bwd(attend):
+  def run(q, k, v, d_out):
+    out, pullback = jax.vjp(attend, q, k, v)
+    return pullback(d_out)
+  return jax.jit(run)
+
+
+def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backend, block_q, block_kv, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  shape = (batch, seq_len, heads, head_dim)
+  q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:4])
+  n_q, n_kv = -(-seq_len // block_q), -(-seq_len // block_kv)
+
+  dense = lambda q, k, v: attention.dense_attention(q, k, v)
+  cudnn_fwd_ms = timing.median_ms(jax.jit(dense), q, k, v)
+  cudnn_fwd_bwd_ms = timing.median_ms(_fwd_bwd(dense), q, k, v, d_out)
+  make_mask = jax.jit(lambda q, k: attention.block_mask(q, k, block_q=block_q, block_kv=block_kv, backend=backend))
+  mask_ms = timing.median_ms(make_mask, q, k)
+
+  dense_flops = 4 * batch * heads * seq_len * seq_len * head_dim
+  records = []
+  for target in sparsities:
+    kept = max(1, round((1 - target) * n_kv))
+    mask = random_block_mask(keys[4], batch, heads, n_q, n_kv, kept)
+    sparsity = 1.0 - float(jnp.mean(mask))
+    # The mask is an argument, not a closure constant: XLA would otherwise build the index tables at
+    # compile time and leave them out of the timing.
+    sparse = jax.jit(lambda q, k, v, mask: attention.block_sparse_attention(
+        q, k, v, mask, block_q=block_q, block_kv=block_kv, backend=backend))
+    fwd_ms = timing.median_ms(sparse, q, k, v, mask)
+    fwd_bwd = jax.jit(lambda q, k, v, d_out, mask: jax.vjp(lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out))
+    fwd_bwd_ms = timing.median_ms(fwd_bwd, q, k, v, d_out, mask)
+    tables_ms = timing.median_ms(jax.jit(mask_lib.index_tables), mask)
+    kept_flops = dense_flops * (1 - sparsity)
+    records.append(dict(
+        batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
+        backend=backend, block_q=block_q, block_kv=block_kv, target_sparsity=target, sparsity=sparsity,
+        fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=cudnn_fwd_ms, cudnn_fwd_bwd_ms=cudnn_fwd_bwd_ms,
+        mask_ms=mask_ms, tables_ms=tables_ms,
+        fwd_speedup=cudnn_fwd_ms / fwd_ms, fwd_bwd_speedup=cudnn_fwd_bwd_ms / fwd_bwd_ms,
+        ideal_speedup=1 / (1 - sparsity),
+        fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
+        cudnn_fwd_tflops=dense_flops / cudnn_fwd_ms / 1e9))
+  return records
+
+
+def sweep(*, seq_len, heads, head_dim, sparsity, dtype, block_q, block_kv):
+  """Kernel-only times (tables prebuilt) for launch settings of the Triton forward and backward."""
+  keys = jax.random.split(jax.random.PRNGKey(1), 5)
+  shape = (1, seq_len, heads, head_dim)
+  q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:4])
+  n_q, n_kv = -(-seq_len // block_q), -(-seq_len // block_kv)
+  mask = random_block_mask(keys[4], 1, heads, n_q, n_kv, max(1, round((1 - sparsity) * n_kv)))
+  (kv_index, kv_count), (q_index, q_count) = jax.jit(mask_lib.index_tables)(mask)
+  scale = head_dim ** -0.5
+  common = dict(block_q=block_q, block_kv=block_kv, scale=scale)
+  out, lse = triton_block_sparse.forward(q, k, v, kv_index, kv_count, **common)
+  rows = []
+  for warps, stages in itertools.product((4, 8), (2, 3, 4)):
+    fwd = jax.jit(lambda q, k, v: triton_block_sparse.forward(
+        q, k, v, kv_index, kv_count, num_warps=warps, num_stages=stages, **common))
+    bwd = jax.jit(lambda q, k, v, o, lse, do: triton_block_sparse.backward(
+        q, k, v, o, lse, do, kv_index, kv_count, q_index, q_count, num_warps=warps, num_stages=stages,
+        **common))
+    try:
+      rows.append(dict(num_warps=warps, num_stages=stages, fwd_ms=timing.median_ms(fwd, q, k, v),
+                       bwd_ms=timing.median_ms(bwd, q, k, v, out, lse, d_out)))
+    except Exception as e:  # a launch setting that does not fit (shared memory) is a result, not a crash
+      rows.append(dict(num_warps=warps, num_stages=stages, error=str(e).splitlines()[0][:200]))
+    print(rows[-1], flush=True)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--seq-len", type=int, default=32760)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.9, 0.8])
+  parser.add_argument("--backend", default="auto", choices=attention.BACKENDS)
+  parser.add_argument("--block-q", type=int, default=128)
+  parser.add_argument("--block-kv", type=int, default=64)
+  parser.add_argument("--sweep", action="store_true", help="also time kernel launch settings")
+  parser.add_argument("--out", default=None, help="results file (default benchmarks/results/<device>.json)")
+  args = parser.parse_args(argv)
+  for name in ("seq_len", "heads", "head_dim", "batch"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1")
+  if not all(0 <= s < 1 for s in args.sparsity):
+    parser.error("--sparsity values must lie in [0, 1)")
+
+  print(f"device: {timing.device_name()}  jax {jax.__version__}", flush=True)
+  records = measure(batch=args.batch, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim,
+                    sparsities=args.sparsity, dtype=jnp.bfloat16, backend=args.backend,
+                    block_q=args.block_q, block_kv=args.block_kv)
+  payload = {"command": "python -m benchmarks.attention", "records": records}
+  if args.sweep:
+    payload["sweep"] = sweep(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim,
+                             sparsity=args.sparsity[0], dtype=jnp.bfloat16, block_q=args.block_q,
+                             block_kv=args.block_kv)
+  path = args.out or os.path.join("benchmarks", "results", f"{timing.device_slug()}.json")
+  timing.write_results(path, payload)
+
+  header = (f"{'sparsity':>8} {'fwd ms':>8} {'cuDNN':>7} {'x':>6} {'fwd+bwd':>8} {'cuDNN':>7} {'x':>6} "
+            f"{'ideal':>6} {'TF/s f':>7} {'TF/s fb':>7} {'mask':>6} {'tables':>6}")
+  print(header)
+  for r in records:
+    print(f"{r['sparsity']:8.3f} {r['fwd_ms']:8.3f} {r['cudnn_fwd_ms']:7.2f} {r['fwd_speedup']:6.2f} "
+          f"{r['fwd_bwd_ms']:8.3f} {r['cudnn_fwd_bwd_ms']:7.2f} {r['fwd_bwd_speedup']:6.2f} "
+          f"{r['ideal_speedup']:6.1f} {r['fwd_tflops']:7.0f} {r['fwd_bwd_tflops']:7.0f} "
+          f"{r['mask_ms']:6.3f} {r['tables_ms']:6.3f}")
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

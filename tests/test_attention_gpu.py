@@ -1,0 +1,44 @@
+"""The compiled Pallas kernels on a GPU against the float32 reference (skipped on CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention_cases as cases
+from pallas_kernels import mask_pool
+from sparge_jax import attention, mask as mask_lib
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("shape", cases.SHAPES + [(1, 4100, 4100, 4, 128, 128, 64)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 1.5e-2), (jnp.float16, 5e-3)])
+def test_triton_matches_reference(shape, dtype, tol):
+  cases.check_backend("triton", False, shape, seed=11, dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("shape", cases.SHAPES[:2])
+def test_triton_full_mask_is_dense(shape):
+  cases.check_backend("triton", False, shape, seed=12, full_mask=True, tol=1e-4)
+
+
+def test_mask_pooling_kernel_matches_reference():
+  q, k, _, _ = cases.random_qkv(13, 2, 4100, 3000, 3, 128, jnp.bfloat16)
+  ours = mask_pool.pooled_block_probs(q, k, block_q=128, block_kv=64, scale=128 ** -0.5)
+  ref = mask_lib.pooled_block_probs_reference(q, k, block_q=128, block_kv=64, scale=128 ** -0.5)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_backend_on_gpu_is_triton_and_matches_xla():
+  q, k, v, _ = cases.random_qkv(14, 1, 2000, 2000, 2, 64, jnp.float32)
+  fast = attention.sparse_attention(q, k, v, topk=0.1, topp=0.3)
+  slow = attention.sparse_attention(q, k, v, topk=0.1, topp=0.3, backend="xla")
+  assert cases.rel_err(fast, slow) < 1e-4
+
+
+def test_nan_in_gives_nan_out():
+  q, k, v, _ = cases.random_qkv(15, 1, 500, 500, 2, 64, jnp.bfloat16)
+  out = attention.sparse_attention(q, k.at[0, 100, 1, 3].set(jnp.nan), v)
+  assert np.isnan(np.asarray(out[:, :, 1], np.float32)).any()
+  assert np.all(np.isfinite(np.asarray(out[:, :, 0], np.float32)))

@@ -1,0 +1,158 @@
+"""Top-k ∪ Top-p block selection: hand-built rows, a brute-force model, and the index tables."""
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sparge_jax import attention, mask as mask_lib
+
+
+def _select(rows, topk, topp, mode="hybrid"):
+  probs = jnp.asarray(rows, jnp.float32)[None, None]  # [1, 1, n_rows, n_kv]
+  return np.asarray(mask_lib.select_blocks(probs, topk, topp, mode))[0, 0]
+
+
+def _brute_force(row, topk, topp, mode):
+  """The paper's rule, written as plainly as possible."""
+  n = len(row)
+  order = sorted(range(n), key=lambda j: (-row[j], j))
+  k_count = math.ceil(topk * n - 1e-3)
+  p_count, mass = 0, 0.0
+  for j in order:
+    if topp >= 1.0 or mass < topp:
+      p_count += 1
+      mass += row[j]
+  count = {"hybrid": max(k_count, p_count), "topk": k_count, "topp": p_count}[mode]
+  kept = set(order[:max(1, min(n, count))])
+  return np.array([j in kept for j in range(n)])
+
+
+def test_near_uniform_row_topp_keeps_mass_topk_does_not():
+  row = np.full(10, 0.1) + np.linspace(-0.004, 0.005, 10)
+  row = row / row.sum()
+  assert _select([row], 0.2, 0.5, "topk")[0].sum() == 2
+  assert _select([row], 0.2, 0.5, "topp")[0].sum() == 5  # ~0.1 each: five blocks to reach 0.5
+  hybrid = _select([row], 0.2, 0.5, "hybrid")[0]
+  assert hybrid.sum() == 5 and hybrid[np.argsort(-row)[:5]].all()
+
+
+def test_skewed_row_with_sink_topk_keeps_more_than_topp():
+  row = np.array([0.86] + [0.02] * 7)
+  assert _select([row], 0.25, 0.5, "topp")[0].tolist() == [True] + [False] * 7
+  assert _select([row], 0.25, 0.5, "topk")[0].sum() == 2
+  assert _select([row], 0.25, 0.5, "hybrid")[0].sum() == 2
+
+
+def test_topp_includes_the_block_that_crosses_p():
+  row = np.array([0.5, 0.3, 0.2])
+  assert _select([row], 0.0, 0.5, "topp")[0].tolist() == [True, False, False]  # 0.5 already reaches 0.5
+  assert _select([row], 0.0, 0.51, "topp")[0].tolist() == [True, True, False]
+  assert _select([row], 0.0, 1.0, "topp")[0].tolist() == [True, True, True]
+
+
+def test_ties_go_to_lower_index():
+  row = np.full(8, 1 / 8)
+  assert _select([row], 0.25, 0.0, "topk")[0].tolist() == [True, True] + [False] * 6
+  assert _select([row], 0.0, 0.3, "topp")[0].tolist() == [True, True, True] + [False] * 5
+  row = np.array([0.1, 0.3, 0.1, 0.3, 0.2])
+  assert _select([row], 0.6, 0.0, "topk")[0].tolist() == [False, True, False, True, True]
+  assert _select([row], 0.8, 0.0, "topk")[0].tolist() == [True, True, False, True, True]
+
+
+def test_every_row_keeps_at_least_one_block():
+  rows = np.random.default_rng(0).dirichlet(np.ones(16), size=4)
+  for mode in mask_lib.MODES:
+    kept = _select(rows, 0.0, 0.0, mode)
+    assert (kept.sum(-1) == 1).all()
+    assert (np.argmax(kept, -1) == np.argmax(rows, -1)).all()
+
+
+def test_counts_of_each_mode():
+  rows = np.random.default_rng(1).dirichlet(np.full(40, 0.3), size=16)
+  for mode in mask_lib.MODES:
+    kept = _select(rows, 0.1, 0.6, mode)
+    expected = np.stack([_brute_force(r, 0.1, 0.6, mode) for r in rows])
+    np.testing.assert_array_equal(kept, expected)
+  assert (_select(rows, 0.1, 0.0, "topk").sum(-1) == 4).all()
+  assert (_select(rows, 0.1, 0.6, "hybrid").sum(-1) >= 4).all()
+  assert (_select(rows, 1.0, 0.0, "topk")).all() and (_select(rows, 0.0, 1.0, "topp")).all()
+
+
+def test_per_head_values():
+  rows = np.random.default_rng(2).dirichlet(np.ones(20), size=(1, 3, 4))
+  topk = np.array([0.05, 0.5, 1.0])
+  topp = np.array([0.9, 0.0, 0.0])
+  kept = np.asarray(mask_lib.select_blocks(jnp.asarray(rows, jnp.float32), topk, topp, "hybrid"))
+  for h in range(3):
+    for i in range(4):
+      np.testing.assert_array_equal(kept[0, h, i], _brute_force(rows[0, h, i], topk[h], topp[h], "hybrid"))
+  assert (kept[0, 1].sum(-1) == 10).all() and kept[0, 2].all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 33)),
+                       elements=st.floats(0.0, 10.0)),
+       topk=st.floats(0.0, 1.0), topp=st.floats(0.0, 1.0), mode=st.sampled_from(mask_lib.MODES),
+       quantize=st.booleans())
+def test_matches_brute_force(rows, topk, topp, mode, quantize):
+  rows = rows + 1e-3
+  if quantize:
+    rows = np.round(rows)  + 1.0  # many exact ties
+  rows = (rows / rows.sum(-1, keepdims=True)).astype(np.float32)
+  kept = _select(rows, topk, topp, mode)
+  # The brute force sums in float32 in the same order as the cumulative sum, so p boundaries agree.
+  for r, row in enumerate(rows):
+    np.testing.assert_array_equal(kept[r], _brute_force_f32(row, topk, topp, mode))
+
+
+def _brute_force_f32(row, topk, topp, mode):
+  sorted_row = np.sort(row)[::-1]
+  mass_before = np.cumsum(sorted_row, dtype=np.float32) - sorted_row
+  n = len(row)
+  p_count = n if topp >= 1.0 else int(np.sum(mass_before < np.float32(topp)))
+  k_count = math.ceil(np.float32(topk) * np.float32(n) - np.float32(1e-3))
+  count = {"hybrid": max(k_count, p_count), "topk": k_count, "topp": p_count}[mode]
+  order = sorted(range(n), key=lambda j: (-row[j], j))
+  kept = set(order[:max(1, min(n, count))])
+  return np.array([j in kept for j in range(n)])
+
+
+def test_block_mask_end_to_end_matches_numpy():
+  rng = np.random.default_rng(3)
+  q = rng.standard_normal((2, 150, 2, 16)).astype(np.float32)
+  k = rng.standard_normal((2, 90, 2, 16)).astype(np.float32)
+  k[:, :16] += 3 * q[:, :1]  # a sink-like block so rows are skewed
+  mask = np.asarray(attention.block_mask(jnp.asarray(q), jnp.asarray(k), topk=0.2, topp=0.5, block_q=32,
+                                         block_kv=16, scale=0.5))
+  assert mask.shape == (2, 2, 5, 6)
+  for b in range(2):
+    for h in range(2):
+      q_means = np.stack([q[b, i:i + 32, h].mean(0) for i in range(0, 150, 32)])
+      k_means = np.stack([k[b, j:j + 16, h].mean(0) for j in range(0, 90, 16)])
+      logits = 0.5 * q_means @ k_means.T
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      for i in range(5):
+        np.testing.assert_array_equal(mask[b, h, i], _brute_force(probs[i], 0.2, 0.5, "hybrid"))
+
+
+def test_index_tables():
+  mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.3, (2, 3, 7, 11))
+  (kv_index, kv_count), (q_index, q_count) = jax.tree.map(np.asarray, mask_lib.index_tables(mask))
+  mask = np.asarray(mask)
+  for b in range(2):
+    for h in range(3):
+      for i in range(7):
+        kept = np.flatnonzero(mask[b, h, i])
+        assert kv_count[b, h, i] == len(kept)
+        np.testing.assert_array_equal(kv_index[b, h, i, :len(kept)], kept)
+        assert set(np.asarray(kv_index[b, h, i])) == set(range(11))  # a permutation: padding is in range
+      for j in range(11):
+        kept = np.flatnonzero(mask[b, h, :, j])
+        assert q_count[b, h, j] == len(kept)
+        np.testing.assert_array_equal(q_index[b, h, j, :len(kept)], kept)
