@@ -171,8 +171,10 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_warps",
                                              "num_stages", "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale, num_warps=8, num_stages=3, interpret=False):
+             *, block_q, block_kv, scale, num_warps=8, num_stages=None, interpret=False):
   """Gradients (dq, dk, dv) of `forward`.
+
+  num_stages defaults to 3 for 16-bit inputs and 1 for float32, whose tiles take twice the shared memory.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
   """
@@ -181,6 +183,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   n_q_blocks, n_kv_blocks = kv_block_index.shape[-2:]
   delta = jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32))
   statics = dict(scale=scale, block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
+  if num_stages is None:
+    num_stages = 3 if q.dtype.itemsize <= 2 else 1
   params = _compiler_params(num_warps, num_stages)
 
   q_tile = pl.BlockSpec((None, block_q, None, dim), lambda i, b, h: (b, i, h, 0))

@@ -277,9 +277,10 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{losses[-1]:.4g}", sparsity=f"{sparsities[-1].mean():.2f}")
             if lead and (done % config.log_every == 0 or done == config.steps):
                 record = {"step": done, "loss": losses[-1], "grad_norm": float(metrics["grad_norm"]),
-                          "learning_rate": float(schedule(step)), "sparsity": float(sparsities[-1].mean()),
-                          "step_time_s": step_time,
-                          "tokens_per_s": config.batch_size * tokens_per_example / step_time}
+                          "learning_rate": float(schedule(step)), "sparsity": float(sparsities[-1].mean())}
+                if step > start_step:
+                    record.update(step_time_s=step_time,
+                                  tokens_per_s=config.batch_size * tokens_per_example / step_time)
                 for name, value in record.items():
                     if name != "step":
                         writer.add_scalar(f"train/{name}", value, done)
@@ -297,7 +298,7 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
 
     eval_after = evaluate(params)
     mean_sparsity = np.mean(sparsities, axis=0) if sparsities else np.zeros(config.model.num_layers)
-    return {
+    summary = {
         "workdir": os.path.abspath(workdir),
         "checkpoints": checkpoints.directory,
         "teacher": teacher_source,
@@ -314,6 +315,9 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind} (mesh data={mesh.shape['data']}, "
                    f"fsdp={mesh.shape['fsdp']}), {jax.process_count()} process(es)",
     }
+    if lead:
+        _write_json_atomically(os.path.join(workdir, "summary.json"), summary)
+    return summary
 
 
 def print_summary(summary: dict) -> None:
@@ -338,7 +342,8 @@ def print_summary(summary: dict) -> None:
     lines += [
         f"checkpoints:  {summary['checkpoints']}",
         f"TensorBoard:  tensorboard --logdir {workdir}",
-        f"metrics:      {os.path.join(workdir, 'metrics.jsonl')}",
+        f"metrics:      {os.path.join(workdir, 'metrics.jsonl')} (per step), "
+        f"{os.path.join(workdir, 'summary.json')}",
         f"samples:      python -m train.sample --workdir {workdir}",
     ]
     print("\n".join(lines))

@@ -145,8 +145,8 @@ def validate(config: Config) -> None:
         check(len(values) in (1, config.model.num_attention_heads), f"attention.{name}",
               f"needs 1 or {config.model.num_attention_heads} (heads) values")
     check(a.mode in ("hybrid", "topk", "topp"), "attention.mode", "must be hybrid, topk or topp")
-    check(a.block_q >= 1, "attention.block_q", "must be >= 1")
-    check(a.block_kv >= 1, "attention.block_kv", "must be >= 1")
+    if a.kind == "sparse":
+        _check_sparse_attention(a, config.model)
     check(bool(config.teacher) or config.loss == "diffusion", "teacher", "must be set for loss=distill")
     check(config.steps >= 1, "steps", "must be >= 1")
     check(config.batch_size >= 1, "batch_size", "must be >= 1")
@@ -168,6 +168,22 @@ def validate(config: Config) -> None:
     check(config.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
     check(config.log_every >= 1, "log_every", "must be >= 1")
+
+
+def _check_sparse_attention(attention: AttentionConfig, model: WanConfig) -> None:
+    """Runs sparse_attention's own argument checks (block sizes, mode, backend) on abstract inputs."""
+    import jax  # noqa: PLC0415 (keeps `import train.configs` light)
+
+    from sparge_jax.attention import sparse_attention  # noqa: PLC0415
+
+    q = jax.ShapeDtypeStruct((1, 64, model.num_attention_heads, model.attention_head_dim), jax.numpy.float32)
+    topk, topp = (jax.numpy.asarray(p) if isinstance(p, tuple) else p for p in (attention.topk, attention.topp))
+    try:
+        jax.eval_shape(lambda q: sparse_attention(
+            q, q, q, topk=topk, topp=topp, mode=attention.mode, block_q=attention.block_q,
+            block_kv=attention.block_kv, backend=attention.backend), q)
+    except ValueError as e:
+        raise ValueError(f"--config.attention: {e}") from None
 
 
 def to_dict(config: Any) -> dict:
