@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from pallas_kernels import triton_block_sparse
+from pallas_kernels import mask_pool, triton_block_sparse
 from sparge_jax import attention, mask as mask_lib
 
 
@@ -50,6 +50,7 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backend, bloc
   cudnn_fwd_bwd_ms = timing.median_ms(_fwd_bwd(dense), q, k, v, d_out)
   make_mask = jax.jit(lambda q, k: attention.block_mask(q, k, block_q=block_q, block_kv=block_kv, backend=backend))
   mask_ms = timing.median_ms(make_mask, q, k)
+  mask_breakdown = mask_components_ms(q, k, block_q=block_q, block_kv=block_kv)
 
   dense_flops = 4 * batch * heads * seq_len * seq_len * head_dim
   records = []
@@ -70,12 +71,25 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backend, bloc
         batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
         backend=backend, block_q=block_q, block_kv=block_kv, target_sparsity=target, sparsity=sparsity,
         fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=cudnn_fwd_ms, cudnn_fwd_bwd_ms=cudnn_fwd_bwd_ms,
-        mask_ms=mask_ms, tables_ms=tables_ms,
+        mask_ms=mask_ms, tables_ms=tables_ms, mask_breakdown_ms=mask_breakdown,
+        qk_read_floor_ms=2 * q.nbytes / 3.0e9,
         fwd_speedup=cudnn_fwd_ms / fwd_ms, fwd_bwd_speedup=cudnn_fwd_bwd_ms / fwd_bwd_ms,
         ideal_speedup=1 / (1 - sparsity),
         fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
         cudnn_fwd_tflops=dense_flops / cudnn_fwd_ms / 1e9))
   return records
+
+
+def mask_components_ms(q, k, *, block_q, block_kv):
+  """Time each stage of mask construction on its own (inputs of each stage precomputed)."""
+  scale = q.shape[-1] ** -0.5
+  means = jax.jit(lambda q, k: (mask_pool.block_means(q, block=block_q), mask_pool.block_means(k, block=block_kv)))
+  q_means, k_means = means(q, k)
+  probs_fn = jax.jit(lambda a, b: jax.nn.softmax(mask_pool.pooled_logits(a, b, scale=scale), axis=-1))
+  probs = probs_fn(q_means, k_means)
+  select = jax.jit(lambda p: mask_lib.select_blocks(p, 0.03, 0.2, "hybrid"))
+  return {"block_means": timing.median_ms(means, q, k), "pooled_probs": timing.median_ms(probs_fn, q_means, k_means),
+          "select": timing.median_ms(select, probs)}
 
 
 def sweep(*, seq_len, heads, head_dim, sparsity, dtype, block_q, block_kv):

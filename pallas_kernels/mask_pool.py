@@ -1,25 +1,21 @@
 """Pooled block scores for the block mask, as Pallas Triton kernels.
 
-Two passes: `block_means` reads Q (or K) once and writes the mean of the real tokens of every block;
-`pooled_probs` takes those means and writes P̄ = row-softmax(scale·q̄ k̄ᵀ) for tiles of query blocks,
-walking the key means twice (row max and sum, then the normalised values) so a row never has to fit in
-registers. The selection on P̄ (sort, cumulative sum) stays in XLA (`sparge_jax.mask`).
+`block_means` reads Q (or K) once and writes the mean of the real tokens of every block; `pooled_logits`
+takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program so the small matmul
+spreads over the whole GPU. The row softmax and the selection on P̄ (sort, cumulative sum) stay in XLA,
+which fuses the softmax into the selection's first pass (`sparge_jax.mask`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-LOG2E = math.log2(math.e)
-_MASKED = -1e30
-_Q_TILE = 16  # query-block means per program: the smallest tile Triton's dot accepts
+_Q_TILE = 32
 _KV_TILE = 64
 
 
@@ -47,55 +43,33 @@ def block_means(x, *, block, interpret=False):
   )(x)
 
 
-def _pooled_probs_kernel(q_means_ref, k_means_ref, probs_ref, *, scale, n_q, n_kv):
+def _pooled_logits_kernel(q_means_ref, k_means_ref, logits_ref, *, scale, n_q, n_kv):
   rows = pl.program_id(0) * _Q_TILE + jnp.arange(_Q_TILE)
+  cols = pl.program_id(1) * _KV_TILE + jnp.arange(_KV_TILE)
   q_means = pltriton.load(q_means_ref, mask=(rows < n_q)[:, None], other=0.0)
-  score_scale = scale * LOG2E
-  n_tiles = pl.cdiv(n_kv, _KV_TILE)
-
-  def scores(t):
-    cols = t * _KV_TILE + jnp.arange(_KV_TILE)
-    k_means = pltriton.load(k_means_ref.at[pl.ds(t * _KV_TILE, _KV_TILE)],
-                            mask=(cols < n_kv)[:, None], other=0.0)
-    s = lax.dot_general(q_means, k_means, (((1,), (1,)), ((), ())),
-                        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return cols, jnp.where((cols < n_kv)[None, :], s * score_scale, _MASKED)
-
-  def stats(t, carry):
-    row_max, row_sum = carry
-    _, s = scores(t)
-    new_max = jnp.maximum(row_max, s.max(axis=1))
-    return new_max, row_sum * jnp.exp2(row_max - new_max) + jnp.exp2(s - new_max[:, None]).sum(axis=1)
-
-  row_max, row_sum = lax.fori_loop(
-      0, n_tiles, stats, (jnp.full((_Q_TILE,), -jnp.inf, jnp.float32), jnp.zeros((_Q_TILE,), jnp.float32)))
-
-  def write(t, _):
-    cols, s = scores(t)
-    probs = jnp.exp2(s - row_max[:, None]) / row_sum[:, None]
-    pltriton.store(probs_ref.at[:, pl.ds(t * _KV_TILE, _KV_TILE)], probs,
-                   mask=(rows < n_q)[:, None] & (cols < n_kv)[None, :])
-    return 0
-
-  lax.fori_loop(0, n_tiles, write, 0)
+  k_means = pltriton.load(k_means_ref, mask=(cols < n_kv)[:, None], other=0.0)
+  logits = lax.dot_general(q_means, k_means, (((1,), (1,)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  pltriton.store(logits_ref, logits * scale, mask=(rows < n_q)[:, None] & (cols < n_kv)[None, :])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def pooled_probs(q_means, k_means, *, scale, interpret=False):
-  """q_means: f32 [batch, heads, n_q, dim], k_means: f32 [batch, heads, n_kv, dim] -> f32 [batch, heads, n_q, n_kv]."""
+def pooled_logits(q_means, k_means, *, scale, interpret=False):
+  """q_means: f32 [batch, heads, n_q, dim], k_means: f32 [batch, heads, n_kv, dim] -> scale·q̄k̄ᵀ, f32 [batch, heads, n_q, n_kv]."""
   batch, heads, n_q, dim = q_means.shape
   n_kv = k_means.shape[2]
   return pl.pallas_call(
-      functools.partial(_pooled_probs_kernel, scale=scale, n_q=n_q, n_kv=n_kv),
-      grid=(pl.cdiv(n_q, _Q_TILE), batch, heads),
-      in_specs=[pl.BlockSpec((None, None, _Q_TILE, dim), lambda i, b, h: (b, h, i, 0)),
-                pl.BlockSpec((None, None, n_kv, dim), lambda i, b, h: (b, h, 0, 0))],
-      out_specs=pl.BlockSpec((None, None, _Q_TILE, n_kv), lambda i, b, h: (b, h, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, heads, n_q, n_kv), jnp.float32),
+      functools.partial(_pooled_logits_kernel, scale=scale, n_q=n_q, n_kv=n_kv),
+      grid=(pl.cdiv(n_q, _Q_TILE), pl.cdiv(n_kv, _KV_TILE), batch * heads),
+      in_specs=[pl.BlockSpec((None, _Q_TILE, dim), lambda i, j, bh: (bh, i, 0)),
+                pl.BlockSpec((None, _KV_TILE, dim), lambda i, j, bh: (bh, j, 0))],
+      out_specs=pl.BlockSpec((None, _Q_TILE, _KV_TILE), lambda i, j, bh: (bh, i, j)),
+      out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
-      name="pooled_block_probs",
-  )(q_means, k_means)
+      name="pooled_block_logits",
+  )(q_means.reshape(batch * heads, n_q, dim), k_means.reshape(batch * heads, n_kv, dim)).reshape(
+      batch, heads, n_q, n_kv)
 
 
 def pooled_block_probs(q, k, *, block_q, block_kv, scale, interpret=False):
@@ -103,6 +77,6 @@ def pooled_block_probs(q, k, *, block_q, block_kv, scale, interpret=False):
 
   Returns float32 [batch, heads, ceil(q_len/block_q), ceil(kv_len/block_kv)].
   """
-  return pooled_probs(block_means(q, block=block_q, interpret=interpret),
-                      block_means(k, block=block_kv, interpret=interpret),
-                      scale=scale, interpret=interpret)
+  logits = pooled_logits(block_means(q, block=block_q, interpret=interpret),
+                         block_means(k, block=block_kv, interpret=interpret), scale=scale, interpret=interpret)
+  return jax.nn.softmax(logits, axis=-1)

@@ -58,8 +58,9 @@ def select_blocks(probs, topk, topp, mode: str):
   topk, topp = per_head(topk), per_head(topp)
 
   # Stable sort of -P: descending probabilities, equal ones in ascending index order.
-  order = jnp.argsort(-probs, axis=-1, stable=True)
-  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+  index = lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
+  neg_sorted, order = lax.sort((-probs, index), dimension=probs.ndim - 1, is_stable=True, num_keys=1)
+  sorted_probs = -neg_sorted
 
   n_topk = jnp.ceil(topk * n_kv - _COUNT_SLACK).astype(jnp.int32)
   # Top-p keeps rank r while the mass before it is still short of p: the smallest prefix reaching p.
@@ -75,7 +76,6 @@ def select_blocks(probs, topk, topp, mode: str):
   last = n_keep - 1
   threshold = jnp.take_along_axis(sorted_probs, last, axis=-1)
   threshold_index = jnp.take_along_axis(order, last, axis=-1)
-  index = lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
   keep = (probs > threshold) | ((probs == threshold) & (index <= threshold_index))
   return keep | jnp.any(jnp.isnan(probs), axis=-1, keepdims=True)
 
@@ -85,13 +85,19 @@ def index_table(mask):
 
   mask: bool [..., rows, cols].
   Returns (index int32 [..., rows, cols], count int32 [..., rows]): row r keeps columns index[r, :count[r]],
-  in ascending order. Entries past the count hold valid (skipped) column ids, so a kernel may prefetch
-  one entry ahead without reading out of bounds.
+  in ascending order. Entries past the count are 0, a valid column id, so a kernel may prefetch one entry
+  ahead without reading out of bounds.
   """
-  cols = mask.shape[-1]
-  column = lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
-  keys = jnp.sort(jnp.where(mask, column, column + cols), axis=-1)
-  index = jnp.where(keys >= cols, keys - cols, keys)
+  *lead, cols = mask.shape
+  flat = mask.reshape(-1, cols)
+  rows = flat.shape[0]
+  # A scatter, not a sort: kept column j goes to slot (number of kept columns before j); skipped ones go to
+  # a spare slot past the end that is cut off.
+  slot = jnp.where(flat, jnp.cumsum(flat, axis=-1, dtype=jnp.int32) - 1, cols)
+  target = (jnp.arange(rows, dtype=jnp.int32)[:, None] * (cols + 1) + slot).reshape(-1)
+  column = jnp.broadcast_to(jnp.arange(cols, dtype=jnp.int32), flat.shape).reshape(-1)
+  index = jnp.zeros(rows * (cols + 1), jnp.int32).at[target].set(column, mode="drop")
+  index = index.reshape(rows, cols + 1)[:, :cols].reshape(*lead, cols)
   count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
   return index, count
 

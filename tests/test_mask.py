@@ -151,7 +151,7 @@ def test_index_tables():
         kept = np.flatnonzero(mask[b, h, i])
         assert kv_count[b, h, i] == len(kept)
         np.testing.assert_array_equal(kv_index[b, h, i, :len(kept)], kept)
-        assert set(np.asarray(kv_index[b, h, i])) == set(range(11))  # a permutation: padding is in range
+        assert np.all((kv_index[b, h, i] >= 0) & (kv_index[b, h, i] < 11))  # padding is a valid id
       for j in range(11):
         kept = np.flatnonzero(mask[b, h, :, j])
         assert q_count[b, h, j] == len(kept)

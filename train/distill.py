@@ -160,6 +160,24 @@ def make_train_step(loss_fn, optimizer, param_shardings, opt_shardings, teacher_
 # ----------------------------------------------------------------------------- the loop
 
 
+def pretrain_teacher(config: Config, workdir: str, progress: bool) -> str:
+    """Trains a dense model from scratch with the diffusion loss into ``<workdir>/teacher``
+    (or finds it there, when resuming); returns that directory."""
+    directory = os.path.join(workdir, "teacher")
+    steps = config.pretrain_teacher.steps
+    existing = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1)
+    done, _ = existing.latest_step(), existing.close()
+    if done != steps:
+        if progress and jax.process_index() == 0:
+            print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
+        train(dataclasses.replace(
+            config, name=f"{config.name}-teacher", teacher="random", loss="diffusion",
+            attention=AttentionConfig(kind="dense"), pretrain_teacher=dataclasses.replace(config.pretrain_teacher, steps=0),
+            steps=steps, learning_rate=config.pretrain_teacher.learning_rate, warmup_steps=0,
+            checkpoint_every=steps, keep_checkpoints=1), directory, progress=progress)
+    return directory
+
+
 def default_workdir(config: Config) -> str:
     return os.path.join("runs", f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
@@ -195,9 +213,15 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
     param_shardings = sharding.param_shardings(abstract_state, mesh)
 
     os.makedirs(workdir, exist_ok=True)
+    teacher = config.teacher
+    if config.pretrain_teacher.steps:
+        teacher = pretrain_teacher(config, workdir, progress)
     checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    teacher_params, teacher_source = load_teacher(config.teacher, teacher_config, abstract_params,
+    teacher_params, teacher_source = load_teacher(teacher, teacher_config, abstract_params,
                                                   param_shardings, config.seed)
+    if config.pretrain_teacher.steps:
+        teacher_source = (f"randomly initialised, then pretrained for {config.pretrain_teacher.steps} steps "
+                          f"with the diffusion loss ({teacher})")
     # The student is a separate copy: its buffers are donated every step, the teacher's never are.
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), teacher_params)
     if config.compute_dtype == "bfloat16":

@@ -48,6 +48,15 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """For toy runs with ``teacher="random"``: first train the dense teacher for ``steps`` with the
+    diffusion loss on the same data (into ``<workdir>/teacher/``), so its attention has structure."""
+
+    steps: int = 0
+    learning_rate: float = 2e-3
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One distillation run.
 
@@ -67,6 +76,7 @@ class Config:
     model: WanConfig
     attention: AttentionConfig
     teacher: str = "random"
+    pretrain_teacher: PretrainConfig = PretrainConfig()
     loss: Literal["distill", "diffusion"] = "distill"
     steps: int = 500
     batch_size: int = 8
@@ -96,7 +106,8 @@ def tiny() -> Config:
         name="tiny",
         model=tiny_model(),
         attention=AttentionConfig(kind="sparse", topk=0.1, topp=0.3, block_q=32, block_kv=16),
-        steps=200, batch_size=4, learning_rate=1e-4, warmup_steps=10,
+        pretrain_teacher=PretrainConfig(steps=300),
+        steps=200, batch_size=4, learning_rate=3e-4, warmup_steps=10,
         checkpoint_every=50, keep_checkpoints=2,
     )
 
@@ -148,6 +159,10 @@ def validate(config: Config) -> None:
     if a.kind == "sparse":
         _check_sparse_attention(a, config.model)
     check(bool(config.teacher) or config.loss == "diffusion", "teacher", "must be set for loss=distill")
+    check(config.pretrain_teacher.steps == 0 or config.teacher == "random", "pretrain_teacher.steps",
+          "only applies to teacher=random")
+    check(config.pretrain_teacher.steps >= 0, "pretrain_teacher.steps", "must be >= 0")
+    check(config.pretrain_teacher.learning_rate > 0, "pretrain_teacher.learning_rate", "must be > 0")
     check(config.steps >= 1, "steps", "must be >= 1")
     check(config.batch_size >= 1, "batch_size", "must be >= 1")
     check(config.learning_rate > 0, "learning_rate", "must be > 0")

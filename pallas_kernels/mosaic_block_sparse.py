@@ -1,0 +1,556 @@
+"""Block-sparse flash attention as Pallas Mosaic GPU kernels (Hopper: wgmma + TMA): forward, dQ, dK/dV.
+
+The same algorithm, index tables and conventions as `pallas_kernels.triton_block_sparse` (the
+specification): every CTA owns one tile and loops only over the blocks its table row lists, so skipped
+blocks cost nothing and no two CTAs write the same output (no atomics). Softmax runs in base 2 in
+float32; `lse` is the natural-log log-sum-exp [batch, heads, q_len]; a row with no kept block outputs 0
+and has lse = -inf.
+
+Hopper specifics (the design follows jax's `attention_mgpu.py`, FlashAttention-3 style):
+- Warp specialisation. A CTA runs compute warpgroups plus one memory warpgroup that only issues TMA
+  copies. The memory warpgroup reads the index table and streams the gathered tiles (K/V for forward
+  and dQ; Q, dO, lse, delta for dK/dV) into a ring of `num_stages` shared-memory slots, each with a
+  "loaded" barrier (TMA transaction count) and a "free" barrier (consumers arrive when done with it).
+- Forward and dQ: a CTA is one q block of `block_q` = 64·W rows, W compute warpgroups of 64 rows each
+  sharing one K/V stream (the rows of a q block share their kv list). With W = 2 the forward also
+  ping-pongs the two warpgroups on a schedule barrier, so one's softmax overlaps the other's wgmma.
+- dK/dV: a CTA holds two kv blocks (adjacent blocks have different q lists), one per (compute,
+  memory) warpgroup pair; each pair streams its own q blocks, as 64-row sub-tiles, from the
+  transposed table.
+- Ragged lengths cost nothing extra: TMA loads fill out-of-range rows with zeros and TMA stores drop
+  them. Out-of-range keys of the last kv block get a large finite negative score (never -inf
+  arithmetic); zero-filled padded q rows add exactly zero to dK/dV (their dO and delta are zero).
+
+Only 16-bit inputs (bf16, fp16): wgmma wants 16-bit operands; float32 callers use the triton backend.
+`interpret=True` runs the kernels on CPU with the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`);
+an `InterpretGPUParams` instance may be passed instead, e.g. with `detect_races=True`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_MASKED = -1e30
+_WG_ROWS = 64  # rows of one warpgroup's wgmma tile
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a wgmma tile
+
+
+def _tiled_smem(shape, dtype):
+  """Shared memory laid out for TMA and wgmma: (8, 64)-element tiles, 128-byte swizzle."""
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def _interpret_params(interpret):
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
+def _check_inputs(q, k, v, block_q, block_kv):
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"q, k, v: the mosaic backend needs bf16 or fp16 inputs (wgmma takes 16-bit "
+                     f"operands), got {q.dtype}, {k.dtype}, {v.dtype}; use backend='triton' for float32")
+  if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    raise ValueError(f"q, k, v: the mosaic backend needs head_dim 64 or 128, got {q.shape}, {k.shape}, "
+                     f"{v.shape}; use backend='triton'")
+  if block_q not in (64, 128):
+    raise ValueError(f"block_q: the mosaic backend needs 64 or 128, got {block_q}")
+  if block_kv != 64:
+    raise ValueError(f"block_kv: the mosaic backend needs 64, got {block_kv}")
+
+
+def _row_broadcast(x, shape):
+  return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _col_broadcast(x, shape):
+  return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _mma(acc, a, b, *, a_smem=None, while_running=None):
+  """acc + a @ b on the tensor cores, float32 accumulation. a: a value in registers; b: an SMEM ref.
+
+  Compiled (a_smem None): wgmma accumulates in place in acc's registers with a read from registers,
+  and `while_running` runs while it is in flight. Interpreted: the Mosaic GPU interpreter has neither
+  `pl.run_state` nor register operands, so a is staged through the SMEM scratch a_smem and the
+  product of a fresh accumulator is added; the result is the same.
+  """
+  if a_smem is None:
+    def accumulate(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+      if while_running is not None:
+        while_running()
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+  a_smem[...] = a
+  plgpu.commit_smem()
+
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b)
+    return acc_ref[...]
+
+  acc = acc + pl.run_scoped(product, plgpu.ACC(acc.shape, jnp.float32))
+  if while_running is not None:
+    while_running()
+  return acc
+
+
+def _drain(count, num_stages, free_barriers):
+  """Memory warpgroup epilogue: observe the releases of the last `num_stages` steps.
+
+  The loads only waited for the releases of steps before count - num_stages. Observing every phase
+  of a barrier one waits on keeps its parity in step (and the interpreter checks it).
+  """
+  @pl.loop(jnp.maximum(count - num_stages, 0), count)
+  def _(c):
+    for barrier in free_barriers(c):
+      plgpu.barrier_wait(barrier)
+
+
+def _mask_keys(scores, kv_block, *, block_kv, kv_len):
+  """Scores of keys past kv_len (only in the last, partial kv block) -> a large finite negative."""
+  if kv_len % block_kv == 0:
+    return scores
+  cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
+  return jnp.where(cols < kv_len - kv_block * block_kv, scores, _MASKED)
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                    q_smem, k_smem, v_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_free, v_free,
+                    schedule, p_smem, *, scale, block_kv, num_stages, compute_wgs, kv_len):
+  q_block, head, batch = (lax.axis_index(a) for a in ("q_blocks", "heads", "batch"))
+  wg = lax.axis_index("wg")
+  kv_index = kv_index_ref.at[batch, head, q_block]
+  count = kv_count_ref[batch, head, q_block]
+  dtype = q_ref.dtype
+  dim = q_ref.shape[-1]
+  score_scale = scale * LOG2E
+
+  def sync_schedule():
+    if schedule is not None:
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
+
+  @pl.when(wg < compute_wgs)
+  def _compute():
+    plgpu.set_max_registers(232 if compute_wgs == 2 else 240, action="increase")
+    rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
+    q_tile = q_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_loaded.at[wg])
+    plgpu.barrier_wait(q_loaded.at[wg])
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(k_loaded.at[0])
+
+    if schedule is not None:
+      pl.when(wg == 1)(sync_schedule)
+
+    def step(c, carry):
+      acc, row_max, row_sum = carry
+      slot = lax.rem(c, num_stages)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+        sync_schedule()  # let the other warpgroup issue its wgmma while this one waits
+        return acc_ref[...]
+
+      scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      scores = _mask_keys(scores * score_scale, kv_index[c], block_kv=block_kv, kv_len=kv_len)
+      new_max = jnp.maximum(row_max, scores.max(axis=1))
+      correction = jnp.exp2(row_max - new_max)
+      probs = jnp.exp2(scores - _row_broadcast(new_max, scores.shape))
+      acc = acc * _row_broadcast(correction, acc.shape)
+      row_sum = row_sum * correction + probs.sum(axis=1)
+      probs = probs.astype(dtype)
+      if schedule is not None:
+        plgpu.barrier_arrive(schedule)  # softmax done
+      plgpu.barrier_wait(v_loaded.at[slot])
+      if schedule is not None:
+        plgpu.barrier_wait(schedule)  # tensor cores free
+
+      def wait_next_k():
+        @pl.when(c + 1 < count)
+        def _():
+          plgpu.barrier_wait(k_loaded.at[lax.rem(c + 1, num_stages)])
+
+      acc = _mma(acc, probs, v_smem.at[slot], a_smem=None if p_smem is None else p_smem.at[wg],
+                 while_running=wait_next_k)
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, new_max, row_sum
+
+    init = (plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), _ROW),
+            plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), _ROW))
+    acc, row_max, row_sum = lax.fori_loop(0, count, step, init)
+    if schedule is not None:
+      pl.when(wg == 0)(sync_schedule)
+
+    empty = row_sum == 0.0
+    safe_sum = jnp.where(empty, 1.0, row_sum)
+    q_tile[...] = (acc * _row_broadcast(1.0 / safe_sum, acc.shape)).astype(dtype)
+    lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, row_max * LN2 + jnp.log(safe_sum))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, rows, head], commit_group=False)
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == compute_wgs)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(c, slot, wait_free):
+      keys = pl.ds(kv_index[c] * block_kv, block_kv)
+      if wait_free:
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_loaded.at[slot])
+      if wait_free:
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_loaded.at[slot])
+
+    for c in range(num_stages):
+      pl.when(c < count)(functools.partial(load, c, c, False))
+
+    @pl.loop(num_stages, count)
+    def _(c):
+      load(c, lax.rem(c, num_stages), True)
+
+    _drain(count, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)],
+                                         v_free.at[lax.rem(c, num_stages)]))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_stages", "interpret"))
+def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages=4,
+            interpret=False):
+  """Block-sparse attention forward.
+
+  q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, heads, dim]; bf16 or fp16, dim 64 or 128.
+  kv_block_index: int32 [batch, heads, n_q_blocks, n_kv_blocks]; kv_block_count: int32 [batch, heads, n_q_blocks].
+  block_q 64 or 128 (one or two compute warpgroups), block_kv 64; num_stages: K/V tiles in flight.
+  Returns (out [batch, q_len, heads, dim], lse float32 [batch, heads, q_len]).
+  """
+  _check_inputs(q, k, v, block_q, block_kv)
+  batch, q_len, heads, dim = q.shape
+  kv_len = k.shape[1]
+  n_q_blocks = kv_block_index.shape[-2]
+  compute_wgs = block_q // _WG_ROWS
+  kernel = functools.partial(_forward_kernel, scale=scale, block_kv=block_kv, num_stages=num_stages,
+                             compute_wgs=compute_wgs, kv_len=kv_len)
+  scratch = [
+      _tiled_smem((compute_wgs, _WG_ROWS, dim), q.dtype),
+      _tiled_smem((num_stages, block_kv, dim), k.dtype),
+      _tiled_smem((num_stages, block_kv, dim), v.dtype),
+      plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=compute_wgs),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=2) if compute_wgs == 2 else None,
+      _tiled_smem((compute_wgs, _WG_ROWS, block_kv), q.dtype) if interpret else None,
+  ]
+  # lse is written whole tiles at a time; the padded tail is sliced off below.
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32)],
+      scratch_types=scratch,
+      grid=(n_q_blocks, heads, batch),  # q blocks fastest: co-resident CTAs share one head's K/V in L2
+      grid_names=("q_blocks", "heads", "batch"),
+      num_threads=compute_wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+      kernel_name="mosaic_block_sparse_forward",
+  )(kv_block_index, kv_block_count, q, k, v)
+  return out, lse[..., :q_len]
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, k_loaded, v_loaded,
+               k_free, v_free, ds_smem, *, scale, block_kv, num_stages, compute_wgs, kv_len):
+  q_block, head, batch = (lax.axis_index(a) for a in ("q_blocks", "heads", "batch"))
+  wg = lax.axis_index("wg")
+  kv_index = kv_index_ref.at[batch, head, q_block]
+  count = kv_count_ref[batch, head, q_block]
+  dtype = q_ref.dtype
+  dim = q_ref.shape[-1]
+  score_scale = scale * LOG2E
+
+  @pl.when(wg < compute_wgs)
+  def _compute():
+    plgpu.set_max_registers(232 if compute_wgs == 2 else 240, action="increase")
+    rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
+    q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+    copies = ((q_ref.at[batch, rows, head], q_tile), (do_ref.at[batch, rows, head], do_tile),
+              (lse_ref.at[batch, head, rows], lse_smem.at[wg]),
+              (delta_ref.at[batch, head, rows], delta_smem.at[wg]))
+    for n, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, row_loaded.at[wg * len(copies) + n])
+    for n in range(len(copies)):
+      plgpu.barrier_wait(row_loaded.at[wg * len(copies) + n])
+    lse2 = plgpu.load(lse_smem.at[wg], layout=_ROW) * LOG2E
+    delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
+
+    @pl.when(count > 0)
+    def _():
+      plgpu.barrier_wait(k_loaded.at[0])
+
+    def step(c, dq):
+      slot = lax.rem(c, num_stages)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+        return acc_ref[...]
+
+      scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
+      scores = _mask_keys(scores * score_scale, kv_index[c], block_kv=block_kv, kv_len=kv_len)
+      probs = jnp.exp2(scores - _row_broadcast(lse2, scores.shape))
+      plgpu.barrier_wait(v_loaded.at[slot])
+
+      def dov(acc_ref):
+        plgpu.wgmma(acc_ref, do_tile, v_smem.at[slot].T)
+        return acc_ref[...]
+
+      d_probs = pl.run_scoped(dov, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
+      plgpu.barrier_arrive(v_free.at[slot])
+      d_scores = probs * (d_probs - _row_broadcast(delta, probs.shape))
+
+      def wait_next_k():
+        @pl.when(c + 1 < count)
+        def _():
+          plgpu.barrier_wait(k_loaded.at[lax.rem(c + 1, num_stages)])
+
+      dq = _mma(dq, d_scores.astype(dtype), k_smem.at[slot],
+                a_smem=None if ds_smem is None else ds_smem.at[wg], while_running=wait_next_k)
+      plgpu.barrier_arrive(k_free.at[slot])
+      return dq
+
+    dq = lax.fori_loop(0, count, step,
+                       plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA))
+    q_tile[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == compute_wgs)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(c, slot, wait_free):
+      keys = pl.ds(kv_index[c] * block_kv, block_kv)
+      if wait_free:
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_loaded.at[slot])
+      if wait_free:
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_loaded.at[slot])
+
+    for c in range(num_stages):
+      pl.when(c < count)(functools.partial(load, c, c, False))
+
+    @pl.loop(num_stages, count)
+    def _(c):
+      load(c, lax.rem(c, num_stages), True)
+
+    _drain(count, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)],
+                                         v_free.at[lax.rem(c, num_stages)]))
+
+
+def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_loaded,
+                q_loaded, do_loaded, lse_loaded, delta_loaded, q_free, ds_smem,
+                *, scale, block_q, block_kv, num_stages, pairs, kv_len, n_kv_blocks):
+  kv_tile, head, batch = (lax.axis_index(a) for a in ("kv_tiles", "heads", "batch"))
+  wg = lax.axis_index("wg")
+  pair = lax.rem(wg, pairs)  # warpgroups pair and pair + `pairs` serve one kv block
+  kv_block = kv_tile * pairs + pair
+  exists = kv_block < n_kv_blocks
+  q_index = q_index_ref.at[batch, head, jnp.minimum(kv_block, n_kv_blocks - 1)]
+  count = jnp.where(exists, q_count_ref[batch, head, jnp.minimum(kv_block, n_kv_blocks - 1)], 0)
+  sub_tiles = block_q // _WG_ROWS  # q blocks stream as 64-row sub-tiles
+  steps = count * sub_tiles
+  dtype = q_ref.dtype
+  dim = q_ref.shape[-1]
+  score_scale = scale * LOG2E
+
+  def stage(t):
+    return pair * num_stages + lax.rem(t, num_stages)
+
+  @pl.when((wg < pairs) & exists)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+    keys = pl.ds(kv_block * block_kv, block_kv)
+    k_tile, v_tile = k_smem.at[pair], v_smem.at[pair]
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_tile, kv_loaded.at[2 * pair])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_tile, kv_loaded.at[2 * pair + 1])
+    plgpu.barrier_wait(kv_loaded.at[2 * pair])
+    plgpu.barrier_wait(kv_loaded.at[2 * pair + 1])
+    ds_tile = None if ds_smem is None else ds_smem.at[pair]
+
+    def step(t, carry):
+      dk, dv = carry
+      s = stage(t)
+      q_tile, do_tile = q_smem.at[s], do_smem.at[s]
+      plgpu.barrier_wait(q_loaded.at[s])
+
+      def kq(acc_ref):
+        plgpu.wgmma(acc_ref, k_tile, q_tile.T)
+        return acc_ref[...]
+
+      scores_t = pl.run_scoped(kq, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
+      plgpu.barrier_wait(lse_loaded.at[s])
+      lse2 = plgpu.load(lse_smem.at[s], layout=_COL) * LOG2E
+      # Keys past kv_len need no mask: their rows of dK and dV are never stored.
+      probs_t = jnp.exp2(scores_t * score_scale - _col_broadcast(lse2, scores_t.shape))
+      plgpu.barrier_wait(do_loaded.at[s])
+      dv = _mma(dv, probs_t.astype(dtype), do_tile, a_smem=ds_tile)
+
+      def vdo(acc_ref):
+        plgpu.wgmma(acc_ref, v_tile, do_tile.T)
+        return acc_ref[...]
+
+      d_probs_t = pl.run_scoped(vdo, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
+      plgpu.barrier_wait(delta_loaded.at[s])
+      delta = plgpu.load(delta_smem.at[s], layout=_COL)
+      d_scores_t = probs_t * (d_probs_t - _col_broadcast(delta, probs_t.shape))
+      dk = _mma(dk, d_scores_t.astype(dtype), q_tile, a_smem=ds_tile)
+      plgpu.barrier_arrive(q_free.at[s])
+      return dk, dv
+
+    zeros = plgpu.layout_cast(jnp.zeros((block_kv, dim), jnp.float32), plgpu.Layout.WGMMA)
+    dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
+    k_tile[...] = (dk * scale).astype(dtype)
+    v_tile[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, head], commit_group=False)
+    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, head], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when((wg >= pairs) & exists)
+  def _memory():
+    plgpu.set_max_registers(24, action="decrease")
+
+    def load(t, wait_free):
+      s = stage(t)
+      rows = pl.ds(q_index[lax.div(t, sub_tiles)] * block_q + lax.rem(t, sub_tiles) * _WG_ROWS,
+                   _WG_ROWS)
+      if wait_free:
+        plgpu.barrier_wait(q_free.at[s])
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[s], q_loaded.at[s])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[s], lse_loaded.at[s])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[s], do_loaded.at[s])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[s], delta_loaded.at[s])
+
+    for t in range(num_stages):
+      pl.when(t < steps)(functools.partial(load, t, False))
+
+    @pl.loop(num_stages, steps)
+    def _(t):
+      load(t, True)
+
+    _drain(steps, num_stages, lambda t: (q_free.at[stage(t)],))
+
+
+def _pad_rows(x, length):
+  """[batch, heads, q_len] -> [batch, heads, length], zero padded: whole tiles for the TMA."""
+  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[-1])))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "dq_stages", "dkv_stages",
+                                             "interpret"))
+def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
+             *, block_q, block_kv, scale, dq_stages=3, dkv_stages=2, interpret=False):
+  """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
+
+  q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
+  dq_stages: K/V tiles in flight for dQ; dkv_stages: Q/dO sub-tiles in flight per kv block for dK/dV.
+  """
+  _check_inputs(q, k, v, block_q, block_kv)
+  batch, q_len, heads, dim = q.shape
+  kv_len = k.shape[1]
+  n_q_blocks, n_kv_blocks = kv_block_index.shape[-2:]
+  padded_len = n_q_blocks * block_q
+  # delta_i = Σ_d dO_i·O_i = Σ_j P_ij dP_ij, the softmax-backward correction per query row. lse and
+  # delta are zero padded: padded rows (zero q and dO) then add exactly zero to dK and dV.
+  delta = jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  lse, delta = _pad_rows(lse, padded_len), _pad_rows(delta, padded_len)
+  interpret_params = _interpret_params(interpret)
+  compiler_params = plgpu.CompilerParams(approx_math=True)
+
+  compute_wgs = block_q // _WG_ROWS
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, num_stages=dq_stages,
+                        compute_wgs=compute_wgs, kv_len=kv_len),
+      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_types=[
+          _tiled_smem((compute_wgs, _WG_ROWS, dim), q.dtype),
+          _tiled_smem((compute_wgs, _WG_ROWS, dim), d_out.dtype),
+          plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
+          plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
+          _tiled_smem((dq_stages, block_kv, dim), k.dtype),
+          _tiled_smem((dq_stages, block_kv, dim), v.dtype),
+          plgpu.Barrier(num_barriers=4 * compute_wgs),
+          plgpu.Barrier(num_barriers=dq_stages),
+          plgpu.Barrier(num_barriers=dq_stages),
+          plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
+          plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
+          _tiled_smem((compute_wgs, _WG_ROWS, block_kv), q.dtype) if interpret_params else None,
+      ],
+      grid=(n_q_blocks, heads, batch),
+      grid_names=("q_blocks", "heads", "batch"),
+      num_threads=compute_wgs + 1,
+      thread_name="wg",
+      compiler_params=compiler_params,
+      interpret=interpret_params,
+      kernel_name="mosaic_block_sparse_dq",
+  )(kv_block_index, kv_block_count, q, k, v, d_out, lse, delta)
+
+  pairs = 2  # two kv blocks per CTA, each with its own compute and memory warpgroup
+  stages = pairs * dkv_stages
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_kv=block_kv,
+                        num_stages=dkv_stages, pairs=pairs, kv_len=kv_len, n_kv_blocks=n_kv_blocks),
+      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_types=[
+          _tiled_smem((pairs, block_kv, dim), k.dtype),
+          _tiled_smem((pairs, block_kv, dim), v.dtype),
+          _tiled_smem((stages, _WG_ROWS, dim), q.dtype),
+          _tiled_smem((stages, _WG_ROWS, dim), d_out.dtype),
+          plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
+          plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
+          plgpu.Barrier(num_barriers=2 * pairs),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          _tiled_smem((pairs, block_kv, _WG_ROWS), q.dtype) if interpret_params else None,
+      ],
+      grid=(pl.cdiv(n_kv_blocks, pairs), heads, batch),
+      grid_names=("kv_tiles", "heads", "batch"),
+      num_threads=2 * pairs,
+      thread_name="wg",
+      compiler_params=compiler_params,
+      interpret=interpret_params,
+      kernel_name="mosaic_block_sparse_dkv",
+  )(q_block_index, q_block_count, q, k, v, d_out, lse, delta)
+  return dq, dk, dv
