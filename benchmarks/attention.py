@@ -1,7 +1,11 @@
 """Block-sparse attention against cuDNN dense attention, in the same run.
 
-    python -m benchmarks.attention                  # the issue's table; writes benchmarks/results/<device>.json
-    python -m benchmarks.attention --sweep          # also times kernel launch settings (num_warps, num_stages)
+    python -m benchmarks.attention                  # the suite below; writes benchmarks/results/<device>.json
+    python -m benchmarks.attention --seq-len 32760 --heads 12 --head-dim 128 --sparsity 0.95 --backend triton
+    python -m benchmarks.attention --sweep          # also times Triton launch settings (num_warps, num_stages)
+
+Suite: 32,760 tokens (Wan2.1-1.3B 480p) × 12 heads × 128 at sparsity 0.95, 0.9, 0.8 and 0 (every block
+kept); the same at head_dim 64; 75,600 tokens (Wan2.1-14B 720p) × 40 heads × 128 at 0.95. bf16, batch 1.
 
 Masks keep the same number of randomly chosen kv blocks in every row. Times are medians (see
 benchmarks/timing.py). fwd_ms and fwd_bwd_ms are the public `block_sparse_attention` call on a given mask
@@ -39,7 +43,8 @@ def _fwd_bwd(attend):
   return jax.jit(run)
 
 
-def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backend, block_q, block_kv, seed=0):
+def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, block_q, block_kv, seed=0):
+  """Records for one shape: cuDNN once, then each backend at each sparsity."""
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   shape = (batch, seq_len, heads, head_dim)
   q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:4])
@@ -48,7 +53,7 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backend, bloc
   dense = lambda q, k, v: attention.dense_attention(q, k, v)
   cudnn_fwd_ms = timing.median_ms(jax.jit(dense), q, k, v)
   cudnn_fwd_bwd_ms = timing.median_ms(_fwd_bwd(dense), q, k, v, d_out)
-  make_mask = jax.jit(lambda q, k: attention.block_mask(q, k, block_q=block_q, block_kv=block_kv, backend=backend))
+  make_mask = jax.jit(lambda q, k: attention.block_mask(q, k, block_q=block_q, block_kv=block_kv))
   mask_ms = timing.median_ms(make_mask, q, k)
   mask_breakdown = mask_components_ms(q, k, block_q=block_q, block_kv=block_kv)
 
@@ -58,26 +63,48 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backend, bloc
     kept = max(1, round((1 - target) * n_kv))
     mask = random_block_mask(keys[4], batch, heads, n_q, n_kv, kept)
     sparsity = 1.0 - float(jnp.mean(mask))
-    # The mask is an argument, not a closure constant: XLA would otherwise build the index tables at
-    # compile time and leave them out of the timing.
-    sparse = jax.jit(lambda q, k, v, mask: attention.block_sparse_attention(
-        q, k, v, mask, block_q=block_q, block_kv=block_kv, backend=backend))
-    fwd_ms = timing.median_ms(sparse, q, k, v, mask)
-    fwd_bwd = jax.jit(lambda q, k, v, d_out, mask: jax.vjp(lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out))
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, q, k, v, d_out, mask)
     tables_ms = timing.median_ms(jax.jit(mask_lib.index_tables), mask)
-    kept_flops = dense_flops * (1 - sparsity)
-    records.append(dict(
-        batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
-        backend=backend, block_q=block_q, block_kv=block_kv, target_sparsity=target, sparsity=sparsity,
-        fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=cudnn_fwd_ms, cudnn_fwd_bwd_ms=cudnn_fwd_bwd_ms,
-        mask_ms=mask_ms, tables_ms=tables_ms, mask_breakdown_ms=mask_breakdown,
-        qk_read_floor_ms=2 * q.nbytes / 3.0e9,
-        fwd_speedup=cudnn_fwd_ms / fwd_ms, fwd_bwd_speedup=cudnn_fwd_bwd_ms / fwd_bwd_ms,
-        ideal_speedup=1 / (1 - sparsity),
-        fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
-        cudnn_fwd_tflops=dense_flops / cudnn_fwd_ms / 1e9))
+    for backend in backends:
+      # The mask is an argument, not a closure constant: XLA would otherwise build the index tables at
+      # compile time and leave them out of the timing.
+      sparse = jax.jit(lambda q, k, v, mask, backend=backend: attention.block_sparse_attention(
+          q, k, v, mask, block_q=block_q, block_kv=block_kv, backend=backend))
+      fwd_bwd = jax.jit(lambda q, k, v, d_out, mask, sparse=sparse: jax.vjp(
+          lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out))
+      try:
+        fwd_ms = timing.median_ms(sparse, q, k, v, mask)
+        fwd_bwd_ms = timing.median_ms(fwd_bwd, q, k, v, d_out, mask)
+      except Exception as e:  # one backend failing (say, out of memory) must not hide the others
+        print(f"{backend} at sparsity {sparsity:.3f} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      kept_flops = dense_flops * (1 - sparsity)
+      records.append(dict(
+          batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
+          backend=backend, block_q=block_q, block_kv=block_kv, target_sparsity=target, sparsity=sparsity,
+          fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=cudnn_fwd_ms, cudnn_fwd_bwd_ms=cudnn_fwd_bwd_ms,
+          mask_ms=mask_ms, tables_ms=tables_ms, mask_breakdown_ms=mask_breakdown,
+          qk_read_floor_ms=2 * q.nbytes / 3.0e9,
+          fwd_speedup=cudnn_fwd_ms / fwd_ms, fwd_bwd_speedup=cudnn_fwd_bwd_ms / fwd_bwd_ms,
+          ideal_speedup=1 / (1 - sparsity) if sparsity < 1 else float("inf"),
+          fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
+          cudnn_fwd_tflops=dense_flops / cudnn_fwd_ms / 1e9))
+      print_row(records[-1])
   return records
+
+
+def print_row(r):
+  print(f"{r['seq_len']:>6} {r['heads']:>3} {r['head_dim']:>4} {r['backend']:>7} {r['sparsity']:6.3f} "
+        f"{r['fwd_ms']:8.3f} {r['cudnn_fwd_ms']:8.2f} {r['fwd_speedup']:6.2f} "
+        f"{r['fwd_bwd_ms']:8.3f} {r['cudnn_fwd_bwd_ms']:8.2f} {r['fwd_bwd_speedup']:6.2f} "
+        f"{r['ideal_speedup']:6.1f} {r['fwd_tflops']:6.0f} {r['fwd_bwd_tflops']:6.0f} "
+        f"{r['mask_ms']:6.3f} {r['tables_ms']:6.3f}", flush=True)
+
+
+HEADER = (f"{'tokens':>6} {'H':>3} {'D':>4} {'backend':>7} {'sparse':>6} {'fwd ms':>8} {'cuDNN':>8} {'x':>6} "
+          f"{'fwd+bwd':>8} {'cuDNN':>8} {'x':>6} {'ideal':>6} {'TF/s f':>6} {'fb':>6} {'mask':>6} {'tables':>6}")
+
+# (seq_len, heads, head_dim, sparsities): Wan2.1-1.3B at 480p, its head_dim-64 variant, Wan2.1-14B at 720p.
+SUITE = [(32760, 12, 128, (0.95, 0.9, 0.8, 0.0)), (32760, 12, 64, (0.95,)), (75600, 40, 128, (0.95,))]
 
 
 def mask_components_ms(q, k, *, block_q, block_kv):
@@ -121,43 +148,42 @@ def sweep(*, seq_len, heads, head_dim, sparsity, dtype, block_q, block_kv):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--seq-len", type=int, default=32760)
+  parser.add_argument("--seq-len", type=int, default=None, help="one shape instead of the suite")
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.9, 0.8])
-  parser.add_argument("--backend", default="auto", choices=attention.BACKENDS)
+  parser.add_argument("--backend", nargs="+", default=None, choices=attention.BACKENDS,
+                      help="default: mosaic and triton on Hopper, triton on other GPUs")
   parser.add_argument("--block-q", type=int, default=128)
   parser.add_argument("--block-kv", type=int, default=64)
-  parser.add_argument("--sweep", action="store_true", help="also time kernel launch settings")
+  parser.add_argument("--sweep", action="store_true", help="also time Triton launch settings")
   parser.add_argument("--out", default=None, help="results file (default benchmarks/results/<device>.json)")
   args = parser.parse_args(argv)
   for name in ("seq_len", "heads", "head_dim", "batch"):
-    if getattr(args, name) < 1:
+    value = getattr(args, name)
+    if value is not None and value < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
   if not all(0 <= s < 1 for s in args.sparsity):
     parser.error("--sparsity values must lie in [0, 1)")
+  if jax.default_backend() != "gpu":
+    parser.error("this benchmark compares against cuDNN and needs a CUDA GPU")
+  backends = args.backend or (["mosaic", "triton"] if attention._on_hopper() else ["triton"])
+  suite = SUITE if args.seq_len is None else [(args.seq_len, args.heads, args.head_dim, tuple(args.sparsity))]
 
   print(f"device: {timing.device_name()}  jax {jax.__version__}", flush=True)
-  records = measure(batch=args.batch, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim,
-                    sparsities=args.sparsity, dtype=jnp.bfloat16, backend=args.backend,
-                    block_q=args.block_q, block_kv=args.block_kv)
+  print(HEADER, flush=True)
+  records = []
+  for seq_len, heads, head_dim, sparsities in suite:
+    records += measure(batch=args.batch, seq_len=seq_len, heads=heads, head_dim=head_dim, sparsities=sparsities,
+                       dtype=jnp.bfloat16, backends=backends, block_q=args.block_q, block_kv=args.block_kv)
   payload = {"command": "python -m benchmarks.attention", "records": records}
   if args.sweep:
-    payload["sweep"] = sweep(seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim,
-                             sparsity=args.sparsity[0], dtype=jnp.bfloat16, block_q=args.block_q,
-                             block_kv=args.block_kv)
+    seq_len, heads, head_dim, sparsities = suite[0]
+    payload["sweep"] = sweep(seq_len=seq_len, heads=heads, head_dim=head_dim, sparsity=sparsities[0],
+                             dtype=jnp.bfloat16, block_q=args.block_q, block_kv=args.block_kv)
   path = args.out or os.path.join("benchmarks", "results", f"{timing.device_slug()}.json")
   timing.write_results(path, payload)
-
-  header = (f"{'sparsity':>8} {'fwd ms':>8} {'cuDNN':>7} {'x':>6} {'fwd+bwd':>8} {'cuDNN':>7} {'x':>6} "
-            f"{'ideal':>6} {'TF/s f':>7} {'TF/s fb':>7} {'mask':>6} {'tables':>6}")
-  print(header)
-  for r in records:
-    print(f"{r['sparsity']:8.3f} {r['fwd_ms']:8.3f} {r['cudnn_fwd_ms']:7.2f} {r['fwd_speedup']:6.2f} "
-          f"{r['fwd_bwd_ms']:8.3f} {r['cudnn_fwd_bwd_ms']:7.2f} {r['fwd_bwd_speedup']:6.2f} "
-          f"{r['ideal_speedup']:6.1f} {r['fwd_tflops']:7.0f} {r['fwd_bwd_tflops']:7.0f} "
-          f"{r['mask_ms']:6.3f} {r['tables_ms']:6.3f}")
   print(f"wrote {path}")
 
 

@@ -57,6 +57,11 @@ def _interpret_params(interpret):
   return plgpu.InterpretGPUParams() if interpret else None
 
 
+def supported(dtype, head_dim, block_q, block_kv) -> bool:
+  """Whether these kernels handle the case (else use the triton kernels)."""
+  return dtype in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128) and block_q in (64, 128) and block_kv == 64
+
+
 def _check_inputs(q, k, v, block_q, block_kv):
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k, v: the mosaic backend needs bf16 or fp16 inputs (wgmma takes 16-bit "
@@ -106,6 +111,15 @@ def _mma(acc, a, b, *, a_smem=None, while_running=None):
   return acc
 
 
+def _rebalance_registers(compute_wgs, *, compute):
+  """Move registers from the memory warpgroup to two compute warpgroups (2·232 + 40 = 3·168).
+
+  With one compute warpgroup each of the two already has the most a thread can hold.
+  """
+  if compute_wgs == 2:
+    plgpu.set_max_registers(232 if compute else 40, action="increase" if compute else "decrease")
+
+
 def _drain(count, num_stages, free_barriers):
   """Memory warpgroup epilogue: observe the releases of the last `num_stages` steps.
 
@@ -118,160 +132,313 @@ def _drain(count, num_stages, free_barriers):
       plgpu.barrier_wait(barrier)
 
 
-def _mask_keys(scores, kv_block, *, block_kv, kv_len):
-  """Scores of keys past kv_len (only in the last, partial kv block) -> a large finite negative."""
-  if kv_len % block_kv == 0:
-    return scores
-  cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
-  return jnp.where(cols < kv_len - kv_block * block_kv, scores, _MASKED)
+def _ceil_div(a, b):
+  return lax.div(a + b - 1, b)
+
+
+def _stream_kv(kv_index, count, k_src, v_src, k_smem, v_smem, k_loaded, v_loaded, k_free, v_free,
+               *, block_kv, num_stages, kv_per_step=1, done=0):
+  """Memory warpgroup of forward and dQ: TMA one row's kept K and V tiles into the ring of slots.
+
+  k_src, v_src: [kv_len, dim] GMEM views. A step loads `kv_per_step` kept blocks into one slot of
+  kv_per_step·block_kv rows; the ring's step `done + c` (`done`: steps of earlier work items of a
+  persistent CTA) uses slot (done + c) % num_stages, refilled once the compute warpgroups release it
+  (K and V separately, so the next K can land while V is still in use). An odd count's last step
+  loads its last block twice: the second copy is finite data that the compute side masks out.
+  The caller drains the releases (`_drain`) after its last row.
+  """
+  def load(c, slot, wait_free):
+    if kv_per_step == 1:
+      blocks = [kv_index[c]]
+    else:
+      blocks = [kv_index[jnp.minimum(kv_per_step * c + h, count - 1)] for h in range(kv_per_step)]
+    for free, loaded, src, smem in ((k_free, k_loaded, k_src, k_smem), (v_free, v_loaded, v_src, v_smem)):
+      wait_free(free.at[slot])
+      for h, block in enumerate(blocks):
+        dst = smem.at[slot] if kv_per_step == 1 else smem.at[slot, pl.ds(h * block_kv, block_kv)]
+        plgpu.copy_gmem_to_smem(src.at[pl.ds(block * block_kv, block_kv)], dst, loaded.at[slot])
+
+  steps = _ceil_div(count, kv_per_step)
+  if isinstance(done, int) and done == 0:  # the first row of a CTA: the first slots are all free
+    for c in range(num_stages):
+      pl.when(c < steps)(functools.partial(load, c, c, lambda barrier: None))
+
+    @pl.loop(num_stages, steps)
+    def _(c):
+      load(c, lax.rem(c, num_stages), plgpu.barrier_wait)
+  else:
+    @pl.loop(0, steps)
+    def _(c):
+      ring_step = done + c
+      load(c, lax.rem(ring_step, num_stages),
+           lambda barrier: pl.when(ring_step >= num_stages)(lambda: plgpu.barrier_wait(barrier)))
+
+
+def _drain_kv(steps, num_stages, k_free, v_free):
+  _drain(steps, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)],
+                                       v_free.at[lax.rem(c, num_stages)]))
+
+
+def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
+  """(scores [rows, kv_per_step·block_kv], step) -> scores with keys that do not exist at a large
+  finite negative: keys past kv_len and, at an odd count's last step, the repeated block.
+
+  Never -inf arithmetic, which can make NaN. Rows list their kv blocks ascending, so only the last
+  step can hold the partial last block; its index is read once, before the loop.
+  """
+  if kv_per_step == 1 and kv_len % block_kv == 0:
+    return lambda scores, c: scores
+  steps = _ceil_div(count, kv_per_step)
+  last = jnp.maximum(count - 1, 0)
+  last_valid = ((kv_per_step - 1) * block_kv
+                + jnp.minimum(kv_len - kv_index[last] * block_kv, block_kv))
+
+  def mask(scores, c):
+    valid = jnp.where(c == steps - 1, last_valid, kv_per_step * block_kv)
+    cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
+    return jnp.where(cols < valid, scores, _MASKED)
+  return mask
 
 
 # ----------------------------------------------------------------------------------------- forward
 
 def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                    q_smem, k_smem, v_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_free, v_free,
-                    schedule, p_smem, *, scale, block_kv, num_stages, compute_wgs, kv_len):
-  q_block, head, batch = (lax.axis_index(a) for a in ("q_blocks", "heads", "batch"))
+                    q_smem, k_smem, v_smem, lse_smem, q_loaded, q_free, k_loaded, v_loaded, k_free,
+                    v_free, schedule, p_smem, *, scale, block_kv, kv_per_step, num_stages,
+                    compute_wgs, kv_len, ctas):
+  """One work item is one (q block, head, batch). ctas None: the grid has one CTA per item.
+  ctas an int: the grid has `ctas` persistent CTAs; CTA j runs items j, j + ctas, ... (q blocks
+  fastest, so the CTAs running at one time share a head's K/V in L2); its memory warpgroup loads each
+  item's Q into one of two slots and runs one ring of K/V steps through all its items, so the next
+  item's loads overlap this item's last steps and epilogue.
+  """
   wg = lax.axis_index("wg")
-  kv_index = kv_index_ref.at[batch, head, q_block]
-  count = kv_count_ref[batch, head, q_block]
   dtype = q_ref.dtype
   dim = q_ref.shape[-1]
+  batch_size, heads, n_q_blocks = kv_count_ref.shape
+  block_q = compute_wgs * _WG_ROWS
+  step_keys = kv_per_step * block_kv
   score_scale = scale * LOG2E
+  persistent = ctas is not None
+
+  if persistent:
+    cta = lax.axis_index("ctas")
+    n_items = lax.div(batch_size * heads * n_q_blocks - 1 - cta, ctas) + 1  # ctas <= items
+
+    def work_items(body):
+      def item(i, done):
+        w = i * ctas + cta
+        rest = lax.div(w, n_q_blocks)
+        return body(i, (lax.rem(w, n_q_blocks), lax.rem(rest, heads), lax.div(rest, heads)), done)
+      return lax.fori_loop(0, n_items, item, 0)
+  else:
+    def work_items(body):
+      return body(0, tuple(lax.axis_index(a) for a in ("q_blocks", "heads", "batch")), 0)
 
   def sync_schedule():
     if schedule is not None:
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
+  def row_table(item):
+    q_block, head, batch = item
+    count = kv_count_ref[batch, head, q_block]
+    return kv_index_ref.at[batch, head, q_block], count, _ceil_div(count, kv_per_step)
+
+  def q_slot(i):
+    return lax.rem(i, 2) if persistent else 0
+
   @pl.when(wg < compute_wgs)
   def _compute():
-    plgpu.set_max_registers(232 if compute_wgs == 2 else 240, action="increase")
-    rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
-    q_tile = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_loaded.at[wg])
-    plgpu.barrier_wait(q_loaded.at[wg])
+    _rebalance_registers(compute_wgs, compute=True)
 
-    @pl.when(count > 0)
-    def _():
-      plgpu.barrier_wait(k_loaded.at[0])
+    def attend(i, item, done):
+      q_block, head, batch = item
+      kv_index, count, steps = row_table(item)
+      rows = pl.ds(q_block * block_q + wg * _WG_ROWS, _WG_ROWS)
+      q_tile, q_barrier = q_smem.at[q_slot(i), wg], q_loaded.at[q_slot(i) * compute_wgs + wg]
+      if not persistent:  # persistent: the memory warpgroup loaded it ahead of time
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_barrier)
+      plgpu.barrier_wait(q_barrier)
 
-    if schedule is not None:
-      pl.when(wg == 1)(sync_schedule)
+      mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
+                            kv_per_step=kv_per_step)
 
-    def step(c, carry):
-      acc, row_max, row_sum = carry
-      slot = lax.rem(c, num_stages)
+      def ring_slot(c):
+        return lax.rem(done + c, num_stages)
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
-        sync_schedule()  # let the other warpgroup issue its wgmma while this one waits
-        return acc_ref[...]
+      @pl.when(steps > 0)
+      def _():
+        plgpu.barrier_wait(k_loaded.at[ring_slot(0)])
 
-      scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
-      scores = _mask_keys(scores * score_scale, kv_index[c], block_kv=block_kv, kv_len=kv_len)
-      new_max = jnp.maximum(row_max, scores.max(axis=1))
-      correction = jnp.exp2(row_max - new_max)
-      probs = jnp.exp2(scores - _row_broadcast(new_max, scores.shape))
-      acc = acc * _row_broadcast(correction, acc.shape)
-      row_sum = row_sum * correction + probs.sum(axis=1)
-      probs = probs.astype(dtype)
       if schedule is not None:
-        plgpu.barrier_arrive(schedule)  # softmax done
-      plgpu.barrier_wait(v_loaded.at[slot])
+        pl.when(wg == 1)(sync_schedule)
+
+      def step(c, carry):
+        acc, row_max, row_sum = carry
+        slot = ring_slot(c)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+          sync_schedule()  # let the other warpgroup issue its wgmma while this one waits
+          return acc_ref[...]
+
+        scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        scores = mask_keys(scores * score_scale, c)
+        new_max = jnp.maximum(row_max, scores.max(axis=1))
+        correction = jnp.exp2(row_max - new_max)
+        probs = jnp.exp2(scores - _row_broadcast(new_max, scores.shape))
+        acc = acc * _row_broadcast(correction, acc.shape)
+        row_sum = row_sum * correction + probs.sum(axis=1)
+        probs = probs.astype(dtype)
+        if schedule is not None:
+          plgpu.barrier_arrive(schedule)  # softmax done
+        plgpu.barrier_wait(v_loaded.at[slot])
+        if schedule is not None:
+          plgpu.barrier_wait(schedule)  # tensor cores free
+
+        def wait_next_k():
+          @pl.when(c + 1 < steps)
+          def _():
+            plgpu.barrier_wait(k_loaded.at[ring_slot(c + 1)])
+
+        acc = _mma(acc, probs, v_smem.at[slot], a_smem=None if p_smem is None else p_smem.at[wg],
+                   while_running=wait_next_k)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, new_max, row_sum
+
+      init = (plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA),
+              plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), _ROW),
+              plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), _ROW))
+      acc, row_max, row_sum = lax.fori_loop(0, steps, step, init)
       if schedule is not None:
-        plgpu.barrier_wait(schedule)  # tensor cores free
+        pl.when(wg == 0)(sync_schedule)
 
-      def wait_next_k():
-        @pl.when(c + 1 < count)
-        def _():
-          plgpu.barrier_wait(k_loaded.at[lax.rem(c + 1, num_stages)])
+      empty = row_sum == 0.0
+      safe_sum = jnp.where(empty, 1.0, row_sum)
+      q_tile[...] = (acc * _row_broadcast(1.0 / safe_sum, acc.shape)).astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, row_max * LN2 + jnp.log(safe_sum))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, rows, head], commit_group=False)
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      if persistent:  # the Q slot and lse_smem are free once the stores have read them
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free.at[q_slot(i) * compute_wgs + wg])
+      else:
+        plgpu.wait_smem_to_gmem(0)
+      return done + steps
 
-      acc = _mma(acc, probs, v_smem.at[slot], a_smem=None if p_smem is None else p_smem.at[wg],
-                 while_running=wait_next_k)
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, new_max, row_sum
-
-    init = (plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), _ROW),
-            plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), _ROW))
-    acc, row_max, row_sum = lax.fori_loop(0, count, step, init)
-    if schedule is not None:
-      pl.when(wg == 0)(sync_schedule)
-
-    empty = row_sum == 0.0
-    safe_sum = jnp.where(empty, 1.0, row_sum)
-    q_tile[...] = (acc * _row_broadcast(1.0 / safe_sum, acc.shape)).astype(dtype)
-    lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, row_max * LN2 + jnp.log(safe_sum))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, rows, head], commit_group=False)
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows], commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-    plgpu.wait_smem_to_gmem(0)
+    work_items(attend)
+    if persistent:
+      plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == compute_wgs)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    _rebalance_registers(compute_wgs, compute=False)
 
-    def load(c, slot, wait_free):
-      keys = pl.ds(kv_index[c] * block_kv, block_kv)
-      if wait_free:
-        plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_loaded.at[slot])
-      if wait_free:
-        plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_loaded.at[slot])
+    def stream(i, item, done):
+      q_block, head, batch = item
+      kv_index, count, steps = row_table(item)
+      if persistent:
+        for w in range(compute_wgs):
+          barrier = q_slot(i) * compute_wgs + w
+          pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free.at[barrier]))  # item i - 2's
+          rows = pl.ds(q_block * block_q + w * _WG_ROWS, _WG_ROWS)
+          plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[q_slot(i), w],
+                                  q_loaded.at[barrier])
+      _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
+                 k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages,
+                 kv_per_step=kv_per_step, done=done)
+      return done + steps
 
-    for c in range(num_stages):
-      pl.when(c < count)(functools.partial(load, c, c, False))
-
-    @pl.loop(num_stages, count)
-    def _(c):
-      load(c, lax.rem(c, num_stages), True)
-
-    _drain(count, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)],
-                                         v_free.at[lax.rem(c, num_stages)]))
+    _drain_kv(work_items(stream), num_stages, k_free, v_free)
+    if persistent:
+      _drain(n_items, 2, lambda i: [q_free.at[q_slot(i) * compute_wgs + w]
+                                    for w in range(compute_wgs)])
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_stages", "interpret"))
+_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+_SMEM_OVERHEAD = 4 * 1024  # lse tile, barriers, alignment of the swizzled buffers
+
+
+def _num_sms():
+  return getattr(jax.devices()[0], "core_count", None) or 132  # H100 SXM when not on a GPU
+
+
 def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages=4,
-            interpret=False):
+            kv_blocks_per_step=1, persistent=False, interpret=False):
   """Block-sparse attention forward.
 
   q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, heads, dim]; bf16 or fp16, dim 64 or 128.
   kv_block_index: int32 [batch, heads, n_q_blocks, n_kv_blocks]; kv_block_count: int32 [batch, heads, n_q_blocks].
-  block_q 64 or 128 (one or two compute warpgroups), block_kv 64; num_stages: K/V tiles in flight.
+  block_q 64 or 128 (one or two compute warpgroups), block_kv 64; num_stages: K/V slots in flight.
+  kv_blocks_per_step 1 or 2: kept kv blocks per pipeline step (2: one [64, 128] score tile per step,
+  half the steps, barriers and softmax rescales). persistent: False, one CTA per (q block, head,
+  batch); True, one CTA per SM looping over them; an int, that many CTAs.
   Returns (out [batch, q_len, heads, dim], lse float32 [batch, heads, q_len]).
   """
   _check_inputs(q, k, v, block_q, block_kv)
+  if kv_blocks_per_step not in (1, 2):
+    raise ValueError(f"kv_blocks_per_step: 1 or 2, got {kv_blocks_per_step}")
+  if isinstance(persistent, bool) or persistent is None:
+    ctas = _num_sms() if persistent else None
+  elif isinstance(persistent, int) and persistent > 0:
+    ctas = persistent
+  else:
+    raise ValueError(f"persistent: a bool or a positive number of CTAs, got {persistent!r}")
+  if ctas is not None:
+    ctas = min(ctas, math.prod(kv_block_count.shape))
+  q_slots = 1 if ctas is None else 2
+  smem = (q_slots * block_q + 2 * num_stages * kv_blocks_per_step * block_kv) * q.shape[-1] * 2
+  if not 1 <= num_stages or smem + _SMEM_OVERHEAD > _SMEM_BYTES:
+    raise ValueError(f"num_stages: {num_stages} with kv_blocks_per_step={kv_blocks_per_step}, "
+                     f"persistent={persistent}, head_dim {q.shape[-1]} needs {smem // 1024} KB of "
+                     f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB")
+  return _forward(q, k, v, kv_block_index, kv_block_count, block_q=block_q, block_kv=block_kv,
+                  scale=scale, num_stages=num_stages, kv_per_step=kv_blocks_per_step, ctas=ctas,
+                  interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_stages",
+                                             "kv_per_step", "ctas", "interpret"))
+def _forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages,
+             kv_per_step, ctas, interpret):
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
   n_q_blocks = kv_block_index.shape[-2]
   compute_wgs = block_q // _WG_ROWS
-  kernel = functools.partial(_forward_kernel, scale=scale, block_kv=block_kv, num_stages=num_stages,
-                             compute_wgs=compute_wgs, kv_len=kv_len)
+  q_slots = 1 if ctas is None else 2
+  step_keys = kv_per_step * block_kv
+  kernel = functools.partial(_forward_kernel, scale=scale, block_kv=block_kv, kv_per_step=kv_per_step,
+                             num_stages=num_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=ctas)
   scratch = [
-      _tiled_smem((compute_wgs, _WG_ROWS, dim), q.dtype),
-      _tiled_smem((num_stages, block_kv, dim), k.dtype),
-      _tiled_smem((num_stages, block_kv, dim), v.dtype),
+      _tiled_smem((q_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
+      _tiled_smem((num_stages, step_keys, dim), k.dtype),
+      _tiled_smem((num_stages, step_keys, dim), v.dtype),
       plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
-      plgpu.Barrier(num_barriers=compute_wgs),
-      plgpu.Barrier(num_barriers=num_stages),
-      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_barriers=q_slots * compute_wgs),
+      plgpu.Barrier(num_barriers=q_slots * compute_wgs) if ctas is not None else None,
+      plgpu.Barrier(num_arrivals=kv_per_step, num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=kv_per_step, num_barriers=num_stages),
       plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
       plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
       plgpu.Barrier(num_arrivals=2) if compute_wgs == 2 else None,
-      _tiled_smem((compute_wgs, _WG_ROWS, block_kv), q.dtype) if interpret else None,
+      _tiled_smem((compute_wgs, _WG_ROWS, step_keys), q.dtype) if interpret else None,
   ]
+  if ctas is None:
+    grid, grid_names = (n_q_blocks, heads, batch), ("q_blocks", "heads", "batch")  # q blocks fastest:
+  else:                                                     # co-resident CTAs share a head's K/V in L2
+    grid, grid_names = (ctas,), ("ctas",)
   # lse is written whole tiles at a time; the padded tail is sliced off below.
   out, lse = plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32)],
       scratch_types=scratch,
-      grid=(n_q_blocks, heads, batch),  # q blocks fastest: co-resident CTAs share one head's K/V in L2
-      grid_names=("q_blocks", "heads", "batch"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=compute_wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -296,7 +463,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg < compute_wgs)
   def _compute():
-    plgpu.set_max_registers(232 if compute_wgs == 2 else 240, action="increase")
+    _rebalance_registers(compute_wgs, compute=True)
     rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
     q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
     copies = ((q_ref.at[batch, rows, head], q_tile), (do_ref.at[batch, rows, head], do_tile),
@@ -308,6 +475,8 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       plgpu.barrier_wait(row_loaded.at[wg * len(copies) + n])
     lse2 = plgpu.load(lse_smem.at[wg], layout=_ROW) * LOG2E
     delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
+
+    mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len)
 
     @pl.when(count > 0)
     def _():
@@ -321,7 +490,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         return acc_ref[...]
 
       scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
-      scores = _mask_keys(scores * score_scale, kv_index[c], block_kv=block_kv, kv_len=kv_len)
+      scores = mask_keys(scores * score_scale, c)
       probs = jnp.exp2(scores - _row_broadcast(lse2, scores.shape))
       plgpu.barrier_wait(v_loaded.at[slot])
 
@@ -352,26 +521,11 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg == compute_wgs)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    _rebalance_registers(compute_wgs, compute=False)
 
-    def load(c, slot, wait_free):
-      keys = pl.ds(kv_index[c] * block_kv, block_kv)
-      if wait_free:
-        plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_loaded.at[slot])
-      if wait_free:
-        plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_loaded.at[slot])
-
-    for c in range(num_stages):
-      pl.when(c < count)(functools.partial(load, c, c, False))
-
-    @pl.loop(num_stages, count)
-    def _(c):
-      load(c, lax.rem(c, num_stages), True)
-
-    _drain(count, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)],
-                                         v_free.at[lax.rem(c, num_stages)]))
+    _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
+               k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages)
+    _drain_kv(count, num_stages, k_free, v_free)
 
 
 def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -396,7 +550,7 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
   @pl.when((wg < pairs) & exists)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(232, action="increase")  # 2·232 + 2·24 = 4·128 per CTA
     keys = pl.ds(kv_block * block_kv, block_kv)
     k_tile, v_tile = k_smem.at[pair], v_smem.at[pair]
     plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_tile, kv_loaded.at[2 * pair])

@@ -7,8 +7,10 @@ than k and v. `scale` defaults to head_dim ** -0.5.
     mask = block_mask(q, k, topk=0.03, topp=0.2)                   # bool [batch, heads, n_q_blocks, n_kv_blocks]
     out = block_sparse_attention(q, k, v, mask)                    # attention on the kept blocks only
 
-Backends: "triton" (Pallas Triton kernels; any CUDA GPU), "xla" (plain JAX gathers over the kept blocks;
-runs anywhere), "auto" (Triton on GPU, XLA elsewhere). `interpret=True` runs the Pallas kernels on CPU.
+Backends: "mosaic" (Pallas Mosaic GPU kernels: wgmma, TMA, warp specialisation; Hopper, bf16/fp16, head_dim
+64 or 128, block_kv 64), "triton" (Pallas Triton kernels; any CUDA GPU, any dtype), "xla" (plain JAX gathers
+over the kept blocks; runs anywhere), "auto" (mosaic where it applies on Hopper, else triton on GPU, xla
+elsewhere). `interpret=True` runs the Pallas kernels on CPU.
 Gradients flow to q, k and v through a `jax.custom_vjp` whose backward also skips masked blocks; the mask
 itself is a constant for autodiff.
 """
@@ -24,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mask_pool
+from pallas_kernels import mosaic_block_sparse
 from pallas_kernels import triton_block_sparse
 from sparge_jax import mask as mask_lib
 from sparge_jax import xla_block_sparse
 
-BACKENDS = ("auto", "xla", "triton")
+BACKENDS = ("auto", "xla", "triton", "mosaic")
 MODES = mask_lib.MODES
 
 __all__ = ["block_mask", "block_sparse_attention", "sparse_attention", "dense_attention", "BACKENDS", "MODES"]
@@ -87,13 +90,27 @@ def _on_gpu():
   return jax.default_backend() == "gpu"
 
 
-def _resolve_backend(backend, interpret):
+def _on_hopper():
+  return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
+def _resolve_backend(backend, interpret, *, dtype, head_dim, block_q, block_kv, lengths):
   _check_choice("backend", backend, BACKENDS)
+  # TMA descriptors need sequence lengths in whole 8-row tiles (Wan's 32,760 and 75,600 are).
+  mosaic_ok = (mosaic_block_sparse.supported(dtype, head_dim, block_q, block_kv)
+               and all(n % 8 == 0 for n in lengths))
   if backend == "auto":
-    return "triton" if (interpret or _on_gpu()) else "xla"
-  if backend == "triton" and not (interpret or _on_gpu()):
-    raise ValueError("backend='triton' needs a CUDA GPU; pass interpret=True to run the kernels on CPU, "
+    if interpret or not _on_gpu():
+      return "triton" if interpret else "xla"
+    return "mosaic" if (mosaic_ok and _on_hopper()) else "triton"
+  if backend in ("triton", "mosaic") and not (interpret or _on_gpu()):
+    raise ValueError(f"backend={backend!r} needs a CUDA GPU; pass interpret=True to run the kernels on CPU, "
                      "or use backend='xla'")
+  if backend == "mosaic" and not mosaic_ok:
+    raise ValueError(f"backend='mosaic' needs bf16/fp16 inputs, head_dim 64 or 128, block_q 64 or 128, "
+                     f"block_kv 64 and sequence lengths that are multiples of 8; got {jnp.dtype(dtype).name}, "
+                     f"head_dim {head_dim}, block_q {block_q}, block_kv {block_kv}, lengths {lengths}: "
+                     "use backend='triton'")
   return backend
 
 
@@ -109,13 +126,13 @@ class _KernelConfig:
 
   def kwargs(self):
     kw = dict(block_q=self.block_q, block_kv=self.block_kv, scale=self.scale)
-    if self.backend == "triton":
+    if self.backend != "xla":
       kw["interpret"] = self.interpret
     return kw
 
   @property
   def module(self) -> Any:
-    return {"xla": xla_block_sparse, "triton": triton_block_sparse}[self.backend]
+    return {"xla": xla_block_sparse, "triton": triton_block_sparse, "mosaic": mosaic_block_sparse}[self.backend]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -178,7 +195,8 @@ def block_mask(q, k, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128, block_k
   _check_fraction("topp", topp, q.shape[2])
   _check_choice("mode", mode, MODES)
   _check_scale(scale)
-  backend = _resolve_backend(backend, interpret)
+  backend = _resolve_backend(backend, interpret, dtype=q.dtype, head_dim=q.shape[-1], block_q=block_q,
+                             block_kv=block_kv, lengths=(q.shape[1], k.shape[1]))
   return _block_mask(q, k, jnp.asarray(topk, jnp.float32), jnp.asarray(topp, jnp.float32), mode=mode,
                      block_q=block_q, block_kv=block_kv, scale=_default_scale(scale, q.shape[-1]),
                      pallas=backend != "xla", interpret=interpret)
@@ -213,7 +231,8 @@ def block_sparse_attention(q, k, v, mask, *, block_q=128, block_kv=64, scale=Non
                      f"{expected}, got {getattr(mask, 'shape', type(mask))}")
   if mask.dtype != jnp.bool_:
     raise ValueError(f"mask must be a bool array, got dtype {mask.dtype}")
-  backend = _resolve_backend(backend, interpret)
+  backend = _resolve_backend(backend, interpret, dtype=q.dtype, head_dim=q.shape[-1], block_q=block_q,
+                             block_kv=block_kv, lengths=(q.shape[1], k.shape[1]))
   return _block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv,
                                  scale=_default_scale(scale, q.shape[-1]), backend=backend,
                                  interpret=interpret)

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 LONG = (1, 4100, 4100, 4, 128, 128, 64)
+LONG8 = (1, 4104, 3000, 4, 128, 128, 64)  # the mosaic kernels need lengths in whole 8-row tiles
 
 
 @pytest.mark.parametrize("shape", cases.SHAPES + [LONG])
@@ -26,6 +27,22 @@ def test_triton_other_dtypes_match_reference(shape, dtype, tol):
   cases.check_backend("triton", False, shape, seed=12, dtype=dtype, tol=tol)
 
 
+@pytest.mark.parametrize("shape", [cases.SHAPES[0], (1, 136, 48, 2, 64, 64, 64), LONG8])
+def test_mosaic_bfloat16_matches_reference(shape):
+  cases.check_backend("mosaic", False, shape, seed=14, dtype=jnp.bfloat16, tol=1.5e-2)
+
+
+def test_mosaic_float16_matches_reference():
+  cases.check_backend("mosaic", False, LONG8, seed=15, dtype=jnp.float16, tol=5e-3)
+
+
+def test_auto_falls_back_to_triton_for_lengths_mosaic_cannot_take():
+  q, k, v, _ = cases.random_qkv(16, 1, 1001, 1003, 2, 128, jnp.bfloat16)
+  out = attention.sparse_attention(q, k, v, topk=0.2)
+  ref = attention.sparse_attention(q, k, v, topk=0.2, backend="triton")
+  assert cases.rel_err(out, ref) < 1e-6
+
+
 def test_triton_full_mask_is_dense():
   cases.check_backend("triton", False, cases.SHAPES[0], seed=13, full_mask=True, tol=1e-4)
 
@@ -37,7 +54,7 @@ def test_mask_pooling_kernel_matches_reference():
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-6)
 
 
-def test_auto_backend_on_gpu_is_triton_and_matches_xla():
+def test_auto_backend_on_gpu_matches_xla():
   q, k, v, _ = cases.random_qkv(14, 1, 2000, 2000, 2, 64, jnp.float32)
   fast = attention.sparse_attention(q, k, v, topk=0.1, topp=0.3)
   slow = attention.sparse_attention(q, k, v, topk=0.1, topp=0.3, backend="xla")

@@ -214,12 +214,12 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
 
     os.makedirs(workdir, exist_ok=True)
     teacher = config.teacher
-    if config.pretrain_teacher.steps:
+    if config.pretrains_teacher:
         teacher = pretrain_teacher(config, workdir, progress)
     checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     teacher_params, teacher_source = load_teacher(teacher, teacher_config, abstract_params,
                                                   param_shardings, config.seed)
-    if config.pretrain_teacher.steps:
+    if config.pretrains_teacher:
         teacher_source = (f"randomly initialised, then pretrained for {config.pretrain_teacher.steps} steps "
                           f"with the diffusion loss ({teacher})")
     # The student is a separate copy: its buffers are donated every step, the teacher's never are.
@@ -392,8 +392,9 @@ def initialize_distributed(coordinator_address: str | None, num_processes: str |
 def main(argv: list[str] | None = None) -> int:
     try:
         config, flags = cli.parse(sys.argv[1:] if argv is None else argv, PRESETS, "tiny", FLAGS)
-        validate(config)
+        # Before validate(): it traces sparse_attention, which starts the XLA backend.
         initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
+        validate(config)
         if jax.process_count() > 1 and not flags["workdir"]:
             raise ValueError("--workdir is required with several processes (they must share it)")
         workdir = flags["workdir"] or default_workdir(config)

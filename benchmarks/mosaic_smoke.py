@@ -1,0 +1,133 @@
+"""First GPU run of the Mosaic GPU block-sparse kernels: compile, check against Triton, time both.
+
+    python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
+    python -m benchmarks.mosaic_smoke --sweep         # also a few pipeline depths for the mosaic kernels
+
+Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
+relative (‖ours − triton‖ / ‖triton‖) on the same inputs and index tables; both are bf16 kernels, so
+expect ~1e-3, not 0. TFLOP/s count only the kept blocks: forward 4·B·H·N²·D·(1−s), backward 2.5x that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from benchmarks.attention import random_block_mask
+from pallas_kernels import mosaic_block_sparse, triton_block_sparse
+from sparge_jax import attention, mask as mask_lib
+
+
+def _rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  finite = np.isfinite(ref)
+  if not np.array_equal(np.isfinite(x), finite):
+    return float("nan")
+  return float(np.linalg.norm(x[finite] - ref[finite]) / np.linalg.norm(ref[finite]))
+
+
+def _step(name, fn, results):
+  try:
+    results[name] = fn()
+  except Exception as e:  # report and go on: one failing step must not hide the others
+    results[name] = None
+    print(f"[{name}] FAILED: {type(e).__name__}: {str(e)[:2000]}")
+    traceback.print_exc(limit=4)
+  return results[name]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq-len", type=int, default=32760)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--sparsity", type=float, default=0.95)
+  parser.add_argument("--sweep", action="store_true")
+  args = parser.parse_args(argv)
+  print(f"device {timing.device_name()}, jax {jax.__version__}")
+
+  block_q, block_kv, dtype = 128, 64, jnp.bfloat16
+  shape = (1, args.seq_len, args.heads, args.head_dim)
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:4])
+  n_q, n_kv = -(-args.seq_len // block_q), -(-args.seq_len // block_kv)
+  kept = max(1, round((1 - args.sparsity) * n_kv))
+  mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, kept)
+  (kv_index, kv_count), (q_index, q_count) = jax.jit(mask_lib.index_tables)(mask)
+  blocks = dict(block_q=block_q, block_kv=block_kv, scale=args.head_dim ** -0.5)
+  kept_flops = 4 * args.heads * args.seq_len ** 2 * args.head_dim * kept / n_kv
+  print(f"shape {shape} bf16, {kept}/{n_kv} kv blocks kept per row (sparsity {1 - kept / n_kv:.4f})")
+
+  def forward_fn(module, **tuning):
+    return jax.jit(lambda q, k, v, i, c: module.forward(q, k, v, i, c, **blocks, **tuning))
+
+  def backward_fn(module, **tuning):
+    return jax.jit(lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(
+        q, k, v, o, l, do, i, c, qi, qc, **blocks, **tuning))
+
+  fwd_args = (q, k, v, kv_index, kv_count)
+  results = {}
+  triton_fwd = _step("triton forward", lambda: jax.block_until_ready(
+      forward_fn(triton_block_sparse)(*fwd_args)), results)
+  mosaic_fwd = _step("mosaic forward compile+run", lambda: jax.block_until_ready(
+      forward_fn(mosaic_block_sparse)(*fwd_args)), results)
+  if triton_fwd and mosaic_fwd:
+    _step("forward error", lambda: dict(out=_rel_err(mosaic_fwd[0], triton_fwd[0]),
+                                        lse=_rel_err(mosaic_fwd[1], triton_fwd[1])), results)
+
+  def bwd_args(fwd):
+    return (q, k, v, fwd[0], fwd[1], d_out, kv_index, kv_count, q_index, q_count)
+
+  triton_bwd = mosaic_bwd = None
+  if triton_fwd:
+    triton_bwd = _step("triton backward", lambda: jax.block_until_ready(
+        backward_fn(triton_block_sparse)(*bwd_args(triton_fwd))), results)
+    # The same (out, lse) for both, so only the backward kernels differ.
+    mosaic_bwd = _step("mosaic backward compile+run", lambda: jax.block_until_ready(
+        backward_fn(mosaic_block_sparse)(*bwd_args(triton_fwd))), results)
+  if triton_bwd and mosaic_bwd:
+    _step("backward error", lambda: {name: _rel_err(m, t) for name, m, t in
+                                     zip(("dq", "dk", "dv"), mosaic_bwd, triton_bwd)}, results)
+
+  times = {}
+  dense = jax.jit(lambda q, k, v: attention.dense_attention(q, k, v))
+  _step("time cudnn forward", lambda: times.setdefault("cudnn fwd", timing.median_ms(dense, q, k, v)),
+        results)
+  for name, module in (("triton", triton_block_sparse), ("mosaic", mosaic_block_sparse)):
+    if results.get(f"{name} forward" if name == "triton" else "mosaic forward compile+run"):
+      _step(f"time {name} forward", lambda: times.setdefault(
+          f"{name} fwd", timing.median_ms(forward_fn(module), *fwd_args)), results)
+    if triton_fwd and results.get(f"{name} backward" if name == "triton" else "mosaic backward compile+run"):
+      _step(f"time {name} backward", lambda: times.setdefault(
+          f"{name} bwd", timing.median_ms(backward_fn(module), *bwd_args(triton_fwd))), results)
+
+  if args.sweep and mosaic_fwd:
+    for stages in (2, 3, 4, 5):
+      _step(f"time mosaic forward num_stages={stages}", lambda: times.setdefault(
+          f"mosaic fwd num_stages={stages}",
+          timing.median_ms(forward_fn(mosaic_block_sparse, num_stages=stages), *fwd_args)), results)
+    if triton_fwd and mosaic_bwd:
+      for dq_stages, dkv_stages in ((2, 1), (2, 2), (3, 2), (4, 2)):
+        _step(f"time mosaic backward {dq_stages=} {dkv_stages=}", lambda: times.setdefault(
+            f"mosaic bwd dq_stages={dq_stages} dkv_stages={dkv_stages}",
+            timing.median_ms(backward_fn(mosaic_block_sparse, dq_stages=dq_stages, dkv_stages=dkv_stages),
+                             *bwd_args(triton_fwd))), results)
+
+  print("\nerrors vs triton:", results.get("forward error"), results.get("backward error"))
+  print(f"{'what':<44}{'ms':>9}{'kept TFLOP/s':>14}{'vs cudnn fwd':>14}")
+  cudnn = times.get("cudnn fwd")
+  for name, ms in times.items():
+    flops = kept_flops * (2.5 if "bwd" in name else 1.0)
+    if name == "cudnn fwd":
+      flops = kept_flops * n_kv / kept
+    ratio = f"{cudnn / ms:.1f}x" if cudnn and "fwd" in name else ""
+    print(f"{name:<44}{ms:>9.3f}{flops / ms / 1e9:>14.0f}{ratio:>14}")
+
+
+if __name__ == "__main__":
+  main()

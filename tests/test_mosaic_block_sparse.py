@@ -1,0 +1,190 @@
+"""The Mosaic GPU block-sparse kernels on CPU, in the Mosaic GPU interpreter, against the float32 reference.
+
+The interpreter simulates the warpgroups, shared memory, barriers and TMA (zero-filled out-of-range
+loads, dropped out-of-range stores) of the compiled kernels, and can detect races between them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_block_sparse
+from sparge_jax import mask as mask_lib
+from sparge_jax.reference import masked_attention_reference, token_mask
+import attention_cases as cases
+
+# (batch, q_len, kv_len, heads, head_dim, block_q, dtype): lengths that are not block multiples, one
+# or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs hold two), head dims 64 and 128.
+CASES = [
+    (1, 300, 250, 2, 64, 128, jnp.bfloat16),
+    (2, 130, 180, 1, 128, 128, jnp.float16),
+    (1, 200, 128, 2, 64, 64, jnp.bfloat16),
+]
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
+BLOCK_KV = 64
+
+
+def _problem(seed, batch, q_len, kv_len, heads, head_dim, block_q, dtype, density=0.4):
+  q, k, v, d_out = cases.random_qkv(seed, batch, q_len, kv_len, heads, head_dim, dtype)
+  n_q, n_kv = -(-q_len // block_q), -(-kv_len // BLOCK_KV)
+  mask = cases.random_mask(seed, batch, heads, n_q, n_kv, density)
+  mask = mask.at[0, 0, 1].set(False)  # a q block with no kept kv block
+  return q, k, v, d_out, mask
+
+
+def _reference_lse(q, k, mask, block_q, scale):
+  q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q32, k32, precision=jax.lax.Precision.HIGHEST) * scale
+  allowed = token_mask(mask, q.shape[1], k.shape[1], block_q=block_q, block_kv=BLOCK_KV)
+  return jax.nn.logsumexp(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+
+
+def _forward(q, k, v, mask, block_q, interpret=True, **tuning):
+  (kv_index, kv_count), _ = mask_lib.index_tables(mask)
+  return mosaic_block_sparse.forward(q, k, v, kv_index, kv_count, block_q=block_q, block_kv=BLOCK_KV,
+                                     scale=q.shape[-1] ** -0.5, interpret=interpret, **tuning)
+
+
+def _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=True, **tuning):
+  (kv_index, kv_count), (q_index, q_count) = mask_lib.index_tables(mask)
+  return mosaic_block_sparse.backward(q, k, v, out, lse, d_out, kv_index, kv_count, q_index, q_count,
+                                      block_q=block_q, block_kv=BLOCK_KV, scale=q.shape[-1] ** -0.5,
+                                      interpret=interpret, **tuning)
+
+
+def _check_forward(out, lse, q, k, v, mask, block_q):
+  """out and lse against the float32 reference; q block 1 of (batch 0, head 0) is empty."""
+  f32 = lambda x: x.astype(jnp.float32)
+  ref_out = masked_attention_reference(f32(q), f32(k), f32(v), mask, block_q=block_q, block_kv=BLOCK_KV)
+  ref_lse = _reference_lse(q, k, mask, block_q, q.shape[-1] ** -0.5)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert lse.shape == q.shape[:1] + q.shape[2:3] + q.shape[1:2] and lse.dtype == jnp.float32
+  assert cases.rel_err(out, ref_out) <= TOL[q.dtype.type]
+  # The empty q block: zeros and lse = -inf; every other row finite and close.
+  empty_rows = slice(block_q, 2 * block_q)
+  np.testing.assert_array_equal(np.asarray(out[0, empty_rows, 0], np.float32), 0.0)
+  assert np.all(np.isneginf(lse[0, 0, empty_rows]))
+  finite = np.isfinite(np.asarray(ref_lse))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_backward_match_reference(case):
+  *shape, block_q, dtype = case
+  q, k, v, d_out, mask = _problem(len(shape) + shape[1], *shape, block_q, dtype)
+  out, lse = _forward(q, k, v, mask, block_q)
+  _check_forward(out, lse, q, k, v, mask, block_q)
+
+  f32 = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
+                                                         block_kv=BLOCK_KV)
+  _, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q)
+  for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, pullback(f32(d_out)), (q, k, v)):
+    assert grad.shape == x.shape and grad.dtype == x.dtype, name
+    assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
+    assert cases.rel_err(grad, ref_grad) <= TOL[dtype], (name, cases.rel_err(grad, ref_grad))
+
+
+def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
+  """Rows with more kept blocks than pipeline stages: every slot is refilled, under race detection."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
+
+  block_q = 128
+  q, k, v, d_out, _ = _problem(7, 1, 400, 520, 1, 64, block_q, jnp.float16)
+  mask = cases.random_mask(7, 1, 1, 4, 9, 0.8)
+  (kv_index, kv_count), (q_index, q_count) = mask_lib.index_tables(mask)
+  assert int(kv_count.max()) > 2 and int(q_count.max()) * (block_q // 64) > 2
+  races = plgpu.InterpretGPUParams(detect_races=True)
+
+  out, lse = _forward(q, k, v, mask, block_q, interpret=races, num_stages=2)
+  assert not get_races().races_found
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2,
+                    dkv_stages=2)
+  assert not get_races().races_found  # the dK/dV kernel, the last one run
+  assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
+
+  f32 = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
+                                                         block_kv=BLOCK_KV)
+  ref_out, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  assert cases.rel_err(out, ref_out) <= TOL[jnp.float16]
+  for grad, ref_grad in zip(grads, pullback(f32(d_out))):
+    assert cases.rel_err(grad, ref_grad) <= TOL[jnp.float16]
+
+
+# Two kv blocks per step (odd counts mask a repeated block), persistent CTAs (each runs 3 of the 6
+# work items, so Q slots and the K/V ring carry over from item to item), and both.
+FORWARD_VARIANTS = [dict(kv_blocks_per_step=2, num_stages=3), dict(persistent=2, num_stages=2),
+                    dict(persistent=2, kv_blocks_per_step=2, num_stages=2)]
+
+
+@pytest.mark.parametrize("tuning", FORWARD_VARIANTS, ids=str)
+def test_forward_variants_match_reference_without_races(tuning, capsys):
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
+
+  block_q = 128
+  q, k, v, _ = cases.random_qkv(11, 1, 300, 440, 2, 64, jnp.bfloat16)  # 3 q blocks, 7 kv blocks
+  mask = cases.random_mask(11, 1, 2, 3, 7, 0.6)
+  mask = mask.at[0, 0, 1].set(False).at[0, 1, 0].set(True)  # an empty row; a full row, 7 blocks
+  (kv_index, kv_count), _ = mask_lib.index_tables(mask)
+  counts = set(np.asarray(kv_count).ravel().tolist())
+  assert {0, 7} <= counts and any(c % 2 == 0 and c > 2 for c in counts), counts
+
+  out, lse = _forward(q, k, v, mask, block_q, interpret=plgpu.InterpretGPUParams(detect_races=True),
+                      **tuning)
+  assert not get_races().races_found
+  assert "RACE DETECTED" not in capsys.readouterr().out
+  _check_forward(out, lse, q, k, v, mask, block_q)
+
+
+@pytest.mark.parametrize("block_q,head_dim", [(128, 128), (64, 64)])
+def test_kernels_lower_for_hopper(block_q, head_dim):
+  """The Mosaic GPU lowering (layouts, wgmma and TMA shapes) runs without a GPU: export for CUDA."""
+  batch, seq_len, heads = 1, 1000, 2
+  n_q, n_kv = -(-seq_len // block_q), -(-seq_len // BLOCK_KV)
+  x = jax.ShapeDtypeStruct((batch, seq_len, heads, head_dim), jnp.bfloat16)
+  table = lambda rows, cols: jax.ShapeDtypeStruct((batch, heads, rows, cols), jnp.int32)
+  count = lambda rows: jax.ShapeDtypeStruct((batch, heads, rows), jnp.int32)
+  lse = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
+  blocks = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim ** -0.5)
+  export = lambda f, *args: jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+  forward = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks),
+                   x, x, x, table(n_q, n_kv), count(n_q))
+  backward = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks),
+                    x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+  assert forward.count("mosaic_gpu") >= 1 and backward.count("mosaic_gpu") >= 2
+  for tuning in (dict(kv_blocks_per_step=2, num_stages=2), dict(persistent=True),
+                 dict(persistent=True, kv_blocks_per_step=2, num_stages=2)):
+    variant = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning),
+                     x, x, x, table(n_q, n_kv), count(n_q))
+    assert variant.count("mosaic_gpu") >= 1, tuning
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(dtype=jnp.float32), "triton"),
+    (dict(head_dim=96), "head_dim"),
+    (dict(block_q=256), "block_q"),
+])
+def test_rejects_what_the_kernels_do_not_cover(change, message):
+  args = dict(dtype=jnp.bfloat16, head_dim=64, block_q=128) | change
+  q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, args["head_dim"], args["dtype"])
+  mask = jnp.ones((1, 1, -(-128 // args["block_q"]), 2), bool)
+  with pytest.raises(ValueError, match=message):
+    _forward(q, k, v, mask, args["block_q"])
+
+
+@pytest.mark.parametrize("tuning,message", [
+    (dict(kv_blocks_per_step=3), "kv_blocks_per_step"),
+    (dict(kv_blocks_per_step=2, num_stages=3, persistent=True), "num_stages"),  # 288 KB of SMEM
+    (dict(persistent=0), "persistent"),
+])
+def test_rejects_forward_variants_that_do_not_exist(tuning, message):
+  q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
+  with pytest.raises(ValueError, match=message):
+    _forward(q, k, v, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
