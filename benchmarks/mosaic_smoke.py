@@ -1,7 +1,9 @@
 """First GPU run of the Mosaic GPU block-sparse kernels: compile, check against Triton, time both.
 
     python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
-    python -m benchmarks.mosaic_smoke --sweep         # also a few pipeline depths for the mosaic kernels
+    python -m benchmarks.mosaic_smoke --sweep         # also the mosaic variants: forward num_stages x
+                                                      # kv_blocks_per_step x persistent, backward depths,
+                                                      # and a shared-kv-list mask (is the forward L2 bound?)
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
 relative (‖ours − triton‖ / ‖triton‖) on the same inputs and index tables; both are bf16 kernels, so
@@ -106,11 +108,28 @@ def main(argv=None):
       _step(f"time {name} backward", lambda: times.setdefault(
           f"{name} bwd", timing.median_ms(backward_fn(module), *bwd_args(triton_fwd))), results)
 
+  errors = {}
+
+  def sweep_forward(tag, tables, reference, tuning):
+    """Time one forward variant; record its error against Triton on the same tables."""
+    name = f"mosaic fwd{tag} " + " ".join(f"{k}={v}" for k, v in tuning.items())
+    fn = forward_fn(mosaic_block_sparse, **tuning)
+    try:
+      result = jax.block_until_ready(fn(q, k, v, *tables))
+    except ValueError as e:  # a variant that does not fit in SMEM: say so and go on
+      print(f"[{name}] skipped: {str(e)[:300]}")
+      return
+    if reference:
+      errors[name] = dict(out=_rel_err(result[0], reference[0]), lse=_rel_err(result[1], reference[1]))
+    times[name] = timing.median_ms(fn, q, k, v, *tables)
+
   if args.sweep and mosaic_fwd:
-    for stages in (2, 3, 4, 5):
-      _step(f"time mosaic forward num_stages={stages}", lambda: times.setdefault(
-          f"mosaic fwd num_stages={stages}",
-          timing.median_ms(forward_fn(mosaic_block_sparse, num_stages=stages), *fwd_args)), results)
+    for persistent in (False, True):
+      for kv_blocks_per_step in (1, 2):
+        for stages in (2, 3, 4, 5):
+          tuning = dict(num_stages=stages, kv_blocks_per_step=kv_blocks_per_step, persistent=persistent)
+          _step(f"sweep forward {tuning}", lambda: sweep_forward("", (kv_index, kv_count), triton_fwd,
+                                                                  tuning), results)
     if triton_fwd and mosaic_bwd:
       for dq_stages, dkv_stages in ((2, 1), (2, 2), (3, 2), (4, 2)):
         _step(f"time mosaic backward {dq_stages=} {dkv_stages=}", lambda: times.setdefault(
@@ -118,15 +137,34 @@ def main(argv=None):
             timing.median_ms(backward_fn(mosaic_block_sparse, dq_stages=dq_stages, dkv_stages=dkv_stages),
                              *bwd_args(triton_fwd))), results)
 
+    # Diagnostic: every q block of a head keeps the same kv blocks, so the K/V gathers hit a 0.8 MB
+    # working set per head instead of the head's whole 16 MB. Much faster than the random mask means
+    # the forward is bound by L2 traffic of the gathers, not by the kernel's instruction stream.
+    shared_mask = jnp.broadcast_to(random_block_mask(keys[4], 1, args.heads, 1, n_kv, kept), mask.shape)
+    (shared_index, shared_count), _ = jax.jit(mask_lib.index_tables)(shared_mask)
+    shared = (shared_index, shared_count)
+    shared_triton = _step("triton forward, shared kv lists", lambda: jax.block_until_ready(
+        forward_fn(triton_block_sparse)(q, k, v, *shared)), results)
+    if shared_triton:
+      _step("time triton forward, shared kv lists", lambda: times.setdefault(
+          "triton fwd (shared kv lists)", timing.median_ms(forward_fn(triton_block_sparse), q, k, v,
+                                                           *shared)), results)
+    for tuning in (dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
+                   dict(num_stages=2, kv_blocks_per_step=2, persistent=True)):
+      _step(f"sweep forward shared kv lists {tuning}", lambda: sweep_forward(
+          " (shared kv lists)", shared, shared_triton, tuning), results)
+
   print("\nerrors vs triton:", results.get("forward error"), results.get("backward error"))
-  print(f"{'what':<44}{'ms':>9}{'kept TFLOP/s':>14}{'vs cudnn fwd':>14}")
+  for name, error in errors.items():
+    print(f"  {name}: out {error['out']:.2e}, lse {error['lse']:.2e}")
+  print(f"{'what':<72}{'ms':>9}{'kept TFLOP/s':>14}{'vs cudnn fwd':>14}")
   cudnn = times.get("cudnn fwd")
   for name, ms in times.items():
     flops = kept_flops * (2.5 if "bwd" in name else 1.0)
     if name == "cudnn fwd":
       flops = kept_flops * n_kv / kept
     ratio = f"{cudnn / ms:.1f}x" if cudnn and "fwd" in name else ""
-    print(f"{name:<44}{ms:>9.3f}{flops / ms / 1e9:>14.0f}{ratio:>14}")
+    print(f"{name:<72}{ms:>9.3f}{flops / ms / 1e9:>14.0f}{ratio:>14}")
 
 
 if __name__ == "__main__":

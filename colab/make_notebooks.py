@@ -473,8 +473,9 @@ print("rows, top to bottom:", ", ".join(videos))
 display(Image(data=iio.imwrite("<bytes>", grid, extension=".gif", duration=250, loop=0)))
 
 # The same as a frame strip of the first caption.
-frames = source.latent_shape[0]
-fig, axes = plt.subplots(len(videos), frames, figsize=(1.3 * frames, 1.4 * len(videos)), squeeze=False)
+frames, height, width = source.latent_shape[:3]
+fig, axes = plt.subplots(len(videos), frames, squeeze=False,
+                         figsize=(1.5 + 1.2 * frames, 0.5 + 1.2 * len(videos) * height / width))
 for row, (name, video) in enumerate(videos.items()):
     for frame, ax in enumerate(axes[row]):
         ax.imshow(to_rgb(video[0, frame], zoom=1), interpolation="nearest")

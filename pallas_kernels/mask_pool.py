@@ -2,8 +2,8 @@
 
 `block_means` reads Q (or K) once and writes the mean of the real tokens of every block; `pooled_logits`
 takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program so the small matmul
-spreads over the whole GPU. The row softmax and the selection on P̄ (sort, cumulative sum) stay in XLA,
-which fuses the softmax into the selection's first pass (`sparge_jax.mask`).
+spreads over the whole GPU. The row softmax and the Top-k ∪ Top-p selection follow in
+`mask_select` (a kernel) or `sparge_jax.mask.select_blocks` (XLA).
 """
 
 from __future__ import annotations
@@ -80,11 +80,16 @@ def pooled_logits(q_means, k_means, *, scale, interpret=False):
       batch, heads, n_q, n_kv)
 
 
-def pooled_block_probs(q, k, *, block_q, block_kv, scale, interpret=False):
-  """P̄ for the block mask. q: [batch, q_len, heads, dim], k: [batch, kv_len, heads, dim].
+def pooled_block_logits(q, k, *, block_q, block_kv, scale, interpret=False):
+  """scale·q̄k̄ᵀ for the block mask. q: [batch, q_len, heads, dim], k: [batch, kv_len, heads, dim].
 
-  Returns float32 [batch, heads, ceil(q_len/block_q), ceil(kv_len/block_kv)].
+  Returns float32 [batch, heads, ceil(q_len/block_q), ceil(kv_len/block_kv)]; P̄ is its row softmax.
   """
-  logits = pooled_logits(block_means(q, block=block_q, interpret=interpret),
-                         block_means(k, block=block_kv, interpret=interpret), scale=scale, interpret=interpret)
-  return jax.nn.softmax(logits, axis=-1)
+  return pooled_logits(block_means(q, block=block_q, interpret=interpret),
+                       block_means(k, block=block_kv, interpret=interpret), scale=scale, interpret=interpret)
+
+
+def pooled_block_probs(q, k, *, block_q, block_kv, scale, interpret=False):
+  """P̄ = row softmax of `pooled_block_logits`."""
+  return jax.nn.softmax(pooled_block_logits(q, k, block_q=block_q, block_kv=block_kv, scale=scale,
+                                            interpret=interpret), axis=-1)

@@ -190,7 +190,7 @@ def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
     return lambda scores, c: scores
   steps = _ceil_div(count, kv_per_step)
   last = jnp.maximum(count - 1, 0)
-  last_valid = ((kv_per_step - 1) * block_kv
+  last_valid = ((last - (steps - 1) * kv_per_step) * block_kv
                 + jnp.minimum(kv_len - kv_index[last] * block_kv, block_kv))
 
   def mask(scores, c):
@@ -452,11 +452,14 @@ def _forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scal
 
 def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, k_loaded, v_loaded,
-               k_free, v_free, ds_smem, *, scale, block_kv, num_stages, compute_wgs, kv_len):
+               k_free, v_free, ds_smem, *, scale, block_kv, kv_per_step, num_stages, compute_wgs,
+               kv_len):
   q_block, head, batch = (lax.axis_index(a) for a in ("q_blocks", "heads", "batch"))
   wg = lax.axis_index("wg")
   kv_index = kv_index_ref.at[batch, head, q_block]
   count = kv_count_ref[batch, head, q_block]
+  steps = _ceil_div(count, kv_per_step)
+  step_keys = kv_per_step * block_kv
   dtype = q_ref.dtype
   dim = q_ref.shape[-1]
   score_scale = scale * LOG2E
@@ -476,9 +479,10 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     lse2 = plgpu.load(lse_smem.at[wg], layout=_ROW) * LOG2E
     delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
 
-    mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len)
+    mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
+                          kv_per_step=kv_per_step)
 
-    @pl.when(count > 0)
+    @pl.when(steps > 0)
     def _():
       plgpu.barrier_wait(k_loaded.at[0])
 
@@ -489,7 +493,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
         return acc_ref[...]
 
-      scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
+      scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
       scores = mask_keys(scores * score_scale, c)
       probs = jnp.exp2(scores - _row_broadcast(lse2, scores.shape))
       plgpu.barrier_wait(v_loaded.at[slot])
@@ -498,12 +502,12 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.wgmma(acc_ref, do_tile, v_smem.at[slot].T)
         return acc_ref[...]
 
-      d_probs = pl.run_scoped(dov, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
+      d_probs = pl.run_scoped(dov, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
       plgpu.barrier_arrive(v_free.at[slot])
       d_scores = probs * (d_probs - _row_broadcast(delta, probs.shape))
 
       def wait_next_k():
-        @pl.when(c + 1 < count)
+        @pl.when(c + 1 < steps)
         def _():
           plgpu.barrier_wait(k_loaded.at[lax.rem(c + 1, num_stages)])
 
@@ -512,7 +516,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       plgpu.barrier_arrive(k_free.at[slot])
       return dq
 
-    dq = lax.fori_loop(0, count, step,
+    dq = lax.fori_loop(0, steps, step,
                        plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA))
     q_tile[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
@@ -524,8 +528,9 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     _rebalance_registers(compute_wgs, compute=False)
 
     _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
-               k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages)
-    _drain_kv(count, num_stages, k_free, v_free)
+               k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages,
+               kv_per_step=kv_per_step)
+    _drain_kv(steps, num_stages, k_free, v_free)
 
 
 def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -630,15 +635,24 @@ def _pad_rows(x, length):
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "dq_stages", "dkv_stages",
-                                             "interpret"))
+                                             "dq_kv_blocks_per_step", "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale, dq_stages=3, dkv_stages=2, interpret=False):
+             *, block_q, block_kv, scale, dq_stages=3, dkv_stages=2, dq_kv_blocks_per_step=1,
+             interpret=False):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
-  dq_stages: K/V tiles in flight for dQ; dkv_stages: Q/dO sub-tiles in flight per kv block for dK/dV.
+  dq_stages: K/V slots in flight for dQ; dkv_stages: Q/dO sub-tiles in flight per kv block for dK/dV.
+  dq_kv_blocks_per_step 1 or 2: kept kv blocks per dQ step, as the forward's kv_blocks_per_step.
   """
   _check_inputs(q, k, v, block_q, block_kv)
+  if dq_kv_blocks_per_step not in (1, 2):
+    raise ValueError(f"dq_kv_blocks_per_step: 1 or 2, got {dq_kv_blocks_per_step}")
+  dq_smem = (2 * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * q.shape[-1] * 2
+  if not 1 <= dq_stages or dq_smem + _SMEM_OVERHEAD > _SMEM_BYTES:
+    raise ValueError(f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
+                     f"head_dim {q.shape[-1]} needs {dq_smem // 1024} KB of shared memory; Hopper has "
+                     f"{_SMEM_BYTES // 1024} KB")
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
   n_q_blocks, n_kv_blocks = kv_block_index.shape[-2:]
@@ -652,22 +666,23 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
 
   compute_wgs = block_q // _WG_ROWS
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, num_stages=dq_stages,
-                        compute_wgs=compute_wgs, kv_len=kv_len),
+      functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, kv_per_step=dq_kv_blocks_per_step,
+                        num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
           _tiled_smem((compute_wgs, _WG_ROWS, dim), q.dtype),
           _tiled_smem((compute_wgs, _WG_ROWS, dim), d_out.dtype),
           plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
           plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
-          _tiled_smem((dq_stages, block_kv, dim), k.dtype),
-          _tiled_smem((dq_stages, block_kv, dim), v.dtype),
+          _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), k.dtype),
+          _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), v.dtype),
           plgpu.Barrier(num_barriers=4 * compute_wgs),
-          plgpu.Barrier(num_barriers=dq_stages),
-          plgpu.Barrier(num_barriers=dq_stages),
+          plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
+          plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
           plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
           plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
-          _tiled_smem((compute_wgs, _WG_ROWS, block_kv), q.dtype) if interpret_params else None,
+          _tiled_smem((compute_wgs, _WG_ROWS, dq_kv_blocks_per_step * block_kv), q.dtype)
+          if interpret_params else None,
       ],
       grid=(n_q_blocks, heads, batch),
       grid_names=("q_blocks", "heads", "batch"),

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mask_pool
+from pallas_kernels import mask_select
 from pallas_kernels import mosaic_block_sparse
 from pallas_kernels import triton_block_sparse
 from sparge_jax import mask as mask_lib
@@ -206,10 +207,10 @@ def block_mask(q, k, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128, block_k
 def _block_mask(q, k, topk, topp, *, mode, block_q, block_kv, scale, pallas, interpret):
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   if pallas:
-    probs = mask_pool.pooled_block_probs(q, k, block_q=block_q, block_kv=block_kv, scale=scale,
-                                         interpret=interpret)
-  else:
-    probs = mask_lib.pooled_block_probs_reference(q, k, block_q=block_q, block_kv=block_kv, scale=scale)
+    logits = mask_pool.pooled_block_logits(q, k, block_q=block_q, block_kv=block_kv, scale=scale,
+                                           interpret=interpret)
+    return mask_select.select_blocks(logits, topk, topp, mode, interpret=interpret)
+  probs = mask_lib.pooled_block_probs_reference(q, k, block_q=block_q, block_kv=block_kv, scale=scale)
   return mask_lib.select_blocks(probs, topk, topp, mode)
 
 

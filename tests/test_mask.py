@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from pallas_kernels import mask_select
 from sparge_jax import attention, mask as mask_lib
 
 
@@ -156,3 +157,15 @@ def test_index_tables():
         kept = np.flatnonzero(mask[b, h, :, j])
         assert q_count[b, h, j] == len(kept)
         np.testing.assert_array_equal(q_index[b, h, j, :len(kept)], kept)
+
+
+@pytest.mark.parametrize("mode", mask_lib.MODES)
+def test_selection_kernel_matches_sorting_selection(mode):
+  rng = np.random.default_rng(5)
+  logits = rng.standard_normal((2, 3, 9, 40)) * np.array([0.2, 1.0, 4.0])[None, :, None, None]
+  logits[1] = np.round(logits[1])  # many exact ties
+  logits = jnp.asarray(logits, jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  for topk, topp in [(0.1, 0.3), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), ([0.05, 0.2, 0.4], [0.9, 0.5, 0.1])]:
+    np.testing.assert_array_equal(mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+                                  mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode))

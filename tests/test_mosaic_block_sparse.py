@@ -143,6 +143,30 @@ def test_forward_variants_match_reference_without_races(tuning, capsys):
   _check_forward(out, lse, q, k, v, mask, block_q)
 
 
+def test_dq_with_two_kv_blocks_per_step_matches_reference(capsys):
+  """Odd and even counts, a full row of 7 blocks, ring slots reused; under race detection."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
+
+  block_q = 128
+  q, k, v, d_out = cases.random_qkv(12, 1, 300, 440, 1, 64, jnp.float16)
+  mask = cases.random_mask(12, 1, 1, 3, 7, 0.6).at[0, 0, 0].set(True)
+  (kv_index, kv_count), _ = mask_lib.index_tables(mask)
+  counts = np.asarray(kv_count).ravel()
+  assert 7 in counts and np.any((counts % 2 == 0) & (counts > 2)), counts
+  f32 = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
+                                                         block_kv=BLOCK_KV)
+  ref_out, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  ref_lse = _reference_lse(q, k, mask, block_q, q.shape[-1] ** -0.5)
+
+  dq, _, _ = _backward(q, k, v, ref_out.astype(q.dtype), ref_lse, d_out, mask, block_q,
+                       interpret=plgpu.InterpretGPUParams(detect_races=True), dq_stages=2,
+                       dq_kv_blocks_per_step=2)
+  assert "RACE DETECTED" not in capsys.readouterr().out
+  assert dq.shape == q.shape and dq.dtype == q.dtype
+  assert cases.rel_err(dq, pullback(f32(d_out))[0]) <= TOL[jnp.float16]
+
+
 @pytest.mark.parametrize("block_q,head_dim", [(128, 128), (64, 64)])
 def test_kernels_lower_for_hopper(block_q, head_dim):
   """The Mosaic GPU lowering (layouts, wgmma and TMA shapes) runs without a GPU: export for CUDA."""
@@ -164,6 +188,10 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
     variant = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning),
                      x, x, x, table(n_q, n_kv), count(n_q))
     assert variant.count("mosaic_gpu") >= 1, tuning
+  backward = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks, dq_stages=2,
+                                                            dq_kv_blocks_per_step=2),
+                    x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+  assert backward.count("mosaic_gpu") >= 2
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,0 +1,98 @@
+"""Top-k ∪ Top-p block selection as a Pallas Triton kernel, without sorting.
+
+The same rule as `sparge_jax.mask.select_blocks` (which sorts each row in XLA): each program takes a few
+rows of pooled logits, forms the row softmax in registers and finds the two thresholds by bisection on the
+bit patterns of the (non-negative) probabilities, whose integer order is their float order:
+- Top-p: the smallest probability v whose strictly-larger mass G(v) = Σ_{P > v} P is still below p. Every
+  entry above v is kept, and of the entries equal to v the first ⌈(p − G(v)) / v⌉ (ties in index order).
+- the kept set: the n_keep-th largest probability v_k (the smallest t with #{P > t} < n_keep); entries
+  above it, then ties at v_k in index order until n_keep.
+31 bisection steps over a row held in registers cost far less than a sort of the row in global memory.
+Masses are summed in a different order than the reference's sorted cumulative sum, so a row whose p
+boundary falls within float rounding may keep one block more or less than `select_blocks`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+_ROWS = 4
+_INF_BITS = 0x7F800000
+_COUNT_SLACK = 1e-3  # as in sparge_jax.mask: topk·n_kv this close above an integer is rounding
+
+
+def _smallest(predicate, rows):
+  """Per row, the smallest non-negative float bit pattern t with predicate(t) (monotone False → True)."""
+  def step(_, bounds):
+    low, high = bounds
+    mid = low + (high - low) // 2
+    ok = predicate(mid)
+    return jnp.where(ok, low, mid + 1), jnp.where(ok, mid, high)
+  low, _ = lax.fori_loop(0, 31, step, (jnp.zeros((rows,), jnp.int32), jnp.full((rows,), _INF_BITS, jnp.int32)))
+  return low
+
+
+def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad, mode):
+  rows = pl.program_id(0) * _ROWS + jnp.arange(_ROWS)
+  valid = (rows < n_q)[:, None] & (jnp.arange(n_pad) < n_kv)[None, :]
+  logits = pltriton.load(logits_ref, mask=valid, other=0.0)
+  logits = jnp.where(valid, logits, -jnp.inf)
+  exps = jnp.where(valid, jnp.exp(logits - logits.max(axis=1)[:, None]), 0.0)
+  probs = exps / exps.sum(axis=1)[:, None]
+  has_nan = jnp.any(jnp.isnan(probs) & valid, axis=1)
+  # Padding columns get bit pattern -1: below every threshold, never counted or kept.
+  bits = jnp.where(valid, lax.bitcast_convert_type(probs, jnp.int32), -1)
+
+  topk, topp = topk_ref[0], topp_ref[0]
+  n_topk = jnp.ceil(topk * n_kv - _COUNT_SLACK).astype(jnp.int32)
+
+  mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
+  boundary = _smallest(lambda t: mass_above(t) < topp, _ROWS)
+  above = bits > boundary[:, None]
+  mass = jnp.where(above, probs, 0.0).sum(axis=1)
+  ties = (bits == boundary[:, None]).astype(jnp.int32).sum(axis=1)
+  value = lax.bitcast_convert_type(boundary, jnp.float32)
+  tie_count = jnp.where(value > 0, jnp.ceil((topp - mass) / jnp.where(value > 0, value, 1.0)), ties)
+  n_topp = above.astype(jnp.int32).sum(axis=1) + jnp.clip(tie_count.astype(jnp.int32), 0, ties)
+  n_topp = jnp.where(topp >= 1.0, n_kv, n_topp)
+
+  n_keep = {"hybrid": jnp.maximum(n_topk, n_topp), "topk": jnp.broadcast_to(n_topk, (_ROWS,)),
+            "topp": n_topp}[mode]
+  n_keep = jnp.clip(n_keep, 1, n_kv)
+  count_above = lambda t: (bits > t[:, None]).astype(jnp.int32).sum(axis=1)
+  last = _smallest(lambda t: count_above(t) < n_keep, _ROWS)
+  tied = bits == last[:, None]
+  tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
+  keep = (bits > last[:, None]) | (tied & (tie_rank <= (n_keep - count_above(last))[:, None]))
+  keep = (keep | has_nan[:, None]) & valid
+  pltriton.store(keep_ref, keep.astype(jnp.int8), mask=valid)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "interpret"))
+def select_blocks(logits, topk, topp, mode: str, interpret: bool = False):
+  """logits: float32 [batch, heads, n_q_blocks, n_kv_blocks] (pooled, scaled; softmax taken here).
+
+  topk, topp: scalars or [heads] arrays. Returns the bool block mask of the same shape.
+  """
+  batch, heads, n_q, n_kv = logits.shape
+  n_pad = pl.next_power_of_2(n_kv)
+  per_row = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.float32).reshape(1, -1), (batch, heads)).reshape(-1, 1)
+  keep = pl.pallas_call(
+      functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode),
+      grid=(pl.cdiv(n_q, _ROWS), batch * heads),
+      in_specs=[pl.BlockSpec((None, 1), lambda i, bh: (bh, 0)),
+                pl.BlockSpec((None, 1), lambda i, bh: (bh, 0)),
+                pl.BlockSpec((None, _ROWS, n_pad), lambda i, bh: (bh, i, 0))],
+      out_specs=pl.BlockSpec((None, _ROWS, n_pad), lambda i, bh: (bh, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.int8),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="select_blocks",
+  )(per_row(topk), per_row(topp), logits.reshape(batch * heads, n_q, n_kv))
+  return keep.reshape(batch, heads, n_q, n_kv).astype(bool)
