@@ -125,7 +125,8 @@ def benchmark(config, args) -> dict:
     for name in ("sparse", "dense"):
         student_config = sparse_config if name == "sparse" else dense_config
         run_config = dataclasses.replace(config, attention=student_config.attention)
-        params = jax.tree.map(lambda x: x.astype(jnp.float32), teacher_params)
+        # A copy: the student is donated to the step, the teacher must survive it.
+        params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), teacher_params)
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
         distill_loss = distill.make_loss_fn(run_config, graphdef["teacher"], graphdef[name])
         student_loss = distill.make_loss_fn(dataclasses.replace(run_config, loss="diffusion"), None, graphdef[name])

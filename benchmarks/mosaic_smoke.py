@@ -123,6 +123,13 @@ def main(argv=None):
       errors[name] = dict(out=_rel_err(result[0], reference[0]), lse=_rel_err(result[1], reference[1]))
     times[name] = timing.median_ms(fn, q, k, v, *tables)
 
+  def sweep_backward(tuning):
+    name = "mosaic bwd " + " ".join(f"{k}={v}" for k, v in tuning.items())
+    fn = backward_fn(mosaic_block_sparse, **tuning)
+    grads = jax.block_until_ready(fn(*bwd_args(triton_fwd)))
+    errors[name] = {g: _rel_err(m, t) for g, m, t in zip(("dq", "dk", "dv"), grads, triton_bwd)}
+    times[name] = timing.median_ms(fn, *bwd_args(triton_fwd))
+
   if args.sweep and mosaic_fwd:
     for persistent in (False, True):
       for kv_blocks_per_step in (1, 2):
@@ -131,11 +138,10 @@ def main(argv=None):
           _step(f"sweep forward {tuning}", lambda: sweep_forward("", (kv_index, kv_count), triton_fwd,
                                                                   tuning), results)
     if triton_fwd and mosaic_bwd:
-      for dq_stages, dkv_stages in ((2, 1), (2, 2), (3, 2), (4, 2)):
-        _step(f"time mosaic backward {dq_stages=} {dkv_stages=}", lambda: times.setdefault(
-            f"mosaic bwd dq_stages={dq_stages} dkv_stages={dkv_stages}",
-            timing.median_ms(backward_fn(mosaic_block_sparse, dq_stages=dq_stages, dkv_stages=dkv_stages),
-                             *bwd_args(triton_fwd))), results)
+      for tuning in (dict(dq_stages=2, dkv_stages=1), dict(dq_stages=2, dkv_stages=2),
+                     dict(dq_stages=3, dkv_stages=2), dict(dq_stages=4, dkv_stages=2),
+                     dict(dq_stages=2, dkv_stages=2, dq_kv_blocks_per_step=2)):
+        _step(f"sweep backward {tuning}", lambda: sweep_backward(tuning), results)
 
     # Diagnostic: every q block of a head keeps the same kv blocks, so the K/V gathers hit a 0.8 MB
     # working set per head instead of the head's whole 16 MB. Much faster than the random mask means
@@ -156,15 +162,15 @@ def main(argv=None):
 
   print("\nerrors vs triton:", results.get("forward error"), results.get("backward error"))
   for name, error in errors.items():
-    print(f"  {name}: out {error['out']:.2e}, lse {error['lse']:.2e}")
-  print(f"{'what':<72}{'ms':>9}{'kept TFLOP/s':>14}{'vs cudnn fwd':>14}")
+    print(f"  {name}: " + ", ".join(f"{what} {value:.2e}" for what, value in error.items()))
+  print(f"{'what':<80}{'ms':>9}{'kept TFLOP/s':>14}{'vs cudnn fwd':>14}")
   cudnn = times.get("cudnn fwd")
   for name, ms in times.items():
     flops = kept_flops * (2.5 if "bwd" in name else 1.0)
     if name == "cudnn fwd":
       flops = kept_flops * n_kv / kept
     ratio = f"{cudnn / ms:.1f}x" if cudnn and "fwd" in name else ""
-    print(f"{name:<72}{ms:>9.3f}{flops / ms / 1e9:>14.0f}{ratio:>14}")
+    print(f"{name:<80}{ms:>9.3f}{flops / ms / 1e9:>14.0f}{ratio:>14}")
 
 
 if __name__ == "__main__":

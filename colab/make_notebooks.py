@@ -48,7 +48,7 @@ import jax
 print("JAX", jax.__version__, "devices:", jax.devices())
 ON_GPU = jax.default_backend() == "gpu"
 if not ON_GPU:
-    print("No GPU: falling back to small sizes on CPU; timings there say little about GPU speed.")
+    print("No GPU found: running on CPU, where timings say little about GPU speed.")
     if shutil.which("nvidia-smi"):
         print("nvidia-smi sees a GPU that JAX does not. The `cuda` extra installs CUDA 13 wheels, which need an "
               "NVIDIA driver >= 580 (see `nvidia-smi`); with an older driver install jax[cuda12]==0.11.2 instead.")'''
@@ -64,7 +64,8 @@ picks the few key tiles each query tile needs, and the kernels skip the rest, fo
 
 This notebook: install, check the GPU, compare `sparse_attention` with `dense_attention` on a long
 sequence, look at block masks, trade error for speed, and drop sparse attention into your own Flax NNX
-layer. Runtime: a GPU (Runtime > Change runtime type); it also runs on CPU at small sizes.'''),
+layer. Runtime: a GPU (Runtime > Change runtime type); on a CPU runtime it falls back to small sizes
+and takes about 2 minutes.'''),
     ("markdown", "## 1. Devices"),
     ("code", DEVICES),
     ("markdown", '''\
@@ -288,7 +289,7 @@ DISTILL = [
 # Distilling a sparse student from a dense teacher
 
 SpargeAttention2 keeps only a few percent of the attention tiles. Switched on in a trained model without
-further training, that loses quality; a short fine-tune fixes it. The student (sparse self-attention)
+further training, that loses quality; a short fine-tune recovers it. The student (sparse self-attention)
 starts as a copy of the teacher (dense attention) and learns to predict the teacher's velocity on the
 same noisy input, time and text: L = |u_student - u_teacher|^2.
 
@@ -297,7 +298,7 @@ so everything runs in minutes: the trainer (`train.distill`) first pretrains the
 videos for a few hundred steps, then distills the sparse student for a few hundred more. At the end
 both sample videos from the same noise and captions. The same trainer runs the real recipe on
 Wan2.1-1.3B/14B (`python -m train.distill --config wan2_1_1_3b`). Runtime: a GPU (Runtime > Change
-runtime type), about 5 minutes; a CPU runtime also works, in about 15 minutes.'''),
+runtime type); a CPU runtime also works, in about 5 minutes on 2 cores.'''),
     ("code", DEVICES),
     ("markdown", '''\
 ## 1. The run
@@ -311,7 +312,6 @@ import json
 import threading
 
 import matplotlib.pyplot as plt
-import numpy as np
 from IPython.display import Image, display
 from tqdm.auto import tqdm
 
@@ -396,89 +396,34 @@ distill.print_summary(summary)'''),
     ("markdown", '''\
 ## 3. Sample both and compare
 
-Euler sampling of the flow (`train.flow.euler_sample`) from the same noise and captions, with three
-models: the dense teacher, the teacher's weights with sparse attention switched on (no fine-tuning), and
-the distilled sparse student. Captions are of videos the models never saw. Latents have 4 channels;
-they are shown through a fixed 3-colour projection of the data.'''),
+`train.sample` integrates the flow with Euler steps (Wan's shift 5) for the teacher and the student from
+the same noise and captions, and renders them side by side: one row per video, teacher | student |
+4 x |difference|. Latents have 4 channels; they are shown through a fixed 3-colour projection, not a VAE.
+A 2-layer toy teacher trained for minutes draws no clean shapes; what this shows is how closely the
+sparse student follows its teacher.'''),
     ("code", '''\
-import functools
-
 import imageio.v3 as iio
-import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from sparge_jax.models.wan import WanModel
-from train import checkpoint, flow
-from train.data import MovingShapes
+from train import sample
 
 SAMPLES, SAMPLE_STEPS = (2, 3) if SMALL else (4, 30)
-
-
-def load(model_config, path):
-    """(graphdef, params) of a WanModel from the newest checkpoint under a workdir, on one device."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanModel(model_config, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            state.to_pure_dict())
-    return graphdef, checkpoint.load_params(path, abstract)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def sample(graphdef, params, noise, context):
-    """noise: [batch, frames, height, width, channels] -> the sampled latents, same shape."""
-    # The model is built inside the sampler's loop body: nnx modules must not cross trace levels.
-    return flow.euler_sample(lambda x, t: nnx.merge(graphdef, params)(x, t, context), noise,
-                             num_steps=SAMPLE_STEPS, shift=config.time.shift)
-
-
-teacher_graphdef, teacher_params = load(teacher_config, os.path.join(WORKDIR, "teacher"))
-student_graphdef, student_params = load(student_config, WORKDIR)
-source = distill.make_source(config, student_config)
-# Examples past the training set: same shapes, colours and directions, new combinations.
-unseen = MovingShapes(len(source) + SAMPLES, source.latent_shape, source.text_shape, seed=config.seed)
-examples = [unseen.get(len(source) + i) for i in range(SAMPLES)]
-context = jnp.stack([e["context"] for e in examples])
-noise = jax.random.normal(jax.random.key(1), (SAMPLES, *source.latent_shape))
-videos = {
-    "data (same captions)": np.stack([e["latents"] for e in examples]),
-    "dense teacher": sample(teacher_graphdef, teacher_params, noise, context),
-    "sparse, not fine-tuned": sample(student_graphdef, teacher_params, noise, context),
-    "sparse, distilled": sample(student_graphdef, student_params, noise, context),
-}
-videos = {name: np.asarray(v, np.float32) for name, v in videos.items()}
-teacher_videos = videos["dense teacher"]
-for name in ("sparse, not fine-tuned", "sparse, distilled"):
-    error = np.abs(videos[name] - teacher_videos).sum() / np.abs(teacher_videos).sum()
-    print(f"{name:>24}: relative L1 distance to the teacher's samples {error:.4f}")'''),
+teacher_videos, student_videos, teacher_source = sample.sample_pair(
+    config, WORKDIR, num_videos=SAMPLES, num_steps=SAMPLE_STEPS, shift=5.0, seed=0)
+print(f"{SAMPLES} videos of {teacher_videos.shape[1:]} latents, {SAMPLE_STEPS} Euler steps")
+print(f"PSNR of the student's samples against the teacher's: {sample.psnr(teacher_videos, student_videos):.2f} dB")
+GIF = os.path.join(WORKDIR, "samples.gif")
+sample.write_gif(GIF, teacher_videos, student_videos, scale=8)
+display(Image(filename=GIF))'''),
     ("code", '''\
-# A fixed projection of the latent channels to RGB: the data's top 3 principal components.
-pixels = np.stack([source.get(i)["latents"] for i in range(min(len(source), 16))])
-pixels = pixels.reshape(-1, pixels.shape[-1])
-mean = pixels.mean(0)
-basis = np.linalg.svd(pixels - mean, full_matrices=False)[2][:3].T
-low, high = np.percentile((pixels - mean) @ basis, [1, 99], axis=0)
-
-
-def to_rgb(latents, zoom=8):
-    """[..., height, width, channels] latents -> uint8 RGB, each latent pixel shown zoom x zoom."""
-    rgb = np.clip(((latents - mean) @ basis - low) / (high - low), 0, 1)
-    return (255 * rgb).astype(np.uint8).repeat(zoom, -3).repeat(zoom, -2)
-
-
-# One animated GIF: a row per model, a column per caption.
-rows = [np.concatenate([to_rgb(v) for v in video], axis=-2) for video in videos.values()]  # [frames, h, w, 3]
-grid = np.concatenate(rows, axis=-3)
-print("rows, top to bottom:", ", ".join(videos))
-display(Image(data=iio.imwrite("<bytes>", grid, extension=".gif", duration=250, loop=0)))
-
-# The same as a frame strip of the first caption.
-frames, height, width = source.latent_shape[:3]
-fig, axes = plt.subplots(len(videos), frames, squeeze=False,
-                         figsize=(1.5 + 1.2 * frames, 0.5 + 1.2 * len(videos) * height / width))
-for row, (name, video) in enumerate(videos.items()):
+# The first video as a frame strip, cut out of the GIF: [frames, videos * height, 3 * width, 3].
+gif_frames = iio.imread(GIF)
+height, width = gif_frames.shape[1] // SAMPLES, gif_frames.shape[2] // 3
+panels = ["dense teacher", "sparse student", "4 x |difference|"]
+fig, axes = plt.subplots(len(panels), len(gif_frames), squeeze=False,
+                         figsize=(1.5 + 1.2 * len(gif_frames), 0.5 + 1.2 * len(panels) * height / width))
+for row, name in enumerate(panels):
     for frame, ax in enumerate(axes[row]):
-        ax.imshow(to_rgb(video[0, frame], zoom=1), interpolation="nearest")
+        ax.imshow(gif_frames[frame, :height, row * width:(row + 1) * width])
         ax.set_xticks([]), ax.set_yticks([])
         if frame == 0:
             ax.set_ylabel(name, rotation=0, ha="right", va="center")

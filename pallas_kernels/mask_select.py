@@ -45,7 +45,7 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   logits = jnp.where(valid, logits, -jnp.inf)
   exps = jnp.where(valid, jnp.exp(logits - logits.max(axis=1)[:, None]), 0.0)
   probs = exps / exps.sum(axis=1)[:, None]
-  has_nan = jnp.any(jnp.isnan(probs) & valid, axis=1)
+  has_nan = jnp.where(jnp.isnan(probs) & valid, 1, 0).max(axis=1) > 0  # Triton lowers no reduce_or
   # Padding columns get bit pattern -1: below every threshold, never counted or kept.
   bits = jnp.where(valid, lax.bitcast_convert_type(probs, jnp.int32), -1)
 

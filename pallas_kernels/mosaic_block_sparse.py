@@ -17,6 +17,9 @@ Hopper specifics (the design follows jax's `attention_mgpu.py`, FlashAttention-3
 - dK/dV: a CTA holds two kv blocks (adjacent blocks have different q lists), one per (compute,
   memory) warpgroup pair; each pair streams its own q blocks, as 64-row sub-tiles, from the
   transposed table.
+- Tuning variants (keyword arguments, defaults = the first version): `kv_blocks_per_step=2` puts two
+  kept kv blocks in one 128-row slot (forward; `dq_kv_blocks_per_step` for dQ), `persistent=True`
+  runs one forward CTA per SM over all work items. pallas_kernels/MOSAIC_NOTES.md has the measurements.
 - Ragged lengths cost nothing extra: TMA loads fill out-of-range rows with zeros and TMA stores drop
   them. Out-of-range keys of the last kv block get a large finite negative score (never -inf
   arithmetic); zero-filled padded q rows add exactly zero to dK/dV (their dO and delta are zero).
@@ -367,8 +370,8 @@ def _num_sms():
   return getattr(jax.devices()[0], "core_count", None) or 132  # H100 SXM when not on a GPU
 
 
-def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages=4,
-            kv_blocks_per_step=1, persistent=False, interpret=False):
+def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages=2,
+            kv_blocks_per_step=2, persistent=True, interpret=False):
   """Block-sparse attention forward.
 
   q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, heads, dim]; bf16 or fp16, dim 64 or 128.
@@ -378,6 +381,7 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
   half the steps, barriers and softmax rescales). persistent: False, one CTA per (q block, head,
   batch); True, one CTA per SM looping over them; an int, that many CTAs.
   Returns (out [batch, q_len, heads, dim], lse float32 [batch, heads, q_len]).
+  Defaults: the fastest variant of `python -m benchmarks.mosaic_smoke --sweep` on an H100 (MOSAIC_NOTES.md).
   """
   _check_inputs(q, k, v, block_q, block_kv)
   if kv_blocks_per_step not in (1, 2):

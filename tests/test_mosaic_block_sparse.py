@@ -17,12 +17,15 @@ from sparge_jax import mask as mask_lib
 from sparge_jax.reference import masked_attention_reference, token_mask
 import attention_cases as cases
 
-# (batch, q_len, kv_len, heads, head_dim, block_q, dtype): lengths that are not block multiples, one
-# or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs hold two), head dims 64 and 128.
+# (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
+# that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs
+# hold two), head dims 64 and 128; the default kernels, two kv blocks per step (odd and even counts),
+# persistent CTAs running 2 or 3 work items each.
 CASES = [
-    (1, 300, 250, 2, 64, 128, jnp.bfloat16),
-    (2, 130, 180, 1, 128, 128, jnp.float16),
-    (1, 200, 128, 2, 64, 64, jnp.bfloat16),
+    (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
+    (2, 130, 180, 1, 128, 128, jnp.float16, dict(kv_blocks_per_step=2, num_stages=2),
+     dict(dq_kv_blocks_per_step=2, dq_stages=2)),
+    (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2), {}),
 ]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
@@ -75,16 +78,16 @@ def _check_forward(out, lse, q, k, v, mask, block_q):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_and_backward_match_reference(case):
-  *shape, block_q, dtype = case
+  *shape, block_q, dtype, forward_tuning, backward_tuning = case
   q, k, v, d_out, mask = _problem(len(shape) + shape[1], *shape, block_q, dtype)
-  out, lse = _forward(q, k, v, mask, block_q)
+  out, lse = _forward(q, k, v, mask, block_q, **forward_tuning)
   _check_forward(out, lse, q, k, v, mask, block_q)
 
   f32 = lambda x: x.astype(jnp.float32)
   reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
                                                          block_kv=BLOCK_KV)
   _, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q)
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, **backward_tuning)
   for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, pullback(f32(d_out)), (q, k, v)):
     assert grad.shape == x.shape and grad.dtype == x.dtype, name
     assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
@@ -118,14 +121,10 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
     assert cases.rel_err(grad, ref_grad) <= TOL[jnp.float16]
 
 
-# Two kv blocks per step (odd counts mask a repeated block), persistent CTAs (each runs 3 of the 6
-# work items, so Q slots and the K/V ring carry over from item to item), and both.
-FORWARD_VARIANTS = [dict(kv_blocks_per_step=2, num_stages=3), dict(persistent=2, num_stages=2),
-                    dict(persistent=2, kv_blocks_per_step=2, num_stages=2)]
-
-
-@pytest.mark.parametrize("tuning", FORWARD_VARIANTS, ids=str)
-def test_forward_variants_match_reference_without_races(tuning, capsys):
+def test_forward_variants_match_reference_without_races(capsys):
+  """Two kv blocks per step (odd counts mask a repeated block, a full row of 7 blocks reads no index
+  past the table) on persistent CTAs that run 3 of the 6 work items each, so Q slots and the K/V ring
+  carry over from item to item."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
 
   block_q = 128
@@ -137,34 +136,10 @@ def test_forward_variants_match_reference_without_races(tuning, capsys):
   assert {0, 7} <= counts and any(c % 2 == 0 and c > 2 for c in counts), counts
 
   out, lse = _forward(q, k, v, mask, block_q, interpret=plgpu.InterpretGPUParams(detect_races=True),
-                      **tuning)
+                      persistent=2, kv_blocks_per_step=2, num_stages=2)
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out
   _check_forward(out, lse, q, k, v, mask, block_q)
-
-
-def test_dq_with_two_kv_blocks_per_step_matches_reference(capsys):
-  """Odd and even counts, a full row of 7 blocks, ring slots reused; under race detection."""
-  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
-
-  block_q = 128
-  q, k, v, d_out = cases.random_qkv(12, 1, 300, 440, 1, 64, jnp.float16)
-  mask = cases.random_mask(12, 1, 1, 3, 7, 0.6).at[0, 0, 0].set(True)
-  (kv_index, kv_count), _ = mask_lib.index_tables(mask)
-  counts = np.asarray(kv_count).ravel()
-  assert 7 in counts and np.any((counts % 2 == 0) & (counts > 2)), counts
-  f32 = lambda x: x.astype(jnp.float32)
-  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
-                                                         block_kv=BLOCK_KV)
-  ref_out, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
-  ref_lse = _reference_lse(q, k, mask, block_q, q.shape[-1] ** -0.5)
-
-  dq, _, _ = _backward(q, k, v, ref_out.astype(q.dtype), ref_lse, d_out, mask, block_q,
-                       interpret=plgpu.InterpretGPUParams(detect_races=True), dq_stages=2,
-                       dq_kv_blocks_per_step=2)
-  assert "RACE DETECTED" not in capsys.readouterr().out
-  assert dq.shape == q.shape and dq.dtype == q.dtype
-  assert cases.rel_err(dq, pullback(f32(d_out))[0]) <= TOL[jnp.float16]
 
 
 @pytest.mark.parametrize("block_q,head_dim", [(128, 128), (64, 64)])

@@ -34,7 +34,8 @@ def env(tmp_path_factory):
 
 
 def start(args, env, devices=1, code=None):
-    env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    # Unoptimised XLA code: these runs are a few steps each, so compile time dominates.
+    env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"}
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "train.distill", *args]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -264,3 +265,30 @@ def test_two_processes_train_together_like_one(env, tmp_path, one_device):
     np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)
     for a, b in zip(final_params(workdir, 3), final_params(one_device, 3)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_from_a_diffusers_folder(tmp_path):
+    import dataclasses  # noqa: PLC0415
+
+    from flax import nnx  # noqa: PLC0415
+
+    from sparge_jax.models.wan import WanModel, save_diffusers  # noqa: PLC0415
+    from train import sharding  # noqa: PLC0415
+
+    config = PRESETS["tiny"]()
+    teacher_config, _ = distill.model_configs(config)
+    saved = WanModel(teacher_config, rngs=nnx.Rngs(7))
+    save_diffusers(saved, tmp_path / "transformer")
+    mesh = sharding.make_mesh(-1, 1)
+    abstract = nnx.state(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))
+    shardings = sharding.param_shardings(abstract, mesh)
+    params, description = distill.load_teacher(str(tmp_path / "transformer"), teacher_config,
+                                               abstract.to_pure_dict(), shardings, 0, mesh)
+    assert "diffusers weights" in description
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(saved).to_pure_dict())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wider = dataclasses.replace(teacher_config, num_layers=3)
+    abstract = nnx.state(nnx.eval_shape(lambda: WanModel(wider, rngs=nnx.Rngs(0))))
+    with pytest.raises(ValueError, match="the checkpoint has {'num_layers': 2}"):
+        distill.load_teacher(str(tmp_path / "transformer"), wider, abstract.to_pure_dict(),
+                             sharding.param_shardings(abstract, mesh), 0, mesh)

@@ -65,7 +65,7 @@ def init_params(model_config: WanConfig, seed: int, shardings: Any) -> Any:
 
 
 def load_teacher(spec: str, model_config: WanConfig, abstract_params: Any, shardings: Any,
-                 seed: int) -> tuple[Any, str]:
+                 seed: int, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, str]:
     """Teacher params and a description of where they came from (see ``Config.teacher``)."""
     if spec == "random":
         return init_params(model_config, seed, shardings), f"randomly initialised (seed {seed})"
@@ -75,8 +75,16 @@ def load_teacher(spec: str, model_config: WanConfig, abstract_params: Any, shard
     if os.path.isfile(os.path.join(spec, "config.json")) and any(
             f.endswith(".safetensors") for f in os.listdir(spec)):
         from sparge_jax.models.wan import load_diffusers  # noqa: PLC0415 (optional path)
-        model = load_diffusers(spec, config=model_config)
+        model = load_diffusers(spec, dtype=jnp.float32, mesh=mesh, rules=list(sharding.LOGICAL_RULES.items()),
+                               attention=model_config.attention, remat=model_config.remat,
+                               compute_dtype=model_config.compute_dtype)
         params = nnx.state(model).to_pure_dict()
+        expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params)
+        if jax.tree.map(lambda x: (x.shape, x.dtype), params) != expected:
+            differ = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model_config)
+                      if getattr(model.config, f.name) != getattr(model_config, f.name)}
+            raise ValueError(f"--config.teacher={spec!r}: the checkpoint has {differ}, unlike --config.model; "
+                             "pick the matching preset or set model.*")
         return jax.device_put(params, shardings), f"diffusers weights from {spec}"
     target = checkpoint.abstract(abstract_params, shardings)
     return checkpoint.load_params(spec, target), f"student of checkpoint {checkpoint.find_params(spec)}"
@@ -218,7 +226,7 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
         teacher = pretrain_teacher(config, workdir, progress)
     checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     teacher_params, teacher_source = load_teacher(teacher, teacher_config, abstract_params,
-                                                  param_shardings, config.seed)
+                                                  param_shardings, config.seed, mesh)
     if config.pretrains_teacher:
         teacher_source = (f"randomly initialised, then pretrained for {config.pretrain_teacher.steps} steps "
                           f"with the diffusion loss ({teacher})")
@@ -399,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--workdir is required with several processes (they must share it)")
         workdir = flags["workdir"] or default_workdir(config)
         summary = train(config, workdir)
+    except cli.HelpRequested as e:
+        print(f"{__doc__}\n{e}")
+        return 0
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                                         seed=flags["seed"])
         manifest = write_dataset(flags["out"], tqdm(examples, total=n, unit="video"),
                                  examples_per_shard=flags["examples_per_shard"])
+    except cli.HelpRequested as e:
+        print(f"{__doc__}\n{e}")
+        return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

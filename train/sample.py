@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher, student, teacher_source = sample_pair(
             config, workdir, num_videos=flags["num_videos"], num_steps=flags["num_steps"], shift=flags["shift"],
             seed=flags["seed"])
+    except cli.HelpRequested as e:
+        print(f"{__doc__}\n{e}")
+        return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -64,7 +64,7 @@ class Config:
     teacher: "random" (freshly initialised from ``seed``; only sensible for toy runs), a diffusers
       Wan transformer folder (``config.json`` + safetensors), or one of our workdirs / checkpoint
       directories (its student becomes the teacher).
-    attention: the student's self-attention (the teacher is always dense).
+    attention: the student's self-attention (the teacher is always dense; ``model.attention`` is unused).
     loss: "distill" = mean (u_student - u_teacher)^2 on the same x_t, t, text;
       "diffusion" = mean (u_student - (noise - x0))^2, no teacher.
     batch_size: global, over all devices and processes.

@@ -90,6 +90,8 @@ def parse(argv: Sequence[str], presets: dict[str, Callable[[], Any]], default: s
     """
     preset, overrides, values = default, [], dict(flags)
     args = list(argv)
+    if "-h" in args or "--help" in args:
+        raise HelpRequested(help_text(presets, default, flags))
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
@@ -116,6 +118,30 @@ def parse(argv: Sequence[str], presets: dict[str, Callable[[], Any]], default: s
     for dotted, value in overrides:
         config = override(config, dotted, value)
     return config, values
+
+
+class HelpRequested(Exception):
+    """Raised by ``parse`` for -h/--help; its message is the help text."""
+
+
+def help_text(presets: dict[str, Callable[[], Any]], default: str, flags: dict[str, Any]) -> str:
+    lines = []
+
+    def walk(node, prefix):
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{field.name}.")
+            else:
+                lines.append(f"    --config.{prefix}{field.name}={value!r}")
+
+    config = presets[default]()
+    if dataclasses.is_dataclass(config):
+        lines += [f"--config NAME     one of {sorted(presets)} (default {default})",
+                  "--config.FIELD=VALUE   override a field; the fields and their values in the default preset:"]
+        walk(config, "")
+    lines += [f"--{name}" + (f" (default {value!r})" if value is not None else "") for name, value in flags.items()]
+    return "\n".join(lines)
 
 
 def _is_number(text: str) -> bool:
