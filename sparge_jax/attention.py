@@ -260,13 +260,15 @@ def sparse_attention(q, k, v, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128
 
 
 def dense_attention(q, k, v, *, scale=None):
-  """Full attention: cuDNN flash attention on GPU for bf16/fp16, XLA otherwise.
+  """Full attention: cuDNN flash attention on Ampere+ GPUs for bf16/fp16, XLA otherwise.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
   """
   _check_qkv(q, k, v)
   _check_scale(scale)
   head_dim = q.shape[-1]
-  cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+  # cuDNN flash attention needs Ampere or newer (a T4 falls back to XLA).
+  ampere = _on_gpu() and float(getattr(jax.devices()[0], "compute_capability", "0")) >= 8.0
+  cudnn = ampere and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
   return jax.nn.dot_product_attention(q, k, v, scale=_default_scale(scale, head_dim),
                                       implementation="cudnn" if cudnn else "xla")

@@ -1,5 +1,11 @@
-import jax
-import pytest
+import os
+
+# CPU test time is mostly XLA compilation; cheap code generation nearly halves it and changes no result the
+# tests assert (they compare against references with tolerances, or two runs under the same flags).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
