@@ -1,7 +1,7 @@
 """Mask rules at equal sparsity (the paper's Table 1): Top-k, Top-p and their union.
 
     python -m experiments.mask_rules                     # constructed near-uniform and skewed attention
-    python -m experiments.mask_rules --sparsity 0.8 0.9 0.95 --seq-len 8192
+    python -m experiments.mask_rules --sparsity 0.8 0.9 0.95 --seq-len 10240
 
 For each attention distribution and target sparsity, every rule's parameter is tuned (bisection on the
 mean realized sparsity) so the three rules skip the same share of blocks; then the relative L1 error of the
@@ -9,10 +9,11 @@ attention output, Σ|o − o_ref| / Σ|o_ref| in float32, is measured against de
 `docs/results/mask_rules.json` and a plot `docs/figures/mask_rules.png`.
 
 Distributions (q, k, v: [1, seq, heads, 64]):
-- near-uniform: small random logits, so every row of P̄ is nearly flat (Top-k alone misses mass);
-- skewed: an attention sink (the first kv block's keys aligned with every query) plus local structure
-  (neighbouring tokens share a component), so one block eats most of the mass (Top-p alone spends its
-  budget there).
+- near-uniform: logits scaled down by a per-query factor in [0.05, 0.5], so rows of P̄ are flat to
+  different degrees (a fixed Top-k misses mass in the flattest rows);
+- skewed: an attention sink (the first kv block's keys aligned with every query), so one block eats most of
+  the mass (Top-p alone spends its budget there).
+Both share local structure (neighbouring tokens share a slowly varying component) and smooth values.
 """
 
 from __future__ import annotations
@@ -34,20 +35,22 @@ HEAD_DIM = 64
 
 
 def constructed_qkv(kind: str, *, seq_len: int, heads: int, seed: int = 0):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
   shape = (1, seq_len, heads, HEAD_DIM)
   q, k, v = (jax.random.normal(key, shape) for key in keys[:3])
+  # Local structure, as in video tokens: a slowly varying component shared along the sequence. Values
+  # vary smoothly too, so the exact output is far from zero and relative errors mean something.
+  walk = lambda key: jnp.cumsum(jax.random.normal(key, shape) * 0.25, axis=1) / seq_len ** 0.25
+  q, k, v = q + walk(keys[3]), k + walk(keys[3]), 0.5 * v + walk(keys[4])
   if kind == "near-uniform":
-    return 0.3 * q, 0.3 * k, v
+    # Flat rows of varying flatness: each query's logits are scaled by a factor in [0.05, 0.5].
+    temperature = 0.05 + 0.45 * jax.random.uniform(keys[5], (1, seq_len, heads, 1))
+    return q * temperature, k * 0.5, v
   if kind == "skewed":
-    # Local structure: a slowly varying shared component along the sequence.
-    walk = jnp.cumsum(jax.random.normal(keys[3], shape) * 0.25, axis=1)
-    q, k = q + walk, k + walk
     # Sink: the first 64 keys point along the mean query direction.
     direction = jnp.mean(q, axis=1, keepdims=True)
     direction = direction / jnp.linalg.norm(direction, axis=-1, keepdims=True)
-    k = k.at[:, :64].add(6.0 * direction)
-    return q, k, v
+    return q, k.at[:, :64].add(6.0 * direction), v
   raise ValueError(f"kind must be 'near-uniform' or 'skewed', got {kind!r}")
 
 
@@ -127,7 +130,7 @@ def plot(rows, path):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--seq-len", type=int, default=4096)
+  parser.add_argument("--seq-len", type=int, default=5120, help="5,120 = 80 kv blocks: Top-k counts are exact at 0.8, 0.9, 0.95")
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--sparsity", type=float, nargs="+", default=[0.8, 0.9, 0.95])
   parser.add_argument("--block-q", type=int, default=128)
