@@ -150,7 +150,8 @@ def benchmark(config, args) -> dict:
             "sparsity": float(np.mean(sparsity)),
             "step_ms_all": [1e3 * t for t in t_step],
         }
-        del state, params, opt_state
+        state.clear()  # free this student before the next one is built
+        params = opt_state = None
     results["speedup_step"] = results["dense"]["step_ms"] / results["sparse"]["step_ms"]
     results["speedup_student_fwd_bwd"] = results["dense"]["student_fwd_bwd_ms"] / results["sparse"]["student_fwd_bwd_ms"]
     results["tokens_per_step"] = tokens

@@ -19,7 +19,8 @@ Hopper specifics (the design follows jax's `attention_mgpu.py`, FlashAttention-3
   transposed table.
 - Tuning variants (keyword arguments, defaults = the first version): `kv_blocks_per_step=2` puts two
   kept kv blocks in one 128-row slot (forward; `dq_kv_blocks_per_step` for dQ), `persistent=True`
-  runs one forward CTA per SM over all work items. pallas_kernels/MOSAIC_NOTES.md has the measurements.
+  runs one forward CTA per SM over all work items (`dq_persistent`, `dkv_persistent` for the backward
+  kernels). pallas_kernels/MOSAIC_NOTES.md has the measurements.
 - Ragged lengths cost nothing extra: TMA loads fill out-of-range rows with zeros and TMA stores drop
   them. Out-of-range keys of the last kv block get a large finite negative score (never -inf
   arithmetic); zero-filled padded q rows add exactly zero to dK/dV (their dO and delta are zero).
@@ -370,6 +371,17 @@ def _num_sms():
   return getattr(jax.devices()[0], "core_count", None) or 132  # H100 SXM when not on a GPU
 
 
+def _persistent_ctas(persistent, name, max_ctas):
+  """persistent (False, True or a number of CTAs) -> None (one CTA per work item) or the CTA count."""
+  if isinstance(persistent, bool) or persistent is None:
+    ctas = _num_sms() if persistent else None
+  elif isinstance(persistent, int) and persistent > 0:
+    ctas = persistent
+  else:
+    raise ValueError(f"{name}: a bool or a positive number of CTAs, got {persistent!r}")
+  return None if ctas is None else min(ctas, max_ctas)
+
+
 def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages=2,
             kv_blocks_per_step=2, persistent=True, interpret=False):
   """Block-sparse attention forward.
@@ -386,14 +398,7 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
   _check_inputs(q, k, v, block_q, block_kv)
   if kv_blocks_per_step not in (1, 2):
     raise ValueError(f"kv_blocks_per_step: 1 or 2, got {kv_blocks_per_step}")
-  if isinstance(persistent, bool) or persistent is None:
-    ctas = _num_sms() if persistent else None
-  elif isinstance(persistent, int) and persistent > 0:
-    ctas = persistent
-  else:
-    raise ValueError(f"persistent: a bool or a positive number of CTAs, got {persistent!r}")
-  if ctas is not None:
-    ctas = min(ctas, math.prod(kv_block_count.shape))
+  ctas = _persistent_ctas(persistent, "persistent", math.prod(kv_block_count.shape))
   q_slots = 1 if ctas is None else 2
   smem = (q_slots * block_q + 2 * num_stages * kv_blocks_per_step * block_kv) * q.shape[-1] * 2
   if not 1 <= num_stages or smem + _SMEM_OVERHEAD > _SMEM_BYTES:
@@ -454,183 +459,327 @@ def _forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scal
 
 # ---------------------------------------------------------------------------------------- backward
 
+def _work_items(lane, lanes, counts):
+  """Persistent schedule: `lane` of `lanes` runs items lane, lane + lanes, ... of the
+  counts = (blocks, heads, batch) work items, blocks fastest (lanes running at one time share a head).
+
+  Returns (n_items, run): run(body) folds body(i, (block, head, batch), done) over the lane's items
+  from done = 0 (body returns the new done, e.g. pipeline steps so far) and returns the final done.
+  """
+  blocks, heads, batch = counts
+  total = blocks * heads * batch
+  n_items = jnp.where(lane < total, lax.div(total - 1 - lane, lanes) + 1, 0)
+
+  def run(body):
+    def item(i, done):
+      w = i * lanes + lane
+      rest = lax.div(w, blocks)
+      return body(i, (lax.rem(w, blocks), lax.rem(rest, heads), lax.div(rest, heads)), done)
+    return lax.fori_loop(0, n_items, item, 0)
+  return n_items, run
+
+
 def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, k_loaded, v_loaded,
-               k_free, v_free, ds_smem, *, scale, block_kv, kv_per_step, num_stages, compute_wgs,
-               kv_len):
-  q_block, head, batch = (lax.axis_index(a) for a in ("q_blocks", "heads", "batch"))
+               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, row_free, k_loaded,
+               v_loaded, k_free, v_free, ds_smem, *, scale, block_kv, kv_per_step, num_stages,
+               compute_wgs, kv_len, ctas):
+  """One work item is one (q block, head, batch), as in the forward. ctas None: one CTA per item,
+  whose compute warpgroups load their own Q, dO, lse and delta rows. ctas an int: `ctas` persistent
+  CTAs; the memory warpgroup loads each item's rows into one of two slots (freed once the dQ store,
+  staged in the Q slot, has read it) and runs one K/V ring through all the CTA's items, so the next
+  item's rows and first K/V tiles land during this item's last steps and epilogue.
+  """
   wg = lax.axis_index("wg")
-  kv_index = kv_index_ref.at[batch, head, q_block]
-  count = kv_count_ref[batch, head, q_block]
-  steps = _ceil_div(count, kv_per_step)
+  batch_size, heads, n_q_blocks = kv_count_ref.shape
   step_keys = kv_per_step * block_kv
   dtype = q_ref.dtype
   dim = q_ref.shape[-1]
   score_scale = scale * LOG2E
+  persistent = ctas is not None
+  if persistent:
+    n_items, work_items = _work_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
+  else:
+    def work_items(body):
+      return body(0, tuple(lax.axis_index(a) for a in ("q_blocks", "heads", "batch")), 0)
+
+  def row_table(item):
+    q_block, head, batch = item
+    count = kv_count_ref[batch, head, q_block]
+    return kv_index_ref.at[batch, head, q_block], count, _ceil_div(count, kv_per_step)
+
+  def row_slot(i):
+    return lax.rem(i, 2) if persistent else 0
+
+  def row_copies(item, slot, w):
+    """(source, destination) of warpgroup w's Q, dO, lse and delta rows; all arrive on one barrier."""
+    q_block, head, batch = item
+    rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + w * _WG_ROWS, _WG_ROWS)
+    return ((q_ref.at[batch, rows, head], q_smem.at[slot, w]),
+            (do_ref.at[batch, rows, head], do_smem.at[slot, w]),
+            (lse_ref.at[batch, head, rows], lse_smem.at[slot, w]),
+            (delta_ref.at[batch, head, rows], delta_smem.at[slot, w]))
 
   @pl.when(wg < compute_wgs)
   def _compute():
     _rebalance_registers(compute_wgs, compute=True)
-    rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
-    q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-    copies = ((q_ref.at[batch, rows, head], q_tile), (do_ref.at[batch, rows, head], do_tile),
-              (lse_ref.at[batch, head, rows], lse_smem.at[wg]),
-              (delta_ref.at[batch, head, rows], delta_smem.at[wg]))
-    for n, (src, dst) in enumerate(copies):
-      plgpu.copy_gmem_to_smem(src, dst, row_loaded.at[wg * len(copies) + n])
-    for n in range(len(copies)):
-      plgpu.barrier_wait(row_loaded.at[wg * len(copies) + n])
-    lse2 = plgpu.load(lse_smem.at[wg], layout=_ROW) * LOG2E
-    delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
 
-    mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
-                          kv_per_step=kv_per_step)
+    def grad_rows(i, item, done):
+      q_block, head, batch = item
+      kv_index, count, steps = row_table(item)
+      slot = row_slot(i)
+      barrier = row_loaded.at[slot * compute_wgs + wg]
+      if not persistent:  # persistent: the memory warpgroup loaded them ahead of time
+        for src, dst in row_copies(item, slot, wg):
+          plgpu.copy_gmem_to_smem(src, dst, barrier)
+      plgpu.barrier_wait(barrier)
+      q_tile, do_tile = q_smem.at[slot, wg], do_smem.at[slot, wg]
+      lse2 = plgpu.load(lse_smem.at[slot, wg], layout=_ROW) * LOG2E
+      delta = plgpu.load(delta_smem.at[slot, wg], layout=_ROW)
 
-    @pl.when(steps > 0)
-    def _():
-      plgpu.barrier_wait(k_loaded.at[0])
+      mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
+                            kv_per_step=kv_per_step)
 
-    def step(c, dq):
-      slot = lax.rem(c, num_stages)
+      def ring_slot(c):
+        return lax.rem(done + c, num_stages)
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
-        return acc_ref[...]
+      @pl.when(steps > 0)
+      def _():
+        plgpu.barrier_wait(k_loaded.at[ring_slot(0)])
 
-      scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
-      scores = mask_keys(scores * score_scale, c)
-      probs = jnp.exp2(scores - _row_broadcast(lse2, scores.shape))
-      plgpu.barrier_wait(v_loaded.at[slot])
+      def step(c, dq):
+        kv_slot = ring_slot(c)
 
-      def dov(acc_ref):
-        plgpu.wgmma(acc_ref, do_tile, v_smem.at[slot].T)
-        return acc_ref[...]
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_tile, k_smem.at[kv_slot].T)
+          return acc_ref[...]
 
-      d_probs = pl.run_scoped(dov, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
-      plgpu.barrier_arrive(v_free.at[slot])
-      d_scores = probs * (d_probs - _row_broadcast(delta, probs.shape))
+        scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
+        scores = mask_keys(scores * score_scale, c)
+        probs = jnp.exp2(scores - _row_broadcast(lse2, scores.shape))
+        plgpu.barrier_wait(v_loaded.at[kv_slot])
 
-      def wait_next_k():
-        @pl.when(c + 1 < steps)
-        def _():
-          plgpu.barrier_wait(k_loaded.at[lax.rem(c + 1, num_stages)])
+        def dov(acc_ref):
+          plgpu.wgmma(acc_ref, do_tile, v_smem.at[kv_slot].T)
+          return acc_ref[...]
 
-      dq = _mma(dq, d_scores.astype(dtype), k_smem.at[slot],
-                a_smem=None if ds_smem is None else ds_smem.at[wg], while_running=wait_next_k)
-      plgpu.barrier_arrive(k_free.at[slot])
-      return dq
+        d_probs = pl.run_scoped(dov, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[kv_slot])
+        d_scores = probs * (d_probs - _row_broadcast(delta, probs.shape))
 
-    dq = lax.fori_loop(0, steps, step,
-                       plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA))
-    q_tile[...] = (dq * scale).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
-    plgpu.wait_smem_to_gmem(0)
+        def wait_next_k():
+          @pl.when(c + 1 < steps)
+          def _():
+            plgpu.barrier_wait(k_loaded.at[ring_slot(c + 1)])
+
+        dq = _mma(dq, d_scores.astype(dtype), k_smem.at[kv_slot],
+                  a_smem=None if ds_smem is None else ds_smem.at[wg], while_running=wait_next_k)
+        plgpu.barrier_arrive(k_free.at[kv_slot])
+        return dq
+
+      dq = lax.fori_loop(0, steps, step,
+                         plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA))
+      q_tile[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
+      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+      if persistent:  # the row slot is free once the store has read the Q slot
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(row_free.at[slot * compute_wgs + wg])
+      else:
+        plgpu.wait_smem_to_gmem(0)
+      return done + steps
+
+    work_items(grad_rows)
+    if persistent:
+      plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == compute_wgs)
   def _memory():
     _rebalance_registers(compute_wgs, compute=False)
 
-    _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
-               k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages,
-               kv_per_step=kv_per_step)
-    _drain_kv(steps, num_stages, k_free, v_free)
+    def stream(i, item, done):
+      q_block, head, batch = item
+      kv_index, count, steps = row_table(item)
+      if persistent:
+        slot = row_slot(i)
+        for w in range(compute_wgs):
+          barrier = slot * compute_wgs + w
+          pl.when(i >= 2)(lambda: plgpu.barrier_wait(row_free.at[barrier]))  # item i - 2's
+          for src, dst in row_copies(item, slot, w):
+            plgpu.copy_gmem_to_smem(src, dst, row_loaded.at[barrier])
+      _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
+                 k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages,
+                 kv_per_step=kv_per_step, done=done)
+      return done + steps
+
+    _drain_kv(work_items(stream), num_stages, k_free, v_free)
+    if persistent:
+      _drain(n_items, 2, lambda i: [row_free.at[row_slot(i) * compute_wgs + w]
+                                    for w in range(compute_wgs)])
 
 
 def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_loaded,
-                q_loaded, do_loaded, lse_loaded, delta_loaded, q_free, ds_smem,
-                *, scale, block_q, block_kv, num_stages, pairs, kv_len, n_kv_blocks):
-  kv_tile, head, batch = (lax.axis_index(a) for a in ("kv_tiles", "heads", "batch"))
+                kv_free, q_loaded, do_loaded, lse_loaded, delta_loaded, q_free, ds_smem,
+                *, scale, block_q, block_kv, num_stages, pairs, kv_slots, ctas):
+  """One work item is one (kv block, head, batch), run by one (compute, memory) warpgroup pair.
+
+  ctas None: the grid is (kv tiles of `pairs` blocks, heads, batch), one block per pair, and the
+  compute warpgroup loads its own K/V. ctas an int: `ctas` persistent CTAs; pair p of CTA j runs items
+  j·pairs + p, j·pairs + p + ctas·pairs, ... on its own (so the pairs' uneven q counts average out over
+  items instead of the CTA waiting for its slower pair). Its memory warpgroup loads each item's K/V into
+  one of `kv_slots` slots (freed once the dK/dV store, staged there, has read it) and runs one ring of
+  Q/dO sub-tiles through all its items: the next item's first sub-tiles, and with two K/V slots its
+  K/V, land during this item's last steps and epilogue.
+  """
   wg = lax.axis_index("wg")
   pair = lax.rem(wg, pairs)  # warpgroups pair and pair + `pairs` serve one kv block
-  kv_block = kv_tile * pairs + pair
-  exists = kv_block < n_kv_blocks
-  q_index = q_index_ref.at[batch, head, jnp.minimum(kv_block, n_kv_blocks - 1)]
-  count = jnp.where(exists, q_count_ref[batch, head, jnp.minimum(kv_block, n_kv_blocks - 1)], 0)
+  batch_size, heads, n_kv_blocks = q_count_ref.shape
   sub_tiles = block_q // _WG_ROWS  # q blocks stream as 64-row sub-tiles
-  steps = count * sub_tiles
   dtype = q_ref.dtype
   dim = q_ref.shape[-1]
   score_scale = scale * LOG2E
+  persistent = ctas is not None
+  if persistent:
+    n_items, work_items = _work_items(lax.axis_index("ctas") * pairs + pair, ctas * pairs,
+                                      (n_kv_blocks, heads, batch_size))
+    active = True
+  else:
+    kv_tile, head, batch = (lax.axis_index(a) for a in ("kv_tiles", "heads", "batch"))
+    kv_block = kv_tile * pairs + pair
+    active = kv_block < n_kv_blocks
 
-  def stage(t):
-    return pair * num_stages + lax.rem(t, num_stages)
+    def work_items(body):
+      return body(0, (kv_block, head, batch), 0)
 
-  @pl.when((wg < pairs) & exists)
+  def column(item):
+    kv_block, head, batch = item
+    return (q_index_ref.at[batch, head, kv_block], q_count_ref[batch, head, kv_block] * sub_tiles,
+            pl.ds(kv_block * block_kv, block_kv))
+
+  def stage(r):  # ring step r (counted over the pair's items) -> its Q/dO slot
+    return pair * num_stages + lax.rem(r, num_stages)
+
+  def kv_slot(i):
+    return pair * kv_slots + lax.rem(i, kv_slots)
+
+  @pl.when((wg < pairs) & active)
   def _compute():
     plgpu.set_max_registers(232, action="increase")  # 2·232 + 2·24 = 4·128 per CTA
-    keys = pl.ds(kv_block * block_kv, block_kv)
-    k_tile, v_tile = k_smem.at[pair], v_smem.at[pair]
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_tile, kv_loaded.at[2 * pair])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_tile, kv_loaded.at[2 * pair + 1])
-    plgpu.barrier_wait(kv_loaded.at[2 * pair])
-    plgpu.barrier_wait(kv_loaded.at[2 * pair + 1])
-    ds_tile = None if ds_smem is None else ds_smem.at[pair]
 
-    def step(t, carry):
-      dk, dv = carry
-      s = stage(t)
-      q_tile, do_tile = q_smem.at[s], do_smem.at[s]
-      plgpu.barrier_wait(q_loaded.at[s])
+    def grad_keys(i, item, done):
+      _, head, batch = item
+      _, steps, keys = column(item)
+      slot = kv_slot(i)
+      k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+      if not persistent:  # persistent: the memory warpgroup loaded them ahead of time
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_tile, kv_loaded.at[2 * slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_tile, kv_loaded.at[2 * slot + 1])
+      plgpu.barrier_wait(kv_loaded.at[2 * slot])
+      plgpu.barrier_wait(kv_loaded.at[2 * slot + 1])
+      ds_tile = None if ds_smem is None else ds_smem.at[pair]
 
-      def kq(acc_ref):
-        plgpu.wgmma(acc_ref, k_tile, q_tile.T)
-        return acc_ref[...]
+      def step(t, carry):
+        dk, dv = carry
+        s = stage(done + t)
+        q_tile, do_tile = q_smem.at[s], do_smem.at[s]
+        plgpu.barrier_wait(q_loaded.at[s])
 
-      scores_t = pl.run_scoped(kq, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
-      plgpu.barrier_wait(lse_loaded.at[s])
-      lse2 = plgpu.load(lse_smem.at[s], layout=_COL) * LOG2E
-      # Keys past kv_len need no mask: their rows of dK and dV are never stored.
-      probs_t = jnp.exp2(scores_t * score_scale - _col_broadcast(lse2, scores_t.shape))
-      plgpu.barrier_wait(do_loaded.at[s])
-      dv = _mma(dv, probs_t.astype(dtype), do_tile, a_smem=ds_tile)
+        def kq(acc_ref):
+          plgpu.wgmma(acc_ref, k_tile, q_tile.T)
+          return acc_ref[...]
 
-      def vdo(acc_ref):
-        plgpu.wgmma(acc_ref, v_tile, do_tile.T)
-        return acc_ref[...]
+        scores_t = pl.run_scoped(kq, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
+        plgpu.barrier_wait(lse_loaded.at[s])
+        lse2 = plgpu.load(lse_smem.at[s], layout=_COL) * LOG2E
+        # Keys past kv_len need no mask: their rows of dK and dV are never stored.
+        probs_t = jnp.exp2(scores_t * score_scale - _col_broadcast(lse2, scores_t.shape))
+        plgpu.barrier_wait(do_loaded.at[s])
+        dv = _mma(dv, probs_t.astype(dtype), do_tile, a_smem=ds_tile)
 
-      d_probs_t = pl.run_scoped(vdo, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
-      plgpu.barrier_wait(delta_loaded.at[s])
-      delta = plgpu.load(delta_smem.at[s], layout=_COL)
-      d_scores_t = probs_t * (d_probs_t - _col_broadcast(delta, probs_t.shape))
-      dk = _mma(dk, d_scores_t.astype(dtype), q_tile, a_smem=ds_tile)
-      plgpu.barrier_arrive(q_free.at[s])
-      return dk, dv
+        def vdo(acc_ref):
+          plgpu.wgmma(acc_ref, v_tile, do_tile.T)
+          return acc_ref[...]
 
-    zeros = plgpu.layout_cast(jnp.zeros((block_kv, dim), jnp.float32), plgpu.Layout.WGMMA)
-    dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
-    k_tile[...] = (dk * scale).astype(dtype)
-    v_tile[...] = dv.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, head], commit_group=False)
-    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, head], commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-    plgpu.wait_smem_to_gmem(0)
+        d_probs_t = pl.run_scoped(vdo, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
+        plgpu.barrier_wait(delta_loaded.at[s])
+        delta = plgpu.load(delta_smem.at[s], layout=_COL)
+        d_scores_t = probs_t * (d_probs_t - _col_broadcast(delta, probs_t.shape))
+        dk = _mma(dk, d_scores_t.astype(dtype), q_tile, a_smem=ds_tile)
+        plgpu.barrier_arrive(q_free.at[s])
+        return dk, dv
 
-  @pl.when((wg >= pairs) & exists)
+      zeros = plgpu.layout_cast(jnp.zeros((block_kv, dim), jnp.float32), plgpu.Layout.WGMMA)
+      dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
+      k_tile[...] = (dk * scale).astype(dtype)
+      v_tile[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, head], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, head], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      if persistent:  # the K/V slot is free once the stores have read it
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(kv_free.at[slot])
+      else:
+        plgpu.wait_smem_to_gmem(0)
+      return done + steps
+
+    work_items(grad_keys)
+    if persistent:
+      plgpu.wait_smem_to_gmem(0)
+
+  @pl.when((wg >= pairs) & active)
   def _memory():
     plgpu.set_max_registers(24, action="decrease")
 
-    def load(t, wait_free):
-      s = stage(t)
-      rows = pl.ds(q_index[lax.div(t, sub_tiles)] * block_q + lax.rem(t, sub_tiles) * _WG_ROWS,
-                   _WG_ROWS)
-      if wait_free:
-        plgpu.barrier_wait(q_free.at[s])
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[s], q_loaded.at[s])
-      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[s], lse_loaded.at[s])
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[s], do_loaded.at[s])
-      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[s], delta_loaded.at[s])
+    def stream(i, item, done):
+      _, head, batch = item
+      q_index, steps, keys = column(item)
 
-    for t in range(num_stages):
-      pl.when(t < steps)(functools.partial(load, t, False))
+      def load(t, wait_free):
+        s = stage(done + t)
+        rows = pl.ds(q_index[lax.div(t, sub_tiles)] * block_q + lax.rem(t, sub_tiles) * _WG_ROWS,
+                     _WG_ROWS)
+        wait_free(q_free.at[s])
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[s], q_loaded.at[s])
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[s], lse_loaded.at[s])
+        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[s], do_loaded.at[s])
+        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[s], delta_loaded.at[s])
 
-    @pl.loop(num_stages, steps)
-    def _(t):
-      load(t, True)
+      if not persistent:  # the first slots are all free
+        for t in range(num_stages):
+          pl.when(t < steps)(functools.partial(load, t, lambda barrier: None))
 
-    _drain(steps, num_stages, lambda t: (q_free.at[stage(t)],))
+        @pl.loop(num_stages, steps)
+        def _(t):
+          load(t, plgpu.barrier_wait)
+        return steps
+
+      def load_kv():
+        slot = kv_slot(i)
+        pl.when(i >= kv_slots)(lambda: plgpu.barrier_wait(kv_free.at[slot]))  # item i - kv_slots's
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], kv_loaded.at[2 * slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot],
+                                kv_loaded.at[2 * slot + 1])
+
+      def load_ring(t):
+        load(t, lambda barrier: pl.when(done + t >= num_stages)(
+            lambda: plgpu.barrier_wait(barrier)))
+
+      # One K/V slot: it is free only after this item's predecessor has stored its dK/dV, so
+      # first fill the ring with this item's first sub-tiles (their slots are freed earlier).
+      first = jnp.minimum(steps, num_stages)
+      if kv_slots > 1:
+        load_kv()
+      pl.loop(0, first)(load_ring)
+      if kv_slots == 1:
+        load_kv()
+      pl.loop(first, steps)(load_ring)
+      return done + steps
+
+    _drain(work_items(stream), num_stages, lambda r: (q_free.at[stage(r)],))
+    if persistent:
+      _drain(n_items, kv_slots, lambda i: (kv_free.at[kv_slot(i)],))
 
 
 def _pad_rows(x, length):
@@ -638,28 +787,51 @@ def _pad_rows(x, length):
   return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[-1])))
 
 
+def _dkv_kv_slots(dkv_stages, persistent, dim, block_kv, pairs):
+  """K/V slots per pair of the dK/dV kernel: two when persistent and they fit in SMEM with
+  dkv_stages Q/dO sub-tiles, else one; ValueError (naming dkv_stages) if not even one fits."""
+  def smem(kv_slots):
+    return pairs * (kv_slots * 2 * block_kv * dim * 2 + dkv_stages * (2 * _WG_ROWS * dim * 2 + 2 * _WG_ROWS * 4))
+
+  if persistent and smem(2) + _SMEM_OVERHEAD <= _SMEM_BYTES:
+    return 2
+  if dkv_stages < 1 or smem(1) + _SMEM_OVERHEAD > _SMEM_BYTES:
+    raise ValueError(f"dkv_stages: {dkv_stages} at head_dim {dim} needs {smem(1) // 1024} KB of shared "
+                     f"memory; Hopper has {_SMEM_BYTES // 1024} KB")
+  return 1
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "dq_stages", "dkv_stages",
-                                             "dq_kv_blocks_per_step", "interpret"))
+                                             "dq_kv_blocks_per_step", "dq_persistent", "dkv_persistent",
+                                             "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale, dq_stages=3, dkv_stages=2, dq_kv_blocks_per_step=1,
-             interpret=False):
+             *, block_q, block_kv, scale, dq_stages=2, dkv_stages=2, dq_kv_blocks_per_step=1,
+             dq_persistent=True, dkv_persistent=True, interpret=False):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
   dq_stages: K/V slots in flight for dQ; dkv_stages: Q/dO sub-tiles in flight per kv block for dK/dV.
   dq_kv_blocks_per_step 1 or 2: kept kv blocks per dQ step, as the forward's kv_blocks_per_step.
+  dq_persistent, dkv_persistent: as the forward's `persistent` (False, True: one CTA per SM, or a
+  number of CTAs), for the dQ kernel (Q/dO rows double-buffered: dq_stages ≤ 2 at head_dim 128) and
+  the dK/dV kernel (K/V double-buffered where SMEM allows: dkv_stages=1 at head_dim 128).
   """
   _check_inputs(q, k, v, block_q, block_kv)
   if dq_kv_blocks_per_step not in (1, 2):
     raise ValueError(f"dq_kv_blocks_per_step: 1 or 2, got {dq_kv_blocks_per_step}")
-  dq_smem = (2 * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * q.shape[-1] * 2
-  if not 1 <= dq_stages or dq_smem + _SMEM_OVERHEAD > _SMEM_BYTES:
-    raise ValueError(f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
-                     f"head_dim {q.shape[-1]} needs {dq_smem // 1024} KB of shared memory; Hopper has "
-                     f"{_SMEM_BYTES // 1024} KB")
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
   n_q_blocks, n_kv_blocks = kv_block_index.shape[-2:]
+  pairs = 2  # dK/dV: two kv blocks per CTA, each with its own compute and memory warpgroup
+  dq_ctas = _persistent_ctas(dq_persistent, "dq_persistent", batch * heads * n_q_blocks)
+  dkv_ctas = _persistent_ctas(dkv_persistent, "dkv_persistent", pl.cdiv(batch * heads * n_kv_blocks, pairs))
+  row_slots = 1 if dq_ctas is None else 2
+  dq_smem = (2 * row_slots * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * dim * 2
+  if not 1 <= dq_stages or dq_smem + _SMEM_OVERHEAD > _SMEM_BYTES:
+    raise ValueError(f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
+                     f"dq_persistent={dq_persistent}, head_dim {dim} needs {dq_smem // 1024} KB of "
+                     f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB")
+  kv_slots = _dkv_kv_slots(dkv_stages, dkv_ctas is not None, dim, block_kv, pairs)
   padded_len = n_q_blocks * block_q
   # delta_i = Σ_d dO_i·O_i = Σ_j P_ij dP_ij, the softmax-backward correction per query row. lse and
   # delta are zero padded: padded rows (zero q and dO) then add exactly zero to dK and dV.
@@ -669,18 +841,23 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   compiler_params = plgpu.CompilerParams(approx_math=True)
 
   compute_wgs = block_q // _WG_ROWS
+  if dq_ctas is None:
+    dq_grid, dq_grid_names = (n_q_blocks, heads, batch), ("q_blocks", "heads", "batch")
+  else:
+    dq_grid, dq_grid_names = (dq_ctas,), ("ctas",)
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, kv_per_step=dq_kv_blocks_per_step,
-                        num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len),
+                        num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=dq_ctas),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          _tiled_smem((compute_wgs, _WG_ROWS, dim), q.dtype),
-          _tiled_smem((compute_wgs, _WG_ROWS, dim), d_out.dtype),
-          plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
-          plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
+          _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
+          _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), d_out.dtype),
+          plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
+          plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
           _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), k.dtype),
           _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), v.dtype),
-          plgpu.Barrier(num_barriers=4 * compute_wgs),
+          plgpu.Barrier(num_arrivals=4, num_barriers=row_slots * compute_wgs),  # Q, dO, lse, delta
+          plgpu.Barrier(num_barriers=row_slots * compute_wgs) if dq_ctas is not None else None,
           plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
           plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
           plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
@@ -688,8 +865,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
           _tiled_smem((compute_wgs, _WG_ROWS, dq_kv_blocks_per_step * block_kv), q.dtype)
           if interpret_params else None,
       ],
-      grid=(n_q_blocks, heads, batch),
-      grid_names=("q_blocks", "heads", "batch"),
+      grid=dq_grid,
+      grid_names=dq_grid_names,
       num_threads=compute_wgs + 1,
       thread_name="wg",
       compiler_params=compiler_params,
@@ -697,20 +874,24 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
       kernel_name="mosaic_block_sparse_dq",
   )(kv_block_index, kv_block_count, q, k, v, d_out, lse, delta)
 
-  pairs = 2  # two kv blocks per CTA, each with its own compute and memory warpgroup
   stages = pairs * dkv_stages
+  if dkv_ctas is None:
+    dkv_grid, dkv_grid_names = (pl.cdiv(n_kv_blocks, pairs), heads, batch), ("kv_tiles", "heads", "batch")
+  else:
+    dkv_grid, dkv_grid_names = (dkv_ctas,), ("ctas",)
   dk, dv = plgpu.kernel(
       functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_kv=block_kv,
-                        num_stages=dkv_stages, pairs=pairs, kv_len=kv_len, n_kv_blocks=n_kv_blocks),
+                        num_stages=dkv_stages, pairs=pairs, kv_slots=kv_slots, ctas=dkv_ctas),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
-          _tiled_smem((pairs, block_kv, dim), k.dtype),
-          _tiled_smem((pairs, block_kv, dim), v.dtype),
+          _tiled_smem((pairs * kv_slots, block_kv, dim), k.dtype),
+          _tiled_smem((pairs * kv_slots, block_kv, dim), v.dtype),
           _tiled_smem((stages, _WG_ROWS, dim), q.dtype),
           _tiled_smem((stages, _WG_ROWS, dim), d_out.dtype),
           plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
           plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=2 * pairs),
+          plgpu.Barrier(num_barriers=2 * pairs * kv_slots),
+          plgpu.Barrier(num_barriers=pairs * kv_slots) if dkv_ctas is not None else None,
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
@@ -718,8 +899,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
           plgpu.Barrier(num_barriers=stages),
           _tiled_smem((pairs, block_kv, _WG_ROWS), q.dtype) if interpret_params else None,
       ],
-      grid=(pl.cdiv(n_kv_blocks, pairs), heads, batch),
-      grid_names=("kv_tiles", "heads", "batch"),
+      grid=dkv_grid,
+      grid_names=dkv_grid_names,
       num_threads=2 * pairs,
       thread_name="wg",
       compiler_params=compiler_params,

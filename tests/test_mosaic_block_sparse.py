@@ -20,12 +20,14 @@ import attention_cases as cases
 # (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
 # that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs
 # hold two), head dims 64 and 128; the default kernels, two kv blocks per step (odd and even counts),
-# persistent CTAs running 2 or 3 work items each.
+# persistent CTAs running 2 or 3 work items each; persistent dK/dV with one K/V slot per pair (head_dim
+# 128: 6 items on 4 pairs) and with two (head_dim 64), persistent dQ with one compute warpgroup.
 CASES = [
     (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
     (2, 130, 180, 1, 128, 128, jnp.float16, dict(kv_blocks_per_step=2, num_stages=2),
-     dict(dq_kv_blocks_per_step=2, dq_stages=2)),
-    (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2), {}),
+     dict(dq_kv_blocks_per_step=2, dq_stages=2, dkv_persistent=2)),
+    (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2),
+     dict(dq_persistent=3, dkv_persistent=True)),
 ]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
@@ -142,6 +144,40 @@ def test_forward_variants_match_reference_without_races(capsys):
   _check_forward(out, lse, q, k, v, mask, block_q)
 
 
+def test_persistent_backward_matches_reference_without_races(capsys):
+  """Persistent dQ (2 CTAs: 3 of the 6 q-block items each, two compute warpgroups) and dK/dV (3 CTAs,
+  6 pairs: 2 or 3 of the 16 kv-block items each, two K/V slots), so row slots, K/V slots and both rings
+  carry over from item to item; lengths multiples of 8 but not of the blocks, an empty q row (dQ = 0)
+  and an empty kv column (dK = dV = 0), odd and even counts, under race detection."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
+
+  block_q = 128
+  q, k, v, d_out, mask = _problem(5, 1, 328, 456, 2, 64, block_q, jnp.float16)  # 3 q, 8 kv blocks
+  mask = mask.at[0, 1, :, 2].set(False)
+  (kv_index, kv_count), (q_index, q_count) = mask_lib.index_tables(mask)
+  assert int(kv_count.min()) == 0 and int(q_count.min()) == 0
+  assert np.any(np.asarray(kv_count) % 2 == 1) and np.any(np.asarray(q_count) % 2 == 1)
+  assert int(kv_count.max()) > 2 and int(q_count.max()) * (block_q // 64) > 2  # rings wrap around
+  out, lse = _forward(q, k, v, mask, block_q)
+
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q,
+                    interpret=plgpu.InterpretGPUParams(detect_races=True), dq_persistent=2,
+                    dq_stages=2, dkv_persistent=3)
+  assert not get_races().races_found  # the dK/dV kernel, the last one run
+  assert "RACE DETECTED" not in capsys.readouterr().out  # both kernels
+
+  f32 = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
+                                                         block_kv=BLOCK_KV)
+  _, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, pullback(f32(d_out))):
+    assert cases.rel_err(grad, ref_grad) <= TOL[jnp.float16], name
+  dq, dk, dv = (np.asarray(g, np.float32) for g in grads)
+  np.testing.assert_array_equal(dq[0, block_q:2 * block_q, 0], 0.0)
+  np.testing.assert_array_equal(dk[0, 2 * BLOCK_KV:3 * BLOCK_KV, 1], 0.0)
+  np.testing.assert_array_equal(dv[0, 2 * BLOCK_KV:3 * BLOCK_KV, 1], 0.0)
+
+
 @pytest.mark.parametrize("block_q,head_dim", [(128, 128), (64, 64)])
 def test_kernels_lower_for_hopper(block_q, head_dim):
   """The Mosaic GPU lowering (layouts, wgmma and TMA shapes) runs without a GPU: export for CUDA."""
@@ -163,10 +199,13 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
     variant = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning),
                      x, x, x, table(n_q, n_kv), count(n_q))
     assert variant.count("mosaic_gpu") >= 1, tuning
-  backward = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks, dq_stages=2,
-                                                            dq_kv_blocks_per_step=2),
-                    x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
-  assert backward.count("mosaic_gpu") >= 2
+  for tuning in (dict(dq_stages=2, dq_kv_blocks_per_step=2),
+                 dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
+                 dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1,
+                      dkv_persistent=True)):  # two K/V slots
+    variant = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
+                     x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+    assert variant.count("mosaic_gpu") >= 2, tuning
 
 
 @pytest.mark.parametrize("change,message", [
@@ -191,3 +230,16 @@ def test_rejects_forward_variants_that_do_not_exist(tuning, message):
   q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   with pytest.raises(ValueError, match=message):
     _forward(q, k, v, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
+
+
+@pytest.mark.parametrize("tuning,message", [
+    (dict(dkv_persistent=0), "dkv_persistent"),
+    (dict(dq_persistent=-1), "dq_persistent"),
+    (dict(dkv_stages=3), "dkv_stages"),  # 256 KB of SMEM at head_dim 128
+    (dict(dq_stages=3, dq_persistent=True), "dq_stages"),  # two row slots: 224 KB + overhead
+])
+def test_rejects_backward_variants_that_do_not_exist(tuning, message):
+  q, k, v, d_out = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
+  lse = jnp.zeros((1, 1, 128), jnp.float32)
+  with pytest.raises(ValueError, match=message):
+    _backward(q, k, v, q, lse, d_out, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
