@@ -20,12 +20,14 @@ import attention_cases as cases
 # (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
 # that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs
 # hold two), head dims 64 and 128; the default kernels, two kv blocks per step (odd and even counts),
-# persistent CTAs running 2 or 3 work items each; persistent dK/dV with one K/V slot per pair (head_dim
+# persistent CTAs running 2 or 3 work items each; v1 (one CTA per tile, no persistence); persistent dK/dV with one K/V slot per pair (head_dim
 # 128: 6 items on 4 pairs) and with two (head_dim 64), persistent dQ with one compute warpgroup.
 CASES = [
     (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
-    (2, 130, 180, 1, 128, 128, jnp.float16, dict(kv_blocks_per_step=2, num_stages=2),
-     dict(dq_kv_blocks_per_step=2, dq_stages=2, dkv_persistent=2)),
+    (1, 136, 200, 1, 64, 128, jnp.bfloat16, dict(persistent=False, kv_blocks_per_step=1, num_stages=4),
+     dict(dq_persistent=False, dkv_persistent=False, dq_stages=3)),  # v1: one CTA per tile
+    (2, 130, 180, 1, 128, 128, jnp.float16, dict(kv_blocks_per_step=2, num_stages=2, persistent=False),
+     dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2)),
     (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2),
      dict(dq_persistent=3, dkv_persistent=True)),
 ]
@@ -199,7 +201,8 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
     variant = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning),
                      x, x, x, table(n_q, n_kv), count(n_q))
     assert variant.count("mosaic_gpu") >= 1, tuning
-  for tuning in (dict(dq_stages=2, dq_kv_blocks_per_step=2),
+  for tuning in (dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
+                 dict(dq_stages=3, dq_persistent=False, dkv_persistent=False),  # v1
                  dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
                  dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1,
                       dkv_persistent=True)):  # two K/V slots
