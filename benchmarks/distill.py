@@ -13,7 +13,8 @@ that matches a frozen dense teacher) with random weights, and times, each as the
 - ``student_fwd_bwd``: the student's loss and gradient alone;
 
 once with a sparse and once with a dense student, in the same process. The batch is split over a
-``(data=1, fsdp=N)`` mesh of all devices (FSDP); the default batch is one video per device.
+``(data=1, fsdp=N)`` mesh of all devices (FSDP); the default batch is one video per device, and each
+device attends over its own videos only (``WanConfig.batch_axes``, as in the trainer).
 The default mask is Top-k 5% (``--mode topk``), which pins sparsity near 95% whatever the random
 weights do; the realised sparsity is recorded. Writes ``benchmarks/results/distill-<device>.json``.
 """
@@ -91,7 +92,8 @@ def timed(fn, warmup: int, steps: int) -> list[float]:
 
 def benchmark(config, args) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    teacher_config, sparse_config = distill.model_configs(config)
+    # As in the trainer: each device attends over its own videos (WanConfig.batch_axes, sharding.on_mesh).
+    teacher_config, sparse_config = distill.model_configs(config, batch_axes=sharding.BATCH_AXES)
     dense_config = dataclasses.replace(sparse_config, attention=AttentionConfig(kind="dense"))
     abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))[1]
     param_shardings = sharding.param_shardings(abstract, mesh)
@@ -117,8 +119,8 @@ def benchmark(config, args) -> dict:
     results = {}
 
     dtype = teacher_config.compute_dtype
-    teacher_forward = jax.jit(lambda tp, b: nnx.merge(graphdef["teacher"], tp)(
-        b["latents"].astype(dtype), jnp.full((config.batch_size,), 500.0), b["context"].astype(dtype)))
+    teacher_forward = sharding.on_mesh(jax.jit(lambda tp, b: nnx.merge(graphdef["teacher"], tp)(
+        b["latents"].astype(dtype), jnp.full((config.batch_size,), 500.0), b["context"].astype(dtype))), mesh)
     results["teacher_forward_ms"] = 1e3 * float(np.median(timed(
         lambda: teacher_forward(teacher_params, batch).block_until_ready(), args.warmup, args.steps)))
 
@@ -130,9 +132,10 @@ def benchmark(config, args) -> dict:
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
         distill_loss = distill.make_loss_fn(run_config, graphdef["teacher"], graphdef[name])
         student_loss = distill.make_loss_fn(dataclasses.replace(run_config, loss="diffusion"), None, graphdef[name])
-        fwd_bwd = jax.jit(jax.value_and_grad(lambda p, b, k: student_loss(p, None, b, k), has_aux=True))
-        step = distill.make_train_step(distill_loss, optimizer, param_shardings, opt_shardings, teacher_shardings,
-                                       batch_sharding, replicated)
+        fwd_bwd = sharding.on_mesh(
+            jax.jit(jax.value_and_grad(lambda p, b, k: student_loss(p, None, b, k), has_aux=True)), mesh)
+        step = sharding.on_mesh(distill.make_train_step(distill_loss, optimizer, param_shardings, opt_shardings,
+                                                        teacher_shardings, batch_sharding, replicated), mesh)
         (_, sparsity), _ = fwd_bwd(params, batch, key)
         t_student = timed(lambda: jax.block_until_ready(fwd_bwd(params, batch, key)), args.warmup, args.steps)
         state = {"params": params, "opt_state": opt_state}
@@ -178,6 +181,7 @@ def main(argv=None) -> None:
             "tokens_per_video": results["tokens_per_step"] // config.batch_size,
             "attention": dataclasses.asdict(config.attention), "remat": config.model.remat,
             "compute_dtype": config.compute_dtype, "mesh": {"data": 1, "fsdp": jax.device_count()},
+            "batch_axes": list(sharding.BATCH_AXES),
             "steps": args.steps, "warmup": args.warmup,
         },
         **results,

@@ -16,3 +16,46 @@ def test_mask_rules_tunes_rules_to_equal_sparsity(tmp_path):
     assert abs(row["sparsity"] - 0.9) < 0.02  # 20 kv blocks: Top-k keeps exactly 2
     assert 0.0 < row["rel_l1"] < 1.0
   assert figure.stat().st_size > 10_000
+
+
+TINY = ["--config.model.num_layers=1", "--config.model.num_attention_heads=2", "--config.model.attention_head_dim=16",
+        "--config.model.ffn_dim=32", "--config.model.text_dim=8", "--config.model.freq_dim=16",
+        "--config.data.frames=2", "--config.data.height=16", "--config.data.width=32", "--config.data.text_len=4",
+        "--config.batch_size=2", "--config.warmup_steps=0", "--config.steps=2"]
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+  import numpy as np
+  from experiments.evaluation import ssim
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(2, 16, 16, 3)).cumsum(axis=1)
+  assert abs(ssim(image, image) - 1.0) < 1e-9
+  slightly, very = image + 0.1 * rng.normal(size=image.shape), image + 3.0 * rng.normal(size=image.shape)
+  assert 0.0 < ssim(image, very) < ssim(image, slightly) < 1.0
+
+
+def test_pipeline_runs_end_to_end_at_tiny_size(tmp_path):
+  from experiments import concentration, finetune, report, train_teacher
+  teacher, data, runs, results = tmp_path / "teacher", tmp_path / "data", tmp_path / "ft", tmp_path / "results"
+  common = ["--teacher", str(teacher)]
+  assert train_teacher.main(["--workdir", str(teacher), "--data_dir", str(data), "--num_examples", "8",
+                             "--num_videos", "2", "--num_steps", "2", *TINY]) == 0
+  assert (teacher / "samples.gif").stat().st_size > 1000
+  assert finetune.main([*common, "--workdir", str(runs), "--data_dir", str(data), "--seeds", "1", "--steps", "1",
+                        "--sparsities", "0.5", "--eval_examples", "2", "--sample_videos", "1", "--sample_steps", "2",
+                        "--block_q", "32", "--block_kv", "16", "--out", str(results / "finetune.json")]) == 0
+  out = json.loads((results / "finetune.json").read_text())
+  assert {r["condition"] for r in out["summary"]} == set(finetune.CONDITIONS) | {"full+diffusion-unlike"}
+  for row in out["runs"]:
+    assert row["velocity_mse"] >= 0 and -1 <= row["ssim"] <= 1 and 0 <= row["sparsity"] < 1
+    if row["condition"] != "full+diffusion-unlike":
+      assert row["attn_l1"] > 0 and row["sparsity"] > 0  # 16 kv blocks: a 50% mask skips some
+  assert concentration.main([*common, "--finetune", str(runs), "--eval_examples", "2", "--times", "0.5",
+                             "--block_q", "32", "--block_kv", "16", "--out", str(results / "concentration.json")]) == 0
+  rows = json.loads((results / "concentration.json").read_text())["rows"]
+  assert rows[0]["model"] == "teacher" and len(rows) == 2
+  assert all(0 < r["blocks_needed"] <= 1 and 0 <= r["rel_l1"] < 1 for r in rows)
+  assert report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md"),
+                      "--figures", str(tmp_path / "figures")]) == 0
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "distill-hybrid" in text and "Not run yet (`python -m experiments.mask_rules`)" in text

@@ -46,10 +46,14 @@ class NonFiniteLoss(FloatingPointError):
 # ----------------------------------------------------------------------------- model setup
 
 
-def model_configs(config: Config) -> tuple[WanConfig, WanConfig]:
-    """(teacher, student) model configs: same architecture, dense vs ``config.attention``."""
+def model_configs(config: Config, *, batch_axes: tuple[str, ...] = ()) -> tuple[WanConfig, WanConfig]:
+    """(teacher, student) model configs: same architecture, dense vs ``config.attention``.
+
+    batch_axes: the mesh axes that split the batch (``WanConfig.batch_axes``); the models must then
+    be traced under ``jax.set_mesh``. The trainer passes ``sharding.BATCH_AXES``.
+    """
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-    base = dataclasses.replace(config.model, compute_dtype=dtype, param_dtype=jnp.float32)
+    base = dataclasses.replace(config.model, compute_dtype=dtype, param_dtype=jnp.float32, batch_axes=batch_axes)
     return (dataclasses.replace(base, attention=AttentionConfig(kind="dense")),
             dataclasses.replace(base, attention=config.attention))
 
@@ -77,7 +81,7 @@ def load_teacher(spec: str, model_config: WanConfig, abstract_params: Any, shard
         from sparge_jax.models.wan import load_diffusers  # noqa: PLC0415 (optional path)
         model = load_diffusers(spec, dtype=jnp.float32, mesh=mesh, rules=list(sharding.LOGICAL_RULES.items()),
                                attention=model_config.attention, remat=model_config.remat,
-                               compute_dtype=model_config.compute_dtype)
+                               compute_dtype=model_config.compute_dtype, batch_axes=model_config.batch_axes)
         params = nnx.state(model).to_pure_dict()
         expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params)
         if jax.tree.map(lambda x: (x.shape, x.dtype), params) != expected:
@@ -208,7 +212,7 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
     if config.batch_size % mesh.size:
         raise ValueError(f"--config.batch_size={config.batch_size}: must be a multiple of the device count "
                          f"({mesh.size}), the batch is split over all devices")
-    teacher_config, student_config = model_configs(config)
+    teacher_config, student_config = model_configs(config, batch_axes=sharding.BATCH_AXES)
     source = make_source(config, student_config)
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     loader = Loader(source, batch_size=config.batch_size, seed=config.seed, shuffle=config.data.shuffle,
@@ -259,12 +263,13 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
         _write_json_atomically(os.path.join(workdir, "config.json"), to_dict(config))
 
     loss_fn = make_loss_fn(config, teacher_graphdef, student_graphdef)
-    train_step = make_train_step(loss_fn, optimizer, param_shardings, opt_shardings, teacher_shardings,
-                                 batch_sharding, replicated)
+    # The models split attention over the batch axes of the context mesh (WanConfig.batch_axes).
+    train_step = sharding.on_mesh(make_train_step(loss_fn, optimizer, param_shardings, opt_shardings,
+                                                  teacher_shardings, batch_sharding, replicated), mesh)
     global_batch = functools.partial(sharding.global_batch, sharding=batch_sharding, batch_size=config.batch_size)
     # Fixed batches, t and noise, so "before" and "after" compare the same thing.
     eval_batches = [global_batch(loader.batch(i * config.batch_size)) for i in range(EVAL_BATCHES)]
-    eval_loss = jax.jit(lambda p, tp, b, k: loss_fn(p, tp, b, k)[0])
+    eval_loss = sharding.on_mesh(jax.jit(lambda p, tp, b, k: loss_fn(p, tp, b, k)[0]), mesh)
 
     def evaluate(params):
         return float(np.mean([eval_loss(params, teacher_params, b, jax.random.fold_in(eval_key, i))

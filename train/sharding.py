@@ -69,6 +69,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def on_mesh(fn, mesh: Mesh):
+    """``fn`` (a jitted function) called, and so traced, with ``mesh`` as the context mesh, which the
+    models need for ``WanConfig.batch_axes``. Only around the step: under a context mesh nnx would
+    read the parameters' logical names as mesh axes when building a model."""
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
     """The contiguous ``[start, stop)`` rows of a global batch that this process's devices hold."""
     index_map = sharding.addressable_devices_indices_map((batch_size,))

@@ -183,6 +183,7 @@ def validate(config: Config) -> None:
     check(config.data.text_len >= 3, "data.text_len", "must be >= 3")
     check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
     check(config.mesh.fsdp == -1 or config.mesh.fsdp >= 1, "mesh.fsdp", "must be -1 or >= 1")
+    check(not config.model.batch_axes, "model.batch_axes", "is set by the trainer (the batch is split over the mesh)")
     check(config.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
     check(config.log_every >= 1, "log_every", "must be >= 1")

@@ -40,7 +40,7 @@ _ARCHITECTURE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim
 _IMAGE_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 # diffusers builds the same RMS qk-norm whatever this says.
 _IGNORED_FIELDS = ("qk_norm",)
-_RUN_OPTIONS = ("attention", "remat", "compute_dtype")
+_RUN_OPTIONS = ("attention", "remat", "compute_dtype", "batch_axes")
 
 
 # Layouts: how a diffusers (torch) tensor becomes a model parameter.
@@ -198,7 +198,8 @@ def load_diffusers(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.shar
 
   mesh: place each parameter sharded over it, by the logical axis names of the model docstring
     mapped through `rules` (pairs like ("embed", "fsdp"); names without a rule are replicated).
-  overrides: run options - `attention` (AttentionConfig), `remat`, `compute_dtype` (default `dtype`).
+  overrides: run options - `attention` (AttentionConfig), `remat`, `compute_dtype` (default `dtype`),
+    `batch_axes`.
   """
   folder = Path(path)
   if not folder.is_dir() or not (folder / CONFIG_NAME).is_file():

@@ -15,6 +15,14 @@ Layers. The blocks' parameters are stacked on a leading `layers` axis (built wit
 forward runs them with `nnx.scan`, so 30-40 layers compile once; `config.remat` rematerialises each
 block in the backward pass.
 
+Data parallelism over a mesh. The attention kernels (Pallas custom calls, cuDNN) are opaque to XLA's
+sharding propagation, and with FSDP-sharded weights it otherwise prefers to split the model width and
+replicate the batch, so every device would attend over the whole global batch. `config.batch_axes`
+names the mesh axes that split the batch (e.g. `("data", "fsdp")`); the model then pins the residual
+stream to batch sharding and runs each attention under `jax.shard_map` on its own examples. It needs
+the mesh as context (`with jax.set_mesh(mesh):` around tracing); it is a run option, so weights load
+and save the same with or without it, and on a one-device mesh it changes nothing.
+
 Logical axis names (`nnx.with_partitioning`; no eager sharding, so building a model needs no mesh).
 Map them to mesh axes with `nnx.logical_axis_rules`, e.g. for FSDP
 `with nnx.logical_axis_rules([("embed", "fsdp")]): specs = nnx.get_partition_spec(nnx.state(model))`
@@ -31,6 +39,7 @@ Map them to mesh axes with `nnx.logical_axis_rules`, e.g. for FSDP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -38,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparge_jax import attention as sparge_attention
 
@@ -77,8 +87,9 @@ class AttentionConfig:
 class WanConfig:
   """Architecture (diffusers config.json names and meanings) plus run options.
 
-  Architecture fields must match a checkpoint; `attention`, `remat`, `param_dtype` and
-  `compute_dtype` are run options. Norms, modulation and the time embedding always compute in float32.
+  Architecture fields must match a checkpoint; `attention`, `remat`, `param_dtype`, `compute_dtype`
+  and `batch_axes` (mesh axes that split the batch; see the module docstring) are run options.
+  Norms, modulation and the time embedding always compute in float32.
   """
 
   patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -97,6 +108,7 @@ class WanConfig:
   remat: bool = False
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
+  batch_axes: tuple[str, ...] = ()
 
   @property
   def dim(self) -> int:
@@ -110,6 +122,9 @@ class WanConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+    if isinstance(self.batch_axes, str) or not all(isinstance(a, str) for a in self.batch_axes):
+      raise ValueError(f"batch_axes must be a tuple of mesh axis names, got {self.batch_axes!r}")
+    object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
     if len(self.patch_size) != 3 or min(self.patch_size) < 1:
       raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
     if any(d % 2 for d in self.rope_dims):
@@ -216,10 +231,13 @@ class Attention(nnx.Module):
   def _split_heads(self, x):
     return x.reshape(*x.shape[:-1], self.heads, -1)
 
-  def __call__(self, x, context=None, rope=None, attention: AttentionConfig | None = None):
-    """x: [batch, seq, dim]; context: [batch, ctx_len, dim] for cross-attention, None for self.
+  def __call__(self, x, context=None, rope=None, attention: AttentionConfig | None = None, probe=None,
+               batch_axes: tuple[str, ...] = ()):
+    """x: [batch, seq, dim]; context: [batch, ctx_len, dim] for cross-attention, None for self;
+    batch_axes: mesh axes that split the batch (checked by `WanModel`), () for none.
 
-    Returns (out [batch, seq, dim], sparsity float32 [batch, heads]: fraction of blocks skipped).
+    Returns (out [batch, seq, dim], sparsity float32 [batch, heads]: fraction of blocks skipped), and
+    with `probe` also `probe(q, k, v)` of this layer's q, k, v [batch, seq, heads, head_dim].
     """
     source = x if context is None else context
     q = self._split_heads(self.query_norm(self.query(x)))
@@ -227,12 +245,22 @@ class Attention(nnx.Module):
     v = self._split_heads(self.value(source))
     if rope is not None:
       q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-    out, sparsity = _attend(q, k, v, attention or AttentionConfig())
-    return self.out(out.reshape(*out.shape[:-2], -1)), sparsity
+    out, sparsity = _attend(q, k, v, attention or AttentionConfig(), batch_axes)
+    out = self.out(out.reshape(*out.shape[:-2], -1))
+    return (out, sparsity) if probe is None else (out, sparsity, probe(q, k, v))
 
 
-def _attend(q, k, v, attention: AttentionConfig):
-  """q, k, v: [batch, seq, heads, head_dim] -> (out like q, sparsity float32 [batch, heads])."""
+def _attend(q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = ()):
+  """q, k, v: [batch, seq, heads, head_dim] -> (out like q, sparsity float32 [batch, heads]).
+
+  With `batch_axes`, each device attends over its own examples (`jax.shard_map` over those axes of
+  the context mesh): attention is independent per example, and XLA cannot partition the kernels.
+  """
+  if batch_axes:
+    spec = P(batch_axes)
+    # check_vma off: the Pallas kernels carry no varying-axes types; nothing inside communicates.
+    return jax.shard_map(functools.partial(_attend, attention=attention), in_specs=(spec, spec, spec),
+                         out_specs=(spec, spec), axis_names=set(batch_axes), check_vma=False)(q, k, v)
   if attention.kind == "dense":
     return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
   heads = q.shape[2]
@@ -267,26 +295,29 @@ class WanBlock(nnx.Module):
         _partitioned(nnx.initializers.normal(config.dim**-0.5), (None, "embed"))(
             rngs.params(), (6, config.dim), config.param_dtype))
 
-  def __call__(self, x, context, time_mod, rope, attention: AttentionConfig):
-    """x: [batch, seq, dim]; context: [batch, text_len, dim]; time_mod: float32 [batch, 6, dim].
+  def __call__(self, x, context, time_mod, rope, attention: AttentionConfig, probe=None,
+               batch_axes: tuple[str, ...] = ()):
+    """x: [batch, seq, dim]; context: [batch, text_len, dim]; time_mod: float32 [batch, 6, dim];
+    batch_axes: see `Attention`.
 
-    Returns (x, self-attention sparsity float32 [batch, heads]).
+    Returns (x, self-attention sparsity float32 [batch, heads], probe results or None).
     """
     dtype = x.dtype
     mod = self.modulation[...].astype(jnp.float32)[None] + time_mod
     shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (mod[:, i, None, :] for i in range(6))
 
     h = (_layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
-    attn_out, sparsity = self.self_attn(h, rope=rope, attention=attention)
+    attn_out, sparsity, *probed = self.self_attn(h, rope=rope, attention=attention, probe=probe,
+                                                 batch_axes=batch_axes)
     x = (x.astype(jnp.float32) + attn_out * gate).astype(dtype)
 
     h = x if self.cross_norm is None else self.cross_norm(x.astype(jnp.float32)).astype(dtype)
-    x = x + self.cross_attn(h, context)[0]
+    x = x + self.cross_attn(h, context, batch_axes=batch_axes)[0]
 
     h = (_layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).astype(dtype)
     ffn_out = self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=True))
     x = (x.astype(jnp.float32) + ffn_out.astype(jnp.float32) * ffn_gate).astype(dtype)
-    return x, sparsity
+    return x, (sparsity, probed[0] if probed else None)
 
 
 class WanModel(nnx.Module):
@@ -341,19 +372,38 @@ class WanModel(nnx.Module):
     if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != c.text_dim:
       raise ValueError(f"context must be [batch={x.shape[0]}, text_len, text_dim={c.text_dim}], got {context.shape}")
 
-  def __call__(self, x, t, context, *, return_sparsity: bool = False):
+  def _split_batch_axes(self, batch: int) -> tuple[str, ...]:
+    """`config.batch_axes` if they split the batch over more than one device of the context mesh, else ()."""
+    axes = self.config.batch_axes
+    if not axes:
+      return ()
+    mesh = jax.sharding.get_abstract_mesh()
+    missing = [a for a in axes if a not in mesh.axis_names]
+    if missing:
+      raise ValueError(f"batch_axes {axes}: the context mesh {mesh.axis_names} has no axes {missing}; "
+                       "trace the model under `with jax.set_mesh(mesh):`")
+    devices = math.prod(mesh.shape[a] for a in axes)
+    if batch % devices:
+      raise ValueError(f"x batch {batch} must be a multiple of the {devices} devices of batch_axes {axes}")
+    return axes if devices > 1 else ()
+
+  def __call__(self, x, t, context, *, return_sparsity: bool = False, probe=None):
     """x: [batch, frames, height, width, in_channels]; t: [batch] in [0, 1000];
     context: [batch, text_len, text_dim].
 
     Returns the velocity [batch, frames, height, width, out_channels] in the compute dtype, and with
     `return_sparsity` also float32 [num_layers, batch, heads]: the fraction of self-attention blocks
-    skipped per layer (zeros when dense).
+    skipped per layer (zeros when dense). `probe(q, k, v)`, a function of every layer's self-attention
+    inputs (after qk-norm and RoPE, [batch, seq, heads, head_dim]) returning a pytree of arrays, is for
+    analysis (attention maps, mask quality); its results, stacked over layers on a leading axis, come
+    last in the returned tuple.
     """
     x, t, context = jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)
     self._check_inputs(x, t, context)
     c = self.config
     dtype = c.compute_dtype
     batch, (pt, ph, pw) = x.shape[0], c.patch_size
+    batch_axes = self._split_batch_axes(batch)
     frames, height, width = x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw
 
     patches = x.astype(dtype).reshape(batch, frames, pt, height, ph, width, pw, -1)
@@ -365,17 +415,23 @@ class WanModel(nnx.Module):
     time_emb = self.time_out(jax.nn.silu(self.time_in(timestep_sinusoid(t, c.freq_dim))))
     time_mod = self.time_modulation(jax.nn.silu(time_emb)).reshape(batch, 6, -1)
     text = self.text_out(jax.nn.gelu(self.text_in(context.astype(dtype)), approximate=True))
+    if batch_axes:  # the blocks' per-example inputs stay batch-sharded (FSDP), see the module docstring
+      text, time_mod = (jax.lax.with_sharding_constraint(a, P(batch_axes)) for a in (text, time_mod))
 
     def run_block(block, tokens):
-      return block(tokens, text, time_mod, rope, c.attention)
+      if batch_axes:
+        tokens = jax.lax.with_sharding_constraint(tokens, P(batch_axes))
+      return block(tokens, text, time_mod, rope, c.attention, probe, batch_axes)
 
     if c.remat:
       run_block = nnx.remat(run_block)
-    tokens, sparsity = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.blocks, tokens)
+    tokens, (sparsity, probed) = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(
+        self.blocks, tokens)
 
     head_mod = self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :]  # [b, 2, dim]
     shift, scale = head_mod[:, 0, None, :], head_mod[:, 1, None, :]
     h = (_layer_norm(tokens, c.eps) * (1 + scale) + shift).astype(dtype)
     out = self.head(h).reshape(batch, frames, height, width, pt, ph, pw, -1)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames * pt, height * ph, width * pw, -1)
-    return (out, sparsity) if return_sparsity else out
+    extras = (sparsity,) * return_sparsity + (probed,) * (probe is not None)
+    return (out, *extras) if extras else out

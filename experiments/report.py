@@ -1,0 +1,130 @@
+"""Turn the experiments' JSON files into ``docs/RESULTS.md`` tables and figures (numbers only from the files).
+
+    python -m experiments.report [--results docs/results] [--out docs/RESULTS.md] [--figures docs/figures]
+
+Reads whichever of mask_rules.json, finetune.json and concentration.json exist; a missing file gives a
+"not run yet" line, never a number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from train.configs import cli
+
+FLAGS = {"results": "docs/results", "out": "docs/RESULTS.md", "figures": "docs/figures"}
+METRICS = ("velocity_mse", "psnr", "ssim", "attn_l1", "attn_l1_vs_teacher", "sparsity")
+
+
+def _load(results: str, name: str):
+    path = os.path.join(results, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def mask_rules_section(data) -> list[str]:
+    lines = ["## 1. Mask rules at equal sparsity (constructed attention)", ""]
+    if data is None:
+        return lines + ["Not run yet (`python -m experiments.mask_rules`).", ""]
+    lines += [f"`{data['command']}`, seq {data['seq_len']}, {data['heads']} heads.", "",
+              "| distribution | target sparsity | rule | realized sparsity | relative L1 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['distribution']} | {r['target_sparsity']:.2f} | {r['rule']} | {r['sparsity']:.3f} | "
+              f"{r['rel_l1']:.4f} |" for r in data["rows"]]
+    return lines + ["", "![error against sparsity](figures/mask_rules.png)", ""]
+
+
+def finetune_section(data, figures: str) -> list[str]:
+    lines = ["## 2. Fine-tuning at 90% and 95% sparsity", ""]
+    if data is None:
+        return lines + ["Not run yet (`python -m experiments.finetune`).", ""]
+    lines += [f"`{data['command']}` on {data['device']}: {data['steps']} steps per run, {data['seeds']} seeds "
+              f"(mean ± std over seeds), {data['eval_examples']} held-out x_t, {data['sample_videos']} sampled "
+              f"videos with {data['sample_steps']} Euler steps.", "",
+              "| condition | target | seeds | " + " | ".join(METRICS) + " |", "|---" * (3 + len(METRICS)) + "|"]
+    for r in data["summary"]:
+        target = "dense" if r["target_sparsity"] is None else f"{r['target_sparsity']:.2f}"
+        cells = [f"{r[m + '_mean']:.4g} ± {r[m + '_std']:.2g}" for m in METRICS]
+        lines.append(f"| {r['condition']} | {target} | {r['seeds']} | " + " | ".join(cells) + " |")
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [f"{r['condition']}\n{r['target_sparsity'] or 'dense'}" for r in data["summary"]]
+    ax.bar(range(len(labels)), [r["velocity_mse_mean"] for r in data["summary"]],
+           yerr=[r["velocity_mse_std"] for r in data["summary"]])
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("velocity MSE vs teacher")
+    fig.tight_layout()
+    _save(fig, os.path.join(figures, "finetune_velocity_mse.png"))
+    plt.close(fig)
+    return lines + ["", "![velocity MSE](figures/finetune_velocity_mse.png)", ""]
+
+
+def concentration_section(data, figures: str) -> list[str]:
+    lines = ["## 3. Attention concentration before and after sparse fine-tuning", ""]
+    if data is None:
+        return lines + ["Not run yet (`python -m experiments.concentration`).", ""]
+    share = data["share_of_mass"]
+    lines += [f"`{data['command']}` on {data['device']}; times {data['times']}.", "",
+              f"| model | target sparsity | seed | share of blocks for {share:.0%} of the mass | relative L1 at that sparsity |",
+              "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        target = "-" if r["target_sparsity"] is None else f"{r['target_sparsity']:.2f}"
+        lines.append(f"| {r['model']} | {target} | {r['seed'] if r['seed'] is not None else '-'} | "
+                     f"{r['blocks_needed']:.4f} | {r['rel_l1']:.4f} |")
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    shown = [data["rows"][0]] + data["rows"][-1:] if len(data["rows"]) > 1 else data["rows"][:1]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
+    for ax, r in zip(axes[0], shown):
+        ax.imshow(np.log10(np.asarray(r["mass_map"]) + 1e-6), aspect="auto", cmap="magma")
+        ax.set_title(f"{r['model']} {r['target_sparsity'] or ''}: log10 block mass (layer 0, head 0)")
+        ax.set_xlabel("kv block")
+        ax.set_ylabel("query block")
+    fig.tight_layout()
+    _save(fig, os.path.join(figures, "attention_mass.png"))
+    plt.close(fig)
+    return lines + ["", "![block attention mass](figures/attention_mass.png)", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        _, flags = cli.parse(sys.argv[1:] if argv is None else argv, {"none": lambda: None}, "none", FLAGS)
+    except cli.HelpRequested as e:
+        print(f"{__doc__}\n{e}")
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results, figures = flags["results"], flags["figures"]
+    lines = ["# Results: sparse attention on a small Wan-style teacher (issue 6)", "",
+             "Generated by `python -m experiments.report` from the JSON files in `docs/results/`; "
+             "commands in `experiments/README.md`.", ""]
+    lines += mask_rules_section(_load(results, "mask_rules.json"))
+    lines += finetune_section(_load(results, "finetune.json"), figures)
+    lines += concentration_section(_load(results, "concentration.json"), figures)
+    os.makedirs(os.path.dirname(flags["out"]) or ".", exist_ok=True)
+    tmp = f"{flags['out']}.tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, flags["out"])
+    print(f"wrote {flags['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

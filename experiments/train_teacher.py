@@ -1,0 +1,95 @@
+"""Train the experiments' dense teacher (``experiments.configs.teacher``) in resumable pieces.
+
+    python -m experiments.train_teacher --minutes 10          # repeat until it prints "teacher done"
+    python -m experiments.train_teacher --minutes 1 --config.steps=4 --config.model.num_layers=1 ...  # tiny
+
+Each call writes the datasets if missing, trains as many steps as fit in ``--minutes`` (from the step time
+the previous piece measured, else the estimate in ``experiments.configs``), checkpoints and stops; the next
+call resumes from the workdir (``train.distill.train``). When all steps are done it writes
+``<workdir>/samples.gif`` (columns: a training video | the teacher's sample for its caption from noise |
+their difference, which is not expected to be small) and ``<workdir>/teacher_done.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from experiments import configs, evaluation
+from sparge_jax.models.wan import AttentionConfig
+from train import checkpoint, distill
+from train.configs import cli, validate
+from train.sample import write_gif
+
+FLAGS = {"workdir": "runs/experiments/teacher", "data_dir": configs.DATA_DIR, "minutes": 10.0,
+         "num_examples": 2048, "num_videos": 4, "num_steps": 30}
+# Start-up, compilation and evaluation of a piece, kept out of the step budget.
+OVERHEAD_S = 90.0
+
+
+def measured_step_seconds(workdir: str) -> float | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        times = [r["step_time_s"] for r in map(json.loads, f) if "step_time_s" in r]
+    return float(np.median(times)) if times else None
+
+
+def steps_this_piece(config, workdir: str, done: int, minutes: float) -> int:
+    step_s = measured_step_seconds(workdir) or configs.estimate_step_seconds(config, teacher_forward=False)
+    return min(config.steps, done + max(1, int((60 * minutes - OVERHEAD_S) / step_s)))
+
+
+def write_samples(config, workdir: str, num_videos: int, num_steps: int) -> dict:
+    model_config, graphdef, params = evaluation.load_model(config, workdir, AttentionConfig(kind="dense"))
+    data = evaluation.held_out(config, num_videos)
+    videos = evaluation.sample(graphdef, params, data["noise"], data["context"], num_steps=num_steps)
+    write_gif(os.path.join(workdir, "samples.gif"), data["x0"], videos, scale=8)
+    return {"samples": os.path.join(workdir, "samples.gif"), "num_videos": num_videos, "num_steps": num_steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, flags = cli.parse(sys.argv[1:] if argv is None else argv, {"teacher": configs.teacher}, "teacher", FLAGS)
+        if flags["minutes"] <= 0:
+            raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
+        if flags["num_examples"] < 1 or flags["num_videos"] < 1 or flags["num_steps"] < 1:
+            raise ValueError("--num_examples, --num_videos and --num_steps must be >= 1")
+        data_path = os.path.join(flags["data_dir"], configs.TEACHER_DATA)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_path))
+        validate(config)
+    except cli.HelpRequested as e:
+        print(f"{__doc__}\n{e}")
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    start = time.time()
+    workdir = flags["workdir"]
+    configs.write_datasets(config, flags["num_examples"], flags["data_dir"])
+    existing = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    done = existing.latest_step() or 0
+    existing.close()
+    if done < config.steps:
+        target = steps_this_piece(config, workdir, done, flags["minutes"])
+        summary = distill.train(dataclasses.replace(config, steps=target), workdir)
+        distill.print_summary(summary)
+        done = target
+    if done < config.steps:
+        print(f"teacher at step {done} of {config.steps} after {time.time() - start:.0f} s; run again to continue")
+        return 0
+    result = write_samples(config, workdir, flags["num_videos"], flags["num_steps"])
+    evaluation.write_json(os.path.join(workdir, "teacher_done.json"), {
+        "steps": config.steps, "step_time_s": measured_step_seconds(workdir), **result})
+    print(f"teacher done ({config.steps} steps); wrote {result['samples']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
