@@ -16,17 +16,14 @@ once with a sparse and once with a dense student, in the same process. The batch
 ``(data=1, fsdp=N)`` mesh of all devices (FSDP); the default batch is one video per device, and each
 device attends over its own videos only (``WanConfig.batch_axes``, as in the trainer).
 The default mask is Top-k 5% (``--mode topk``), which pins sparsity near 95% whatever the random
-weights do; the realised sparsity is recorded. Writes ``benchmarks/results/distill-<device>.json``.
+weights do; the realised sparsity is recorded. Writes ``benchmarks/results/distill-<device>-x<devices>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import re
 import time
 
 import jax
@@ -35,6 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import timing
 from sparge_jax.models.wan import AttentionConfig, WanModel
 from train import distill, sharding
 from train.configs import DataConfig, MeshConfig, tiny, validate, wan2_1_1_3b
@@ -55,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--remat", type=int, choices=(0, 1), default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/distill-<device>.json)")
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/distill-<device>-x<devices>.json)")
     args = parser.parse_args(argv)
     for name in ("layers", "batch", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -161,11 +159,6 @@ def benchmark(config, args) -> dict:
     return results
 
 
-def device_name() -> str:
-    kind = re.sub(r"[^A-Za-z0-9]+", "_", jax.devices()[0].device_kind).strip("_")
-    return f"{kind}-x{jax.device_count()}"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     config = make_config(args)
@@ -173,8 +166,6 @@ def main(argv=None) -> None:
     record = {
         "benchmark": "distill",
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "setup": {
             "preset": args.preset, "layers": config.model.num_layers, "batch": config.batch_size,
             "latent": [config.data.frames, config.data.height, config.data.width],
@@ -186,12 +177,8 @@ def main(argv=None) -> None:
         },
         **results,
     }
-    out = args.out or os.path.join(RESULTS, f"distill-{device_name()}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, out)
+    out = args.out or os.path.join(RESULTS, f"distill-{timing.device_slug()}-x{jax.device_count()}.json")
+    timing.write_results(out, record)  # adds jax_version and date; written whole (temp file, rename)
     s, d = results["sparse"], results["dense"]
     print(f"{record['device']}, {record['setup']['tokens_per_video']} tokens x batch {config.batch_size}, "
           f"{config.model.num_layers} layers")
