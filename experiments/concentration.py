@@ -46,22 +46,25 @@ def measure(config: Config, workdir: str, data: dict, times, share: float, block
             "rel_l1": float(np.mean([r["rel_l1"] for r in per_t])), "mass_map": np.asarray(mass)[0, 0, 0].tolist()}
 
 
+def _times(flags) -> list[float]:
+    return [float(t) for t in flags["times"].split(",") if t.strip()]
+
+
+def _check(_, flags) -> None:
+    times = _times(flags)
+    if not times or not all(0 < t < 1 for t in times):
+        raise ValueError(f"--times must be comma-separated values in (0, 1), got {flags['times']!r}")
+    if not 0 < flags["share"] < 1:
+        raise ValueError(f"--share must be in (0, 1), got {flags['share']}")
+    if not os.path.isfile(os.path.join(flags["teacher"], "config.json")):
+        raise ValueError(f"--teacher {flags['teacher']!r}: no teacher workdir")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _, flags = cli.parse(sys.argv[1:] if argv is None else argv, {"none": lambda: None}, "none", FLAGS)
-        times = [float(t) for t in flags["times"].split(",") if t.strip()]
-        if not times or not all(0 < t < 1 for t in times):
-            raise ValueError(f"--times must be comma-separated values in (0, 1), got {flags['times']!r}")
-        if not 0 < flags["share"] < 1:
-            raise ValueError(f"--share must be in (0, 1), got {flags['share']}")
-        if not os.path.isfile(os.path.join(flags["teacher"], "config.json")):
-            raise ValueError(f"--teacher {flags['teacher']!r}: no teacher workdir")
-    except cli.HelpRequested as e:
-        print(f"{__doc__}\n{e}")
-        return 0
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+    if code is not None:
+        return code
+    times = _times(flags)
     with open(os.path.join(flags["teacher"], "config.json")) as f:
         base = from_dict(Config, json.load(f))
     data = evaluation.held_out(base, flags["eval_examples"])

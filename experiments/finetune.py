@@ -116,26 +116,29 @@ def summarise(rows: list[dict]) -> list[dict]:
              **{f"{m}_std": float(np.std([r[m] for r in g])) for m in METRICS}} for (c, s), g in groups.items()]
 
 
+def _sparsities(flags) -> list[float]:
+    return [float(s) for s in flags["sparsities"].split(",") if s.strip()]
+
+
+def _check(_, flags) -> None:
+    sparsities = _sparsities(flags)
+    if not sparsities or not all(0 < s < 1 for s in sparsities):
+        raise ValueError(f"--sparsities must be comma-separated values in (0, 1), got {flags['sparsities']!r}")
+    for name in ("seeds", "steps", "eval_examples", "sample_videos", "sample_steps"):
+        if flags[name] < 1:
+            raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
+    if flags["minutes"] <= 0:
+        raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
+    if not os.path.isfile(os.path.join(flags["teacher"], "teacher_done.json")):
+        raise ValueError(f"--teacher {flags['teacher']!r}: no finished teacher (teacher_done.json); "
+                         "run experiments.train_teacher first")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _, flags = cli.parse(sys.argv[1:] if argv is None else argv, {"none": lambda: None}, "none", FLAGS)
-        sparsities = [float(s) for s in flags["sparsities"].split(",") if s.strip()]
-        if not sparsities or not all(0 < s < 1 for s in sparsities):
-            raise ValueError(f"--sparsities must be comma-separated values in (0, 1), got {flags['sparsities']!r}")
-        for name in ("seeds", "steps", "eval_examples", "sample_videos", "sample_steps"):
-            if flags[name] < 1:
-                raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-        if flags["minutes"] <= 0:
-            raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
-        if not os.path.isfile(os.path.join(flags["teacher"], "teacher_done.json")):
-            raise ValueError(f"--teacher {flags['teacher']!r}: no finished teacher (teacher_done.json); "
-                             "run experiments.train_teacher first")
-    except cli.HelpRequested as e:
-        print(f"{__doc__}\n{e}")
-        return 0
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+    if code is not None:
+        return code
+    sparsities = _sparsities(flags)
     start, workdir = time.time(), flags["workdir"]
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(flags["teacher"], "config.json")) as f:

@@ -19,7 +19,6 @@ Both share local structure (neighbouring tokens share a slowly varying component
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax

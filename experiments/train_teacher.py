@@ -54,22 +54,23 @@ def write_samples(config, workdir: str, num_videos: int, num_steps: int) -> dict
     return {"samples": os.path.join(workdir, "samples.gif"), "num_videos": num_videos, "num_steps": num_steps}
 
 
+def _check(config, flags):
+    """Validates the flags; returns the config reading the teacher's data directory."""
+    if flags["minutes"] <= 0:
+        raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
+    if flags["num_examples"] < 1 or flags["num_videos"] < 1 or flags["num_steps"] < 1:
+        raise ValueError("--num_examples, --num_videos and --num_steps must be >= 1")
+    data_path = os.path.join(flags["data_dir"], configs.TEACHER_DATA)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_path))
+    validate(config)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config, flags = cli.parse(sys.argv[1:] if argv is None else argv, {"teacher": configs.teacher}, "teacher", FLAGS)
-        if flags["minutes"] <= 0:
-            raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
-        if flags["num_examples"] < 1 or flags["num_videos"] < 1 or flags["num_steps"] < 1:
-            raise ValueError("--num_examples, --num_videos and --num_steps must be >= 1")
-        data_path = os.path.join(flags["data_dir"], configs.TEACHER_DATA)
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_path))
-        validate(config)
-    except cli.HelpRequested as e:
-        print(f"{__doc__}\n{e}")
-        return 0
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check,
+                                                 presets={"teacher": configs.teacher}, default="teacher")
+    if code is not None:
+        return code
     start = time.time()
     workdir = flags["workdir"]
     configs.write_datasets(config, flags["num_examples"], flags["data_dir"])

@@ -9,6 +9,7 @@ naming the field, before anything else happens.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Callable, Sequence
@@ -122,6 +123,29 @@ def parse(argv: Sequence[str], presets: dict[str, Callable[[], Any]], default: s
 
 class HelpRequested(Exception):
     """Raised by ``parse`` for -h/--help; its message is the help text."""
+
+
+def parse_or_exit_code(doc: str, argv: Sequence[str] | None, flags: dict[str, Any],
+                       check: Callable[[Any, dict[str, Any]], Any] | None = None,
+                       presets: dict[str, Callable[[], Any]] | None = None, default: str = "none"):
+    """``parse`` (flags only unless ``presets`` is given) followed by ``check(config, flags)``, which raises
+    ValueError on bad input and may return a replacement config.
+
+    Returns ``(config, flags, None)``, or ``(None, None, exit_code)`` once the help (0) or the error (1)
+    has been printed: a command's ``main`` returns that code before doing any work.
+    """
+    try:
+        config, values = parse(sys.argv[1:] if argv is None else argv, presets or {"none": lambda: None},
+                               default, flags)
+        if check is not None:
+            config = check(config, values) or config
+        return config, values, None
+    except HelpRequested as e:
+        print(f"{doc}\n{e}")
+        return None, None, 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, None, 1
 
 
 def help_text(presets: dict[str, Callable[[], Any]], default: str, flags: dict[str, Any]) -> str:
