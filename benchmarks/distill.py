@@ -34,6 +34,7 @@ from flax import nnx
 
 from benchmarks import timing
 from sparge_jax.models.wan import AttentionConfig, WanModel
+from sparge_jax.models.wan.model import REMAT_SAVEABLE
 from train import distill, sharding
 from train.configs import DataConfig, MeshConfig, tiny, validate, wan2_1_1_3b
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=float, default=0.05)
     parser.add_argument("--topp", type=float, default=0.2)
     parser.add_argument("--remat", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--remat-saves", nargs="*", default=[], choices=REMAT_SAVEABLE,
+                        help="block intermediates kept through the backward pass (WanConfig.remat_saves)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/distill-<device>-x<devices>.json)")
@@ -64,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_config(args):
     base = wan2_1_1_3b() if args.preset == "wan2_1_1_3b" else tiny()
     frames, height, width = args.latent or ((21, 60, 104) if args.preset == "wan2_1_1_3b" else (4, 16, 16))
-    model = dataclasses.replace(base.model, remat=bool(args.remat),
+    model = dataclasses.replace(base.model, remat=bool(args.remat), remat_saves=tuple(args.remat_saves),
                                 num_layers=args.layers or base.model.num_layers)
     attention = dataclasses.replace(base.attention, kind="sparse", mode=args.mode, topk=args.topk, topp=args.topp)
     config = dataclasses.replace(
@@ -156,6 +159,8 @@ def benchmark(config, args) -> dict:
     results["speedup_step"] = results["dense"]["step_ms"] / results["sparse"]["step_ms"]
     results["speedup_student_fwd_bwd"] = results["dense"]["student_fwd_bwd_ms"] / results["sparse"]["student_fwd_bwd_ms"]
     results["tokens_per_step"] = tokens
+    stats = jax.devices()[0].memory_stats() or {}
+    results["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
     return results
 
 
@@ -171,6 +176,7 @@ def main(argv=None) -> None:
             "latent": [config.data.frames, config.data.height, config.data.width],
             "tokens_per_video": results["tokens_per_step"] // config.batch_size,
             "attention": dataclasses.asdict(config.attention), "remat": config.model.remat,
+            "remat_saves": list(config.model.remat_saves),
             "compute_dtype": config.compute_dtype, "mesh": {"data": 1, "fsdp": jax.device_count()},
             "batch_axes": list(sharding.BATCH_AXES),
             "steps": args.steps, "warmup": args.warmup,

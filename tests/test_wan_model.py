@@ -75,6 +75,22 @@ def test_every_parameter_gets_a_gradient():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                nnx.state(grads, nnx.Param), nnx.state(plain_grads, nnx.Param))
 
+  # Saved intermediates: the same numbers, fewer recomputed matmuls.
+  def matmuls(config):
+    variant = nnx.merge(*nnx.split(model))
+    variant.config = config
+    jaxpr = jax.make_jaxpr(nnx.grad(loss))(variant)
+    return str(jaxpr).count("dot_general"), nnx.jit(nnx.grad(loss))(variant)
+
+  full_count, _ = matmuls(model.config)
+  for saves, fewer in ((("qkv",), 3), (("ffn_hidden",), 1), (("qkv", "ffn_hidden"), 4)):
+    count, saved_grads = matmuls(dataclasses.replace(model.config, remat_saves=saves))
+    assert count == full_count - fewer, (saves, count, full_count)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 nnx.state(saved_grads, nnx.Param), nnx.state(plain_grads, nnx.Param))
+  with pytest.raises(ValueError, match="remat_saves"):
+    dataclasses.replace(model.config, remat_saves=("ffn",))
+
 
 def test_sparse_with_everything_kept_equals_dense_without_copying_weights(model):
   x, t, context = _inputs(model.config, batch=1, grid=(4, 8, 8))

@@ -81,6 +81,7 @@ def load_teacher(spec: str, model_config: WanConfig, abstract_params: Any, shard
         from sparge_jax.models.wan import load_diffusers  # noqa: PLC0415 (optional path)
         model = load_diffusers(spec, dtype=jnp.float32, mesh=mesh, rules=list(sharding.LOGICAL_RULES.items()),
                                attention=model_config.attention, remat=model_config.remat,
+                               remat_saves=model_config.remat_saves,
                                compute_dtype=model_config.compute_dtype, batch_axes=model_config.batch_axes)
         params = nnx.state(model).to_pure_dict()
         expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params)

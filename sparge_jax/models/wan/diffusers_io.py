@@ -40,7 +40,7 @@ _ARCHITECTURE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim
 _IMAGE_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 # diffusers builds the same RMS qk-norm whatever this says.
 _IGNORED_FIELDS = ("qk_norm",)
-_RUN_OPTIONS = ("attention", "remat", "compute_dtype", "batch_axes")
+_RUN_OPTIONS = ("attention", "remat", "remat_saves", "compute_dtype", "batch_axes")
 
 
 # Layouts: how a diffusers (torch) tensor becomes a model parameter.

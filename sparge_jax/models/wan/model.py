@@ -13,7 +13,9 @@ Variables over the same (immutable) arrays, so training the student never touche
 
 Layers. The blocks' parameters are stacked on a leading `layers` axis (built with `nnx.vmap`) and the
 forward runs them with `nnx.scan`, so 30-40 layers compile once; `config.remat` rematerialises each
-block in the backward pass.
+block in the backward pass, except the intermediates named in `config.remat_saves`, which stay in
+memory (per layer and video token, bf16: "qkv" 6*dim bytes, "ffn_hidden" 2*ffn_dim): memory for
+fewer recomputed matmuls. Attention itself is always recomputed (a custom-vjp kernel's residuals).
 
 Data parallelism over a mesh. The attention kernels (Pallas custom calls, cuDNN) are opaque to XLA's
 sharding propagation, and with FSDP-sharded weights it otherwise prefers to split the model width and
@@ -48,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from jax.ad_checkpoint import checkpoint_name
 
 from sparge_jax import attention as sparge_attention
 
@@ -83,12 +86,17 @@ class AttentionConfig:
         object.__setattr__(self, name, tuple(float(v) for v in value))
 
 
+# Block intermediates that `WanConfig.remat_saves` can keep through the backward pass.
+REMAT_SAVEABLE = ("qkv", "ffn_hidden")
+
+
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
   """Architecture (diffusers config.json names and meanings) plus run options.
 
-  Architecture fields must match a checkpoint; `attention`, `remat`, `param_dtype`, `compute_dtype`
-  and `batch_axes` (mesh axes that split the batch; see the module docstring) are run options.
+  Architecture fields must match a checkpoint; `attention`, `remat`, `remat_saves`, `param_dtype`,
+  `compute_dtype` and `batch_axes` (mesh axes that split the batch; see the module docstring) are
+  run options.
   Norms, modulation and the time embedding always compute in float32.
   """
 
@@ -106,6 +114,7 @@ class WanConfig:
   rope_max_seq_len: int = 1024
   attention: AttentionConfig = AttentionConfig()
   remat: bool = False
+  remat_saves: tuple[str, ...] = ()
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
   batch_axes: tuple[str, ...] = ()
@@ -125,6 +134,9 @@ class WanConfig:
     if isinstance(self.batch_axes, str) or not all(isinstance(a, str) for a in self.batch_axes):
       raise ValueError(f"batch_axes must be a tuple of mesh axis names, got {self.batch_axes!r}")
     object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+    if isinstance(self.remat_saves, str) or not set(self.remat_saves) <= set(REMAT_SAVEABLE):
+      raise ValueError(f"remat_saves must be a tuple of names from {REMAT_SAVEABLE}, got {self.remat_saves!r}")
+    object.__setattr__(self, "remat_saves", tuple(self.remat_saves))
     if len(self.patch_size) != 3 or min(self.patch_size) < 1:
       raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
     if any(d % 2 for d in self.rope_dims):
@@ -240,9 +252,11 @@ class Attention(nnx.Module):
     with `probe` also `probe(q, k, v)` of this layer's q, k, v [batch, seq, heads, head_dim].
     """
     source = x if context is None else context
-    q = self._split_heads(self.query_norm(self.query(x)))
-    k = self._split_heads(self.key_norm(self.key(source)))
-    v = self._split_heads(self.value(source))
+    # Only self-attention's names are saveable: cross-attention's k/v are text-length and cheap.
+    name = (lambda a, _: a) if context is not None else checkpoint_name
+    q = self._split_heads(self.query_norm(name(self.query(x), "qkv")))
+    k = self._split_heads(self.key_norm(name(self.key(source), "qkv")))
+    v = self._split_heads(name(self.value(source), "qkv"))
     if rope is not None:
       q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
     out, sparsity = _attend(q, k, v, attention or AttentionConfig(), batch_axes)
@@ -315,7 +329,7 @@ class WanBlock(nnx.Module):
     x = x + self.cross_attn(h, context, batch_axes=batch_axes)[0]
 
     h = (_layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).astype(dtype)
-    ffn_out = self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=True))
+    ffn_out = self.ffn_out(jax.nn.gelu(checkpoint_name(self.ffn_in(h), "ffn_hidden"), approximate=True))
     x = (x.astype(jnp.float32) + ffn_out.astype(jnp.float32) * ffn_gate).astype(dtype)
     return x, (sparsity, probed[0] if probed else None)
 
@@ -424,7 +438,7 @@ class WanModel(nnx.Module):
       return block(tokens, text, time_mod, rope, c.attention, probe, batch_axes)
 
     if c.remat:
-      run_block = nnx.remat(run_block)
+      run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.save_only_these_names(*c.remat_saves))
     tokens, (sparsity, probed) = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(
         self.blocks, tokens)
 
