@@ -16,7 +16,9 @@ Metrics on fixed held-out x_t (t spread over (0, 1)): velocity MSE against the t
 relative L1 of the run's attention against dense attention on its own q, k, v (``attn_l1``) and against
 the teacher's dense attention output (``attn_l1_vs_teacher``); realized sparsity; PSNR and SSIM
 (``experiments.evaluation.ssim``) of Euler samples against the teacher's from the same noise and captions.
-Writes each run's ``eval.json`` in its workdir, then ``--out`` (mean, std and per-seed values).
+Writes each run's ``eval.json`` in its workdir, then ``--out`` (mean, std and per-seed values; also when
+``--minutes`` cuts the plan short, with ``"complete": false``) and ``--frames_figure`` (sample frames of the
+teacher, training-free, sparse+diffusion and distill-hybrid students at the highest sparsity, side by side).
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ from sparge_jax import attention
 from sparge_jax.models.wan import AttentionConfig
 from train import distill
 from train.configs import Config, cli, from_dict
-from train.sample import psnr
+from train.sample import psnr, rgb_projection, to_rgb
 
 FLAGS = {"teacher": "runs/experiments/teacher", "workdir": "runs/experiments/finetune",
          "data_dir": configs.DATA_DIR, "minutes": 10.0, "seeds": 3, "steps": 200, "sparsities": "0.9,0.95",
          "eval_examples": 8, "sample_videos": 4, "sample_steps": 30, "block_q": 128, "block_kv": 64,
-         "out": "docs/results/finetune.json"}
+         "out": "docs/results/finetune.json", "frames_figure": "docs/figures/sample_frames.png"}
 CONDITIONS = ("training-free", "sparse+diffusion", "distill-hybrid", "distill-topk", "distill-topp")
 RULE = {"training-free": "hybrid", "sparse+diffusion": "hybrid", "distill-hybrid": "hybrid",
         "distill-topk": "topk", "distill-topp": "topp"}
@@ -97,9 +99,55 @@ def evaluate(base: Config, graphdef, params, attention_config, teacher: dict, da
 
 
 def plan(sparsities, seeds) -> list[dict]:
-    runs = [{"condition": c, "target_sparsity": s, "seed": seed} for s in sparsities for c in CONDITIONS
-            for seed in (range(1) if c == "training-free" else range(seeds))]
-    return runs + [{"condition": "full+diffusion-unlike", "target_sparsity": None, "seed": seed} for seed in range(seeds)]
+    """Seed-major, so that a budget cut still leaves every condition with its first seeds."""
+    runs = []
+    for seed in range(seeds):
+        runs += [{"condition": c, "target_sparsity": s, "seed": seed} for s in sparsities for c in CONDITIONS
+                 if seed == 0 or c != "training-free"]
+        runs.append({"condition": "full+diffusion-unlike", "target_sparsity": None, "seed": seed})
+    return runs
+
+
+FRAMES_SHOWN = ("training-free", "sparse+diffusion", "distill-hybrid")
+
+
+def write_frames_figure(workdir: str, sparsity: float, path: str, *, videos: int = 2, frames: int = 4) -> bool:
+    """Sample frames of the teacher and the seed-0 runs of ``FRAMES_SHOWN`` at ``sparsity``, from the same
+    noise and captions, side by side (rows: models; columns: frames of each video). False if none ran yet."""
+    teacher = np.load(os.path.join(workdir, "teacher_samples.npz"))["videos"]
+    shown = [("teacher (dense)", teacher)]
+    for condition in FRAMES_SHOWN:
+        npz = os.path.join(workdir, run_name({"condition": condition, "target_sparsity": sparsity, "seed": 0}),
+                           "samples.npz")
+        if os.path.isfile(npz):
+            shown.append((f"{condition} @ {sparsity:.2f}", np.load(npz)["videos"]))
+    if len(shown) == 1:
+        return False
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    projection = rgb_projection(teacher)
+    videos = min(videos, len(teacher))
+    picks = np.linspace(0, teacher.shape[1] - 1, frames).round().astype(int)
+    fig, axes = plt.subplots(len(shown), videos * frames, figsize=(1.4 * videos * frames, 1.5 * len(shown)),
+                             squeeze=False)
+    for row, (label, video) in zip(axes, shown):
+        rgb = to_rgb(video[:videos], *projection, scale=1)
+        for i, ax in enumerate(row):
+            ax.imshow(rgb[i // frames, picks[i % frames]], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label, fontsize=7)
+            if row is axes[0]:
+                ax.set_title(f"video {i // frames}, frame {picks[i % frames]}", fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return True
 
 
 def run_name(run: dict) -> str:
@@ -165,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                "videos": evaluation.sample(graphdef, teacher_params, noise, context, num_steps=flags["sample_steps"])}
     np.savez(os.path.join(workdir, "teacher_samples.npz"), videos=teacher["videos"])
 
+    def finish(rows, complete: bool) -> None:
+        evaluation.write_json(flags["out"], {
+            "command": "python -m experiments.finetune", "device": jax.devices()[0].device_kind, "complete": complete,
+            "teacher": os.path.abspath(flags["teacher"]), "steps": flags["steps"], "seeds": flags["seeds"],
+            "eval_examples": flags["eval_examples"], "sample_videos": flags["sample_videos"],
+            "sample_steps": flags["sample_steps"], "tuned": tuned, "summary": summarise(rows), "runs": rows})
+        write_frames_figure(workdir, max(sparsities), flags["frames_figure"])
+
     longest, rows = 0.0, []
     for run in plan(sparsities, flags["seeds"]):
         run_dir = os.path.join(workdir, run_name(run))
@@ -174,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.load(f))
             continue
         if time.time() - start + longest > 60 * flags["minutes"]:
-            print(f"stopping before {run_name(run)}: the next run may not fit in --minutes; run again to continue")
+            finish(rows, complete=False)
+            print(f"stopping before {run_name(run)}: the next run may not fit in --minutes; run again to continue "
+                  f"(wrote the {len(rows)} runs so far to {flags['out']})")
             return 0
         run_start = time.time()
         if run["target_sparsity"] is None:
@@ -206,12 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         longest = max(longest, row["run_seconds"])
         print(f"{row['name']}: " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS), flush=True)
 
-    evaluation.write_json(flags["out"], {
-        "command": "python -m experiments.finetune", "device": jax.devices()[0].device_kind,
-        "teacher": os.path.abspath(flags["teacher"]), "steps": flags["steps"], "seeds": flags["seeds"],
-        "eval_examples": flags["eval_examples"], "sample_videos": flags["sample_videos"],
-        "sample_steps": flags["sample_steps"], "tuned": tuned, "summary": summarise(rows), "runs": rows})
-    print(f"finetune done; wrote {flags['out']}")
+    finish(rows, complete=True)
+    print(f"finetune done; wrote {flags['out']} and {flags['frames_figure']}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m experiments.mask_rules                     # constructed near-uniform and skewed attention
     python -m experiments.mask_rules --sparsity 0.8 0.9 0.95 --seq-len 10240
+    python -m experiments.mask_rules --teacher runs/experiments/teacher   # the teacher's own attention
 
 For each attention distribution and target sparsity, every rule's parameter is tuned (bisection on the
 mean realized sparsity) so the three rules skip the same share of blocks; then the relative L1 error of the
@@ -14,11 +15,16 @@ Distributions (q, k, v: [1, seq, heads, 64]):
 - skewed: an attention sink (the first kv block's keys aligned with every query), so one block eats most of
   the mass (Top-p alone spends its budget there).
 Both share local structure (neighbouring tokens share a slowly varying component) and smooth values.
+
+With `--teacher WORKDIR` (a workdir of `experiments.train_teacher`) the q, k, v are instead the trained
+teacher's self-attention inputs on held-out videos noised to several t, at its first, middle and last layers
+(rows carry `t` and `layer`); writes `docs/results/mask_rules_teacher.json` and its figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import jax
@@ -89,33 +95,64 @@ def relative_l1(out, ref) -> float:
   return float(np.abs(out - ref).sum() / np.abs(ref).sum())
 
 
-def run(*, seq_len: int, heads: int, sparsities, block_q: int, block_kv: int, seed: int):
-  rows = []
+def constructed_sources(*, seq_len: int, heads: int, seed: int):
+  """Yields (row labels, q, k, v) of the two constructed distributions."""
   for kind in ("near-uniform", "skewed"):
-    q, k, v = constructed_qkv(kind, seq_len=seq_len, heads=heads, seed=seed)
-    dense = masked_attention_reference(q, k, v, jnp.ones((1, heads, -(-seq_len // block_q), -(-seq_len // block_kv)), bool),
-                                       block_q=block_q, block_kv=block_kv)
+    yield {"distribution": kind}, *constructed_qkv(kind, seq_len=seq_len, heads=heads, seed=seed)
+
+
+def teacher_sources(workdir: str, *, times=(0.1, 0.5, 0.9), num_videos: int = 2):
+  """Yields (row labels, q, k, v) of the teacher's self-attention (float32 [videos, seq, heads, head_dim])
+  at its first, middle and last layers, on held-out videos noised to each t."""
+  from experiments import evaluation  # noqa: PLC0415 (needs flax; the constructed case does not)
+  from sparge_jax.models.wan import AttentionConfig  # noqa: PLC0415
+  from train.configs import Config, from_dict  # noqa: PLC0415
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = from_dict(Config, json.load(f))
+  _, graphdef, params = evaluation.load_model(config, workdir, AttentionConfig(kind="dense"))
+  data = evaluation.held_out(config, num_videos)
+  last = config.model.num_layers - 1
+  for t in times:
+    x_t = (1 - t) * data["x0"] + t * data["noise"]
+    _, _, (q, k, v) = evaluation.forward(graphdef, params, x_t, np.full(num_videos, t, np.float32), data["context"],
+                                         lambda q, k, v: (q, k, v))
+    for layer in sorted({0, last // 2, last}):
+      yield ({"distribution": "teacher", "t": t, "layer": layer},
+             *(jnp.asarray(a[layer], jnp.float32) for a in (q, k, v)))
+
+
+def run(sources, *, sparsities, block_q: int, block_kv: int):
+  rows = []
+  for labels, q, k, v in sources:
+    batch, seq_len, heads = q.shape[:3]
+    full = jnp.ones((batch, heads, -(-seq_len // block_q), -(-seq_len // block_kv)), bool)
+    dense = masked_attention_reference(q, k, v, full, block_q=block_q, block_kv=block_kv)
     for target in sparsities:
       for rule in RULES:
         params, mask = tune(rule, q, k, target, block_q=block_q, block_kv=block_kv)
         out = attention.block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv, backend="xla")
-        rows.append(dict(distribution=kind, target_sparsity=target, rule=rule, **params,
+        rows.append(dict(**labels, target_sparsity=target, rule=rule, **params,
                          sparsity=realized_sparsity(mask), rel_l1=relative_l1(out, dense)))
-        print(f"{kind:>12} s={target:.2f} {rule:>6}: sparsity {rows[-1]['sparsity']:.3f} "
+        print(f"{labels} s={target:.2f} {rule:>6}: sparsity {rows[-1]['sparsity']:.3f} "
               f"L1 {rows[-1]['rel_l1']:.4f}  {params}", flush=True)
   return rows
 
 
 def plot(rows, path):
+  """One panel per distribution (teacher rows: one per t, averaged over layers at each target)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-  for ax, kind in zip(axes, ("near-uniform", "skewed")):
+  panels = sorted({(r["distribution"], r.get("t")) for r in rows}, key=lambda p: (p[0], p[1] or 0))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
+  for ax, (kind, t) in zip(axes[0], panels):
     for rule in RULES:
-      pts = sorted((r["sparsity"], r["rel_l1"]) for r in rows if r["distribution"] == kind and r["rule"] == rule)
+      mine = [r for r in rows if r["distribution"] == kind and r.get("t") == t and r["rule"] == rule]
+      targets = sorted({r["target_sparsity"] for r in mine})
+      pts = [(np.mean([r["sparsity"] for r in mine if r["target_sparsity"] == s]),
+              np.mean([r["rel_l1"] for r in mine if r["target_sparsity"] == s])) for s in targets]
       ax.plot(*zip(*pts), marker="o", label=rule)
-    ax.set_title(f"{kind} attention")
+    ax.set_title(f"{kind} attention" + ("" if t is None else f", t = {t} (mean over layers)"))
     ax.set_xlabel("realized block sparsity")
     ax.set_ylabel("relative L1 error of output")
     ax.grid(alpha=0.3)
@@ -135,17 +172,31 @@ def main(argv=None):
   parser.add_argument("--block-q", type=int, default=128)
   parser.add_argument("--block-kv", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="docs/results/mask_rules.json")
-  parser.add_argument("--figure", default="docs/figures/mask_rules.png")
+  parser.add_argument("--teacher", default=None, help="a teacher workdir: measure on its attention instead")
+  parser.add_argument("--times", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="with --teacher: noise levels t")
+  parser.add_argument("--out", default=None, help="default docs/results/mask_rules[_teacher].json")
+  parser.add_argument("--figure", default=None, help="default docs/figures/mask_rules[_teacher].png")
   args = parser.parse_args(argv)
   if args.seq_len < args.block_kv or args.heads < 1:
     parser.error("--seq-len must be at least one kv block and --heads >= 1")
   if not all(0 < s < 1 for s in args.sparsity):
     parser.error("--sparsity values must lie in (0, 1)")
-  rows = run(seq_len=args.seq_len, heads=args.heads, sparsities=args.sparsity, block_q=args.block_q,
-             block_kv=args.block_kv, seed=args.seed)
-  write_results(args.out, {"command": "python -m experiments.mask_rules", "seq_len": args.seq_len,
-                           "heads": args.heads, "head_dim": HEAD_DIM, "rows": rows})
+  if args.teacher is not None and not os.path.isfile(os.path.join(args.teacher, "config.json")):
+    parser.error(f"--teacher {args.teacher!r}: no teacher workdir (config.json missing)")
+  if not all(0 < t < 1 for t in args.times):
+    parser.error("--times values must lie in (0, 1)")
+  suffix = "" if args.teacher is None else "_teacher"
+  args.out = args.out or f"docs/results/mask_rules{suffix}.json"
+  args.figure = args.figure or f"docs/figures/mask_rules{suffix}.png"
+  if args.teacher is None:
+    sources = constructed_sources(seq_len=args.seq_len, heads=args.heads, seed=args.seed)
+    setup = {"command": "python -m experiments.mask_rules", "seq_len": args.seq_len, "heads": args.heads,
+             "head_dim": HEAD_DIM}
+  else:
+    sources = teacher_sources(args.teacher, times=tuple(args.times))
+    setup = {"command": f"python -m experiments.mask_rules --teacher {args.teacher}", "times": args.times}
+  rows = run(sources, sparsities=args.sparsity, block_q=args.block_q, block_kv=args.block_kv)
+  write_results(args.out, {**setup, "rows": rows})
   plot(rows, args.figure)
   print(f"wrote {args.out} and {args.figure}")
 

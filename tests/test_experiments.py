@@ -41,10 +41,23 @@ def test_pipeline_runs_end_to_end_at_tiny_size(tmp_path):
   assert train_teacher.main(["--workdir", str(teacher), "--data_dir", str(data), "--num_examples", "8",
                              "--num_videos", "2", "--num_steps", "2", *TINY]) == 0
   assert (teacher / "samples.gif").stat().st_size > 1000
-  assert finetune.main([*common, "--workdir", str(runs), "--data_dir", str(data), "--seeds", "1", "--steps", "1",
-                        "--sparsities", "0.5", "--eval_examples", "2", "--sample_videos", "1", "--sample_steps", "2",
-                        "--block_q", "32", "--block_kv", "16", "--out", str(results / "finetune.json")]) == 0
+  assert mask_rules.main(["--teacher", str(teacher), "--times", "0.5", "--sparsity", "0.5", "--block-q", "32",
+                          "--block-kv", "16", "--out", str(results / "mask_rules_teacher.json"),
+                          "--figure", str(tmp_path / "figures" / "mask_rules_teacher.png")]) is None
+  teacher_rows = json.loads((results / "mask_rules_teacher.json").read_text())["rows"]
+  assert {(r["layer"], r["rule"]) for r in teacher_rows} == {(0, rule) for rule in mask_rules.RULES}  # 1 layer
+  assert all(r["t"] == 0.5 and 0 < r["rel_l1"] < 1 for r in teacher_rows)
+  frames = tmp_path / "figures" / "sample_frames.png"
+  finetune_args = [*common, "--workdir", str(runs), "--data_dir", str(data), "--seeds", "1", "--steps", "1",
+                   "--sparsities", "0.5", "--eval_examples", "2", "--sample_videos", "1", "--sample_steps", "2",
+                   "--block_q", "32", "--block_kv", "16", "--out", str(results / "finetune.json"),
+                   "--frames_figure", str(frames)]
+  # A budget too small for any run still writes what it has (nothing), marked incomplete; the next call resumes.
+  assert finetune.main([*finetune_args, "--minutes", "1e-6"]) == 0
+  assert json.loads((results / "finetune.json").read_text())["complete"] is False
+  assert finetune.main(finetune_args) == 0
   out = json.loads((results / "finetune.json").read_text())
+  assert out["complete"] is True and frames.stat().st_size > 5_000
   assert {r["condition"] for r in out["summary"]} == set(finetune.CONDITIONS) | {"full+diffusion-unlike"}
   for row in out["runs"]:
     assert row["velocity_mse"] >= 0 and -1 <= row["ssim"] <= 1 and 0 <= row["sparsity"] < 1
@@ -59,3 +72,14 @@ def test_pipeline_runs_end_to_end_at_tiny_size(tmp_path):
                       "--figures", str(tmp_path / "figures")]) == 0
   text = (tmp_path / "RESULTS.md").read_text()
   assert "distill-hybrid" in text and "Not run yet (`python -m experiments.mask_rules`)" in text
+  assert "teacher's own attention" in text and "| 0.5 | 0.50 | hybrid |" in text
+  assert "figures/sample_frames.png" in text and "Incomplete" not in text
+
+
+def test_run_all_reads_the_teacher_step_from_finished_checkpoints_only(tmp_path):
+  from experiments import run_all
+  assert run_all.teacher_step(str(tmp_path)) == 0
+  for name in ("500", "1000", "1500.orbax-checkpoint-tmp-3"):
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
+  assert run_all.teacher_step(str(tmp_path)) == 1000
+  assert run_all.main(["--minutes", "1"]) == 1  # named error, before any stage runs

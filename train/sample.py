@@ -75,16 +75,22 @@ def sample_pair(config: Config, workdir: str, *, num_videos: int, num_steps: int
     return np.asarray(teacher), np.asarray(student), teacher_source
 
 
-def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -> None:
-    import imageio.v3 as iio  # noqa: PLC0415 (only needed here)
-
-    pixels = teacher.reshape(-1, teacher.shape[-1])
+def rgb_projection(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(basis [channels, 3], low, high) for `to_rgb`: the reference latents' top 3 principal directions,
+    scaled to their 1st-99th percentiles, so every video shown beside it uses the same colours."""
+    pixels = reference.reshape(-1, reference.shape[-1])
     centred = pixels - pixels.mean(0)
     basis = np.linalg.svd(centred, full_matrices=False)[2][:3].T  # [channels, 3]
     if basis.shape[1] < 3:
         basis = np.pad(basis, ((0, 0), (0, 3 - basis.shape[1])))
     projected = pixels @ basis
-    low, high = np.percentile(projected, 1, axis=0), np.percentile(projected, 99, axis=0) + 1e-6
+    return basis, np.percentile(projected, 1, axis=0), np.percentile(projected, 99, axis=0) + 1e-6
+
+
+def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -> None:
+    import imageio.v3 as iio  # noqa: PLC0415 (only needed here)
+
+    basis, low, high = rgb_projection(teacher)
     # Grey level: 4 x the mean absolute difference over channels, relative to the teacher's value range.
     difference = 4 * np.abs(teacher - student).mean(-1, keepdims=True) / (teacher.max() - teacher.min() + 1e-6)
     grey = (np.clip(difference, 0, 1).repeat(3, -1).repeat(scale, -2).repeat(scale, -3) * 255).astype(np.uint8)

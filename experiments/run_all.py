@@ -1,0 +1,97 @@
+"""Every issue-6 experiment in order, inside one time budget (one GPU lease).
+
+    python -m experiments.run_all --minutes 25
+
+Stages, each the documented command run as a subprocess (so each is exactly what `experiments/README.md`
+lists): constructed mask rules; the teacher (a short first piece that measures the step time, then as
+many steps as the teacher's share of the budget allows, then its samples at whatever step it reached);
+mask rules on the teacher's attention; the fine-tuning grid (seed-major, cut where the budget ends);
+concentration; the report. Wall times per command go to `docs/results/run_times.json` and the report.
+Re-running resumes: every stage skips what is already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from experiments import configs, evaluation
+from train.configs import cli
+
+FLAGS = {"minutes": 25.0, "teacher_share": 0.4, "teacher": "runs/experiments/teacher", "finetune_steps": 200,
+         "seeds": 3, "results": "docs/results"}
+# Kept back from the fine-tuning grid for the stages after it (concentration, report) and process start-ups.
+TAIL_S = 150.0
+
+
+def _check(_, flags) -> None:
+    if flags["minutes"] <= 2:
+        raise ValueError(f"--minutes must be > 2, got {flags['minutes']}")
+    if not 0 < flags["teacher_share"] < 1:
+        raise ValueError(f"--teacher_share must be in (0, 1), got {flags['teacher_share']}")
+    if flags["finetune_steps"] < 1 or flags["seeds"] < 1:
+        raise ValueError("--finetune_steps and --seeds must be >= 1")
+
+
+def teacher_step(workdir: str) -> int:
+    """The newest finished checkpoint's step (orbax names finished ones by the bare step number).
+
+    Read from the directory names: this process must not start a JAX backend, which would take GPU memory
+    from the stages it launches."""
+    path = os.path.join(workdir, "checkpoints")
+    steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
+    return max(steps, default=0)
+
+
+def device_name(env) -> str:
+    return subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"], env=env,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+    if code is not None:
+        return code
+    start, budget = time.time(), 60 * flags["minutes"]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                                                      "runs/experiments/jax-cache")}
+    stages, device = [], device_name(env)
+
+    def stage(*args: str) -> None:
+        command = [sys.executable, "-m", *args]
+        shown = "python -m " + " ".join(args)
+        print(f"\n=== {shown}  ({(time.time() - start) / 60:.1f} of {flags['minutes']:.0f} min used)", flush=True)
+        began = time.time()
+        subprocess.run(command, env=env, check=True)
+        stages.append({"command": shown, "seconds": time.time() - began})
+        evaluation.write_json(os.path.join(flags["results"], "run_times.json"), {"device": device, "stages": stages})
+
+    left = lambda: budget - (time.time() - start)  # noqa: E731
+    teacher = flags["teacher"]
+    stage("experiments.mask_rules")
+    if not os.path.isfile(os.path.join(teacher, "teacher_done.json")):
+        stage("experiments.train_teacher", "--workdir", teacher, "--minutes", "2.5")  # measures the step time
+        teacher_minutes = flags["teacher_share"] * flags["minutes"] - (time.time() - start) / 60
+        if teacher_minutes > 2 and teacher_step(teacher) < configs.teacher().steps:
+            stage("experiments.train_teacher", "--workdir", teacher, "--minutes", f"{teacher_minutes:.2f}")
+        if not os.path.isfile(os.path.join(teacher, "teacher_done.json")):
+            # Out of teacher time: its samples and "done" at the step it reached (recorded in teacher_done.json).
+            stage("experiments.train_teacher", "--workdir", teacher, f"--config.steps={teacher_step(teacher)}")
+    stage("experiments.mask_rules", "--teacher", teacher)
+    finetune_minutes = (left() - TAIL_S) / 60
+    if finetune_minutes > 1:
+        stage("experiments.finetune", "--teacher", teacher, "--minutes", f"{finetune_minutes:.2f}",
+              "--steps", str(flags["finetune_steps"]), "--seeds", str(flags["seeds"]))
+    stage("experiments.concentration", "--teacher", teacher)
+    stage("experiments.report")
+    print(f"\nall stages done in {(time.time() - start) / 60:.1f} min; see docs/RESULTS.md")
+    with open(os.path.join(flags["results"], "run_times.json")) as f:
+        print(json.dumps(json.load(f), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
