@@ -11,7 +11,8 @@ Conditions, per target sparsity (each trained one with every seed):
 and once: full+diffusion-unlike (dense attention, diffusion loss on data unlike the teacher's).
 
 Per-head topk/topp are tuned on the teacher's attention on the held-out x_t (bisection per head, as
-``experiments.mask_rules.tune``: Top-k k = 1 - s; Top-p bisection on p; hybrid k = (1 - s)/2, bisection on p).
+``experiments.mask_rules.tune``: Top-k k = 1 - s; Top-p bisection on p; hybrid k = (1 - s)/2, bisection on p),
+Top-p and hybrid to the sparsity Top-k actually reaches (it rounds its block count up).
 Metrics on fixed held-out x_t (t spread over (0, 1)): velocity MSE against the teacher; self-attention
 relative L1 of the run's attention against dense attention on its own q, k, v (``attn_l1``) and against
 the teacher's dense attention output (``attn_l1_vs_teacher``); realized sparsity; PSNR and SSIM
@@ -199,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
 
     tuned_path = os.path.join(workdir, "tuned.json")
     if not os.path.isfile(tuned_path):
-        tuned = {f"{rule}@{s}": tune(graphdef, teacher_params, data, rule=rule, target=s, heads=heads,
-                                     block_q=block_q, block_kv=block_kv, backend=a.backend)
-                 for s in sparsities for rule in ("hybrid", "topk", "topp")}
+        tuned = {}
+        for s in sparsities:
+            # Top-k keeps whole blocks (ceil((1 - s) * n_kv) per row), so its sparsity is what it is; the other
+            # rules are tuned to Top-k's realized sparsity so that no rule gets more blocks than another.
+            kwargs = dict(heads=heads, block_q=block_q, block_kv=block_kv, backend=a.backend)
+            tuned[f"topk@{s}"] = tune(graphdef, teacher_params, data, rule="topk", target=s, **kwargs)
+            matched = float(np.mean(tuned[f"topk@{s}"]["sparsity"]))
+            for rule in ("hybrid", "topp"):
+                tuned[f"{rule}@{s}"] = tune(graphdef, teacher_params, data, rule=rule, target=matched, **kwargs)
         evaluation.write_json(tuned_path, tuned)
     with open(tuned_path) as f:
         tuned = json.load(f)

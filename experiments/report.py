@@ -3,7 +3,8 @@
     python -m experiments.report [--results docs/results] [--out docs/RESULTS.md] [--figures docs/figures]
 
 Reads whichever of mask_rules.json, finetune.json and concentration.json exist; a missing file gives a
-"not run yet" line, never a number.
+"not run yet" line, never a number. ``--notes`` (a hand-written reading of a run, if the file exists) is
+appended as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from train.configs import cli
 
-FLAGS = {"results": "docs/results", "out": "docs/RESULTS.md", "figures": "docs/figures"}
+FLAGS = {"results": "docs/results", "out": "docs/RESULTS.md", "figures": "docs/figures",
+         "notes": "experiments/notes.md"}
 METRICS = ("velocity_mse", "psnr", "ssim", "attn_l1", "attn_l1_vs_teacher", "sparsity")
 
 
@@ -39,7 +41,8 @@ def mask_rules_section(data) -> list[str]:
     lines = ["## 1. Mask rules at equal sparsity (constructed attention)", ""]
     if data is None:
         return lines + ["Not run yet (`python -m experiments.mask_rules`).", ""]
-    lines += [f"`{data['command']}`, seq {data['seq_len']}, {data['heads']} heads.", "",
+    lines += [f"`{data['command']}` on {data.get('device', 'an unrecorded device')}, seq {data['seq_len']}, "
+              f"{data['heads']} heads.", "",
               "| distribution | target sparsity | rule | realized sparsity | relative L1 |", "|---|---|---|---|---|"]
     lines += [f"| {r['distribution']} | {r['target_sparsity']:.2f} | {r['rule']} | {r['sparsity']:.3f} | "
               f"{r['rel_l1']:.4f} |" for r in data["rows"]]
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += mask_rules_teacher_section(_load(results, "mask_rules_teacher.json"))
     lines += finetune_section(_load(results, "finetune.json"), figures)
     lines += concentration_section(_load(results, "concentration.json"), figures)
+    if flags["notes"] and os.path.isfile(flags["notes"]):
+        with open(flags["notes"]) as f:
+            lines += ["", f.read()]
     os.makedirs(os.path.dirname(flags["out"]) or ".", exist_ok=True)
     tmp = f"{flags['out']}.tmp"
     with open(tmp, "w") as f:

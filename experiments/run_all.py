@@ -8,12 +8,17 @@ many steps as the teacher's share of the budget allows, then its samples at what
 mask rules on the teacher's attention; the fine-tuning grid (seed-major, cut where the budget ends);
 concentration; the report. Wall times per command go to `docs/results/run_times.json` and the report.
 Re-running resumes: every stage skips what is already on disk.
+
+Outputs are written under `runs/experiments/docs/` (git-ignored) and copied into `docs/` when all stages are
+done: a remote runner that re-syncs the working tree between calls (as the device tool does) deletes
+untracked files it did not send, and a run spans several calls.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +27,7 @@ from experiments import configs, evaluation
 from train.configs import cli
 
 FLAGS = {"minutes": 25.0, "teacher_share": 0.4, "teacher": "runs/experiments/teacher", "finetune_steps": 200,
-         "seeds": 3, "results": "docs/results"}
+         "seeds": 3, "staging": "runs/experiments/docs", "docs": "docs"}
 # Kept back from the fine-tuning grid for the stages after it (concentration, report) and process start-ups.
 TAIL_S = 150.0
 
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR",
                                                                       "runs/experiments/jax-cache")}
     stages, device = [], device_name(env)
+    staging = flags["staging"]
+    results, figures = os.path.join(staging, "results"), os.path.join(staging, "figures")
+    out = lambda name: os.path.join(results, name)  # noqa: E731
 
     def stage(*args: str) -> None:
         command = [sys.executable, "-m", *args]
@@ -67,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         began = time.time()
         subprocess.run(command, env=env, check=True)
         stages.append({"command": shown, "seconds": time.time() - began})
-        evaluation.write_json(os.path.join(flags["results"], "run_times.json"), {"device": device, "stages": stages})
+        evaluation.write_json(out("run_times.json"), {"device": device, "stages": stages})
 
     left = lambda: budget - (time.time() - start)  # noqa: E731
     teacher = flags["teacher"]
-    stage("experiments.mask_rules")
+    stage("experiments.mask_rules", "--out", out("mask_rules.json"), "--figure", os.path.join(figures, "mask_rules.png"))
     if not os.path.isfile(os.path.join(teacher, "teacher_done.json")):
         stage("experiments.train_teacher", "--workdir", teacher, "--minutes", "2.5")  # measures the step time
         teacher_minutes = flags["teacher_share"] * flags["minutes"] - (time.time() - start) / 60
@@ -80,15 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(teacher, "teacher_done.json")):
             # Out of teacher time: its samples and "done" at the step it reached (recorded in teacher_done.json).
             stage("experiments.train_teacher", "--workdir", teacher, f"--config.steps={teacher_step(teacher)}")
-    stage("experiments.mask_rules", "--teacher", teacher)
+    os.makedirs(figures, exist_ok=True)
+    shutil.copyfile(os.path.join(teacher, "samples.gif"), os.path.join(figures, "teacher_samples.gif"))
+    stage("experiments.mask_rules", "--teacher", teacher, "--out", out("mask_rules_teacher.json"),
+          "--figure", os.path.join(figures, "mask_rules_teacher.png"))
     finetune_minutes = (left() - TAIL_S) / 60
     if finetune_minutes > 1:
         stage("experiments.finetune", "--teacher", teacher, "--minutes", f"{finetune_minutes:.2f}",
-              "--steps", str(flags["finetune_steps"]), "--seeds", str(flags["seeds"]))
-    stage("experiments.concentration", "--teacher", teacher)
-    stage("experiments.report")
-    print(f"\nall stages done in {(time.time() - start) / 60:.1f} min; see docs/RESULTS.md")
-    with open(os.path.join(flags["results"], "run_times.json")) as f:
+              "--steps", str(flags["finetune_steps"]), "--seeds", str(flags["seeds"]), "--out", out("finetune.json"),
+              "--frames_figure", os.path.join(figures, "sample_frames.png"))
+    stage("experiments.concentration", "--teacher", teacher, "--out", out("concentration.json"))
+    stage("experiments.report", "--results", results, "--figures", figures, "--out", os.path.join(staging, "RESULTS.md"))
+    shutil.copytree(staging, flags["docs"], dirs_exist_ok=True)
+    print(f"\nall stages done in {(time.time() - start) / 60:.1f} min; copied {staging} into {flags['docs']}/")
+    with open(out("run_times.json")) as f:
         print(json.dumps(json.load(f), indent=1))
     return 0
 
