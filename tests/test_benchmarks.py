@@ -29,3 +29,13 @@ def test_plot_writes_a_figure(tmp_path):
   assert out.stat().st_size > 10_000
   with pytest.raises(SystemExit):
     plot.main([str(tmp_path / "missing.json"), "--out", str(out)])
+
+
+def test_index_table_variants_agree_with_the_library(tmp_path):
+  import json
+  from benchmarks import index_tables
+  out = tmp_path / "tables.json"
+  index_tables.main(["--heads", "2", "--rows", "9", "--cols", "37", "--sparsity", "0.9", "0.0", "--out", str(out)])
+  rows = json.loads(out.read_text())["results"]
+  assert len(rows) == 2 * len(index_tables.VARIANTS)
+  assert all(r["equal"] and r["ms"] > 0 for r in rows)
