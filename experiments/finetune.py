@@ -17,7 +17,8 @@ Metrics on fixed held-out x_t (t spread over (0, 1)): velocity MSE against the t
 relative L1 of the run's attention against dense attention on its own q, k, v (``attn_l1``) and against
 the teacher's dense attention output (``attn_l1_vs_teacher``); realized sparsity; PSNR and SSIM
 (``experiments.evaluation.ssim``) of Euler samples against the teacher's from the same noise and captions.
-Writes each run's ``eval.json`` in its workdir, then ``--out`` (mean, std and per-seed values; also when
+``--shard i/n`` runs every n-th run of the plan from the i-th (one process per GPU, same workdir); a later call
+without it collects them all. Writes each run's ``eval.json`` in its workdir, then ``--out`` (mean, std and per-seed values; also when
 ``--minutes`` cuts the plan short, with ``"complete": false``) and ``--frames_figure`` (sample frames of the
 teacher, training-free, sparse+diffusion and distill-hybrid students at the highest sparsity, side by side).
 """
@@ -45,7 +46,7 @@ from train.sample import psnr, rgb_projection, to_rgb
 FLAGS = {"teacher": "runs/experiments/teacher", "workdir": "runs/experiments/finetune",
          "data_dir": configs.DATA_DIR, "minutes": 10.0, "seeds": 3, "steps": 200, "sparsities": "0.9,0.95",
          "eval_examples": 8, "sample_videos": 4, "sample_steps": 30, "block_q": 128, "block_kv": 64,
-         "out": "docs/results/finetune.json", "frames_figure": "docs/figures/sample_frames.png"}
+         "out": "docs/results/finetune.json", "frames_figure": "docs/figures/sample_frames.png", "shard": "0/1"}
 CONDITIONS = ("training-free", "sparse+diffusion", "distill-hybrid", "distill-topk", "distill-topp")
 RULE = {"training-free": "hybrid", "sparse+diffusion": "hybrid", "distill-hybrid": "hybrid",
         "distill-topk": "topk", "distill-topp": "topp"}
@@ -169,7 +170,19 @@ def _sparsities(flags) -> list[float]:
     return [float(s) for s in flags["sparsities"].split(",") if s.strip()]
 
 
+def _shard(flags) -> tuple[int, int]:
+    """--shard "i/n": this process runs plan entries i, i + n, ... (e.g. one process per GPU)."""
+    try:
+        index, count = (int(p) for p in flags["shard"].split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be 'i/n' with 0 <= i < n, got {flags['shard']!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard must be 'i/n' with 0 <= i < n, got {flags['shard']!r}")
+    return index, count
+
+
 def _check(_, flags) -> None:
+    _shard(flags)
     sparsities = _sparsities(flags)
     if not sparsities or not all(0 < s < 1 for s in sparsities):
         raise ValueError(f"--sparsities must be comma-separated values in (0, 1), got {flags['sparsities']!r}")
@@ -228,19 +241,19 @@ def main(argv: list[str] | None = None) -> int:
             "sample_steps": flags["sample_steps"], "tuned": tuned, "summary": summarise(rows), "runs": rows})
         write_frames_figure(workdir, max(sparsities), flags["frames_figure"])
 
-    longest, rows = 0.0, []
-    for run in plan(sparsities, flags["seeds"]):
+    longest, rows, left_over = 0.0, [], []
+    shard, shards = _shard(flags)
+    for i, run in enumerate(plan(sparsities, flags["seeds"])):
         run_dir = os.path.join(workdir, run_name(run))
         eval_path = os.path.join(run_dir, "eval.json")
         if os.path.isfile(eval_path):
             with open(eval_path) as f:
                 rows.append(json.load(f))
             continue
-        if time.time() - start + longest > 60 * flags["minutes"]:
-            finish(rows, complete=False)
-            print(f"stopping before {run_name(run)}: the next run may not fit in --minutes; run again to continue "
-                  f"(wrote the {len(rows)} runs so far to {flags['out']})")
-            return 0
+        # Another shard's run, or one that may not fit in what is left of --minutes.
+        if i % shards != shard or time.time() - start + longest > 60 * flags["minutes"]:
+            left_over.append(run_name(run))
+            continue
         run_start = time.time()
         if run["target_sparsity"] is None:
             attention_config, loss, data_path = AttentionConfig(kind="dense"), "diffusion", os.path.join(
@@ -271,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         longest = max(longest, row["run_seconds"])
         print(f"{row['name']}: " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS), flush=True)
 
-    finish(rows, complete=True)
-    print(f"finetune done; wrote {flags['out']} and {flags['frames_figure']}")
+    finish(rows, complete=not left_over)
+    if left_over:
+        print(f"{len(left_over)} runs not done here (other shards', or past --minutes: {', '.join(left_over)}); "
+              f"wrote the {len(rows)} done so far to {flags['out']}; run again to continue")
+    else:
+        print(f"finetune done; wrote {flags['out']} and {flags['frames_figure']}")
     return 0
 
 

@@ -1,11 +1,13 @@
 """Every issue-6 experiment in order, inside one time budget (one GPU lease).
 
     python -m experiments.run_all --minutes 25
+    python -m experiments.run_all --minutes 20 --gpus 2      # fine-tuning grid split over 2 GPUs
 
 Stages, each the documented command run as a subprocess (so each is exactly what `experiments/README.md`
 lists): constructed mask rules; the teacher (a short first piece that measures the step time, then as
 many steps as the teacher's share of the budget allows, then its samples at whatever step it reached);
-mask rules on the teacher's attention; the fine-tuning grid (seed-major, cut where the budget ends);
+mask rules on the teacher's attention; the fine-tuning grid (seed-major, cut where the budget ends; with
+``--gpus N``, N processes each on its own GPU run every N-th run, then one pass collects them);
 concentration; the report. Wall times per command go to `docs/results/run_times.json` and the report.
 Re-running resumes: every stage skips what is already on disk.
 
@@ -27,7 +29,7 @@ from experiments import configs, evaluation
 from train.configs import cli
 
 FLAGS = {"minutes": 25.0, "teacher_share": 0.4, "teacher": "runs/experiments/teacher", "finetune_steps": 200,
-         "seeds": 3, "staging": "runs/experiments/docs", "docs": "docs"}
+         "seeds": 3, "staging": "runs/experiments/docs", "docs": "docs", "gpus": 1}
 # Kept back from the fine-tuning grid for the stages after it (concentration, report) and process start-ups.
 TAIL_S = 150.0
 
@@ -37,8 +39,8 @@ def _check(_, flags) -> None:
         raise ValueError(f"--minutes must be > 2, got {flags['minutes']}")
     if not 0 < flags["teacher_share"] < 1:
         raise ValueError(f"--teacher_share must be in (0, 1), got {flags['teacher_share']}")
-    if flags["finetune_steps"] < 1 or flags["seeds"] < 1:
-        raise ValueError("--finetune_steps and --seeds must be >= 1")
+    if flags["finetune_steps"] < 1 or flags["seeds"] < 1 or flags["gpus"] < 1:
+        raise ValueError("--finetune_steps, --seeds and --gpus must be >= 1")
 
 
 def teacher_step(workdir: str) -> int:
@@ -93,10 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     stage("experiments.mask_rules", "--teacher", teacher, "--out", out("mask_rules_teacher.json"),
           "--figure", os.path.join(figures, "mask_rules_teacher.png"))
     finetune_minutes = (left() - TAIL_S) / 60
-    if finetune_minutes > 1:
-        stage("experiments.finetune", "--teacher", teacher, "--minutes", f"{finetune_minutes:.2f}",
-              "--steps", str(flags["finetune_steps"]), "--seeds", str(flags["seeds"]), "--out", out("finetune.json"),
-              "--frames_figure", os.path.join(figures, "sample_frames.png"))
+    finetune = ["experiments.finetune", "--teacher", teacher, "--steps", str(flags["finetune_steps"]),
+                "--seeds", str(flags["seeds"]), "--out", out("finetune.json"),
+                "--frames_figure", os.path.join(figures, "sample_frames.png")]
+    if finetune_minutes > 1 and flags["gpus"] == 1:
+        stage(*finetune, "--minutes", f"{finetune_minutes:.2f}")
+    elif finetune_minutes > 1:
+        gpus = flags["gpus"]
+        shown = f"python -m {' '.join(finetune)} --minutes {finetune_minutes:.2f} --shard i/{gpus} (i < {gpus}, one per GPU)"
+        print(f"\n=== {shown}", flush=True)
+        began = time.time()
+        shards = [subprocess.Popen([sys.executable, "-m", *finetune, "--minutes", f"{finetune_minutes:.2f}",
+                                    "--shard", f"{i}/{gpus}"], env={**env, "CUDA_VISIBLE_DEVICES": str(i)})
+                  for i in range(gpus)]
+        if any(p.wait() for p in shards):
+            raise RuntimeError("a fine-tuning shard failed; see its output above")
+        stages.append({"command": shown, "seconds": time.time() - began})
+        stage(*finetune, "--minutes", "0.01")  # collects every shard's runs into one summary; runs nothing new
     stage("experiments.concentration", "--teacher", teacher, "--out", out("concentration.json"))
     stage("experiments.report", "--results", results, "--figures", figures, "--out", os.path.join(staging, "RESULTS.md"))
     shutil.copytree(staging, flags["docs"], dirs_exist_ok=True)

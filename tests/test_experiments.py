@@ -55,9 +55,17 @@ def test_pipeline_runs_end_to_end_at_tiny_size(tmp_path):
   # A budget too small for any run still writes what it has (nothing), marked incomplete; the next call resumes.
   assert finetune.main([*finetune_args, "--minutes", "1e-6"]) == 0
   assert json.loads((results / "finetune.json").read_text())["complete"] is False
+  # Shard 1 of 2 runs every other run of the plan; a call without --shard does the rest and collects all.
+  assert finetune.main([*finetune_args, "--shard", "1/2"]) == 0
+  partial = json.loads((results / "finetune.json").read_text())
+  plan = finetune.plan([0.5], 1)
+  assert partial["complete"] is False and {r["name"] for r in partial["runs"]} == {
+      finetune.run_name(r) for r in plan[1::2]}
+  assert finetune.main([*finetune_args, "--shard", "2/2"]) == 1  # named error, before any work
   assert finetune.main(finetune_args) == 0
   out = json.loads((results / "finetune.json").read_text())
   assert out["complete"] is True and frames.stat().st_size > 5_000
+  assert sorted(r["name"] for r in out["runs"]) == sorted(finetune.run_name(r) for r in plan)
   assert {r["condition"] for r in out["summary"]} == set(finetune.CONDITIONS) | {"full+diffusion-unlike"}
   for row in out["runs"]:
     assert row["velocity_mse"] >= 0 and -1 <= row["ssim"] <= 1 and 0 <= row["sparsity"] < 1
