@@ -80,22 +80,25 @@ def _check_forward(out, lse, q, k, v, mask, block_q):
   np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
 
 
+def _check_backward(grads, q, k, v, d_out, mask, block_q):
+  """dq, dk, dv against the float32 reference's vjp: shapes, dtypes, finite, close."""
+  f32 = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q, block_kv=BLOCK_KV)
+  _, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, pullback(f32(d_out)), (q, k, v)):
+    assert grad.shape == x.shape and grad.dtype == x.dtype, name
+    assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
+    assert cases.rel_err(grad, ref_grad) <= TOL[q.dtype.type], (name, cases.rel_err(grad, ref_grad))
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_and_backward_match_reference(case):
   *shape, block_q, dtype, forward_tuning, backward_tuning = case
   q, k, v, d_out, mask = _problem(len(shape) + shape[1], *shape, block_q, dtype)
   out, lse = _forward(q, k, v, mask, block_q, **forward_tuning)
   _check_forward(out, lse, q, k, v, mask, block_q)
-
-  f32 = lambda x: x.astype(jnp.float32)
-  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
-                                                         block_kv=BLOCK_KV)
-  _, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, **backward_tuning)
-  for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, pullback(f32(d_out)), (q, k, v)):
-    assert grad.shape == x.shape and grad.dtype == x.dtype, name
-    assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
-    assert cases.rel_err(grad, ref_grad) <= TOL[dtype], (name, cases.rel_err(grad, ref_grad))
+  _check_backward(_backward(q, k, v, out, lse, d_out, mask, block_q, **backward_tuning), q, k, v, d_out, mask,
+                  block_q)
 
 
 def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
@@ -117,12 +120,9 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
 
   f32 = lambda x: x.astype(jnp.float32)
-  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
-                                                         block_kv=BLOCK_KV)
-  ref_out, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  ref_out = masked_attention_reference(f32(q), f32(k), f32(v), mask, block_q=block_q, block_kv=BLOCK_KV)
   assert cases.rel_err(out, ref_out) <= TOL[jnp.float16]
-  for grad, ref_grad in zip(grads, pullback(f32(d_out))):
-    assert cases.rel_err(grad, ref_grad) <= TOL[jnp.float16]
+  _check_backward(grads, q, k, v, d_out, mask, block_q)
 
 
 def test_forward_variants_match_reference_without_races(capsys):
@@ -168,12 +168,7 @@ def test_persistent_backward_matches_reference_without_races(capsys):
   assert not get_races().races_found  # the dK/dV kernel, the last one run
   assert "RACE DETECTED" not in capsys.readouterr().out  # both kernels
 
-  f32 = lambda x: x.astype(jnp.float32)
-  reference = lambda q, k, v: masked_attention_reference(q, k, v, mask, block_q=block_q,
-                                                         block_kv=BLOCK_KV)
-  _, pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
-  for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, pullback(f32(d_out))):
-    assert cases.rel_err(grad, ref_grad) <= TOL[jnp.float16], name
+  _check_backward(grads, q, k, v, d_out, mask, block_q)
   dq, dk, dv = (np.asarray(g, np.float32) for g in grads)
   np.testing.assert_array_equal(dq[0, block_q:2 * block_q, 0], 0.0)
   np.testing.assert_array_equal(dk[0, 2 * BLOCK_KV:3 * BLOCK_KV, 1], 0.0)

@@ -403,19 +403,20 @@ def initialize_distributed(coordinator_address: str | None, num_processes: str |
     jax.distributed.initialize(address, int(count), int(index))
 
 
+def _check(config: Config, flags) -> None:
+    # Before validate(): it traces sparse_attention, which starts the XLA backend.
+    initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
+    validate(config)
+    if jax.process_count() > 1 and not flags["workdir"]:
+        raise ValueError("--workdir is required with several processes (they must share it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config, flags = cli.parse(sys.argv[1:] if argv is None else argv, PRESETS, "tiny", FLAGS)
-        # Before validate(): it traces sparse_attention, which starts the XLA backend.
-        initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
-        validate(config)
-        if jax.process_count() > 1 and not flags["workdir"]:
-            raise ValueError("--workdir is required with several processes (they must share it)")
-        workdir = flags["workdir"] or default_workdir(config)
-        summary = train(config, workdir)
-    except cli.HelpRequested as e:
-        print(f"{__doc__}\n{e}")
-        return 0
+    config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
+    if code is not None:
+        return code
+    try:  # a teacher that cannot be loaded, bad data, or a loss that stops being finite
+        summary = train(config, flags["workdir"] or default_workdir(config))
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -73,20 +73,25 @@ def teacher_examples(config: Config, num_examples: int, *, num_steps: int, shift
             yield {"latents": latents[row], "context": context[row]}
 
 
+def _check(config: Config, flags) -> None:
+    validate(config)
+    if not flags["out"]:
+        raise ValueError("--out is required: the dataset directory to create")
+    if flags["source"] not in ("synthetic", "teacher"):
+        raise ValueError(f"--source must be synthetic or teacher, got {flags['source']!r}")
+    for name in ("num_examples", "examples_per_shard", "num_steps"):
+        if flags[name] < 1:
+            raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config, flags = cli.parse(sys.argv[1:] if argv is None else argv, PRESETS, "tiny", FLAGS)
-        validate(config)
-        if not flags["out"]:
-            raise ValueError("--out is required: the dataset directory to create")
-        if flags["source"] not in ("synthetic", "teacher"):
-            raise ValueError(f"--source must be synthetic or teacher, got {flags['source']!r}")
-        for name in ("num_examples", "examples_per_shard", "num_steps"):
-            if flags[name] < 1:
-                raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-        if flags["source"] == "teacher" and config.teacher == "random":
-            print("note: --config.teacher=random samples an untrained model; pass a diffusers folder or a workdir")
-        n = flags["num_examples"]
+    config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
+    if code is not None:
+        return code
+    if flags["source"] == "teacher" and config.teacher == "random":
+        print("note: --config.teacher=random samples an untrained model; pass a diffusers folder or a workdir")
+    n = flags["num_examples"]
+    try:  # a teacher folder that cannot be loaded, or an --out that cannot be written
         if flags["source"] == "synthetic":
             shapes = synthetic(config, n)
             examples = (shapes.get(i) for i in range(n))
@@ -95,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                                         seed=flags["seed"])
         manifest = write_dataset(flags["out"], tqdm(examples, total=n, unit="video"),
                                  examples_per_shard=flags["examples_per_shard"])
-    except cli.HelpRequested as e:
-        print(f"{__doc__}\n{e}")
-        return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -102,26 +102,29 @@ def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -
     os.replace(tmp, path)
 
 
+def _check(_, flags) -> None:
+    workdir = flags["workdir"]
+    if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise ValueError(f"--workdir {workdir!r}: expected a distillation workdir with config.json")
+    for name in ("num_videos", "num_steps", "scale"):
+        if flags[name] < 1:
+            raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
+    if flags["shift"] <= 0:
+        raise ValueError(f"--shift must be > 0, got {flags['shift']}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _, flags = cli.parse(sys.argv[1:] if argv is None else argv, {"none": lambda: None}, "none", FLAGS)
-        workdir = flags["workdir"]
-        if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
-            raise ValueError(f"--workdir {workdir!r}: expected a distillation workdir with config.json")
-        for name in ("num_videos", "num_steps", "scale"):
-            if flags[name] < 1:
-                raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-        if flags["shift"] <= 0:
-            raise ValueError(f"--shift must be > 0, got {flags['shift']}")
+    _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+    if code is not None:
+        return code
+    workdir = flags["workdir"]
+    out = flags["out"] or os.path.join(workdir, "samples.gif")
+    try:  # a config.json of another version, a workdir without a checkpoint, a teacher that cannot be loaded
         with open(os.path.join(workdir, "config.json")) as f:
             config = from_dict(Config, json.load(f))
-        out = flags["out"] or os.path.join(workdir, "samples.gif")
         teacher, student, teacher_source = sample_pair(
             config, workdir, num_videos=flags["num_videos"], num_steps=flags["num_steps"], shift=flags["shift"],
             seed=flags["seed"])
-    except cli.HelpRequested as e:
-        print(f"{__doc__}\n{e}")
-        return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
