@@ -7,13 +7,14 @@
 For each attention distribution and target sparsity, every rule's parameter is tuned (bisection on the
 mean realized sparsity) so the three rules skip the same share of blocks; then the relative L1 error of the
 attention output, Σ|o − o_ref| / Σ|o_ref| in float32, is measured against dense attention. Writes
-`docs/results/mask_rules.json` and a plot `docs/figures/mask_rules.png`.
+`docs/results/mask_rules.json`, a plot `docs/figures/mask_rules.png` and mask heat maps (pooled P̄ and each
+rule's kept blocks at 0.90) `docs/figures/mask_heatmaps.png` beside it.
 
 Distributions (q, k, v: [1, seq, heads, 64]):
-- near-uniform: logits scaled down by a per-query factor in [0.05, 0.5], so rows of P̄ are flat to
-  different degrees (a fixed Top-k misses mass in the flattest rows);
-- skewed: an attention sink (the first kv block's keys aligned with every query), so one block eats most of
-  the mass (Top-p alone spends its budget there).
+- near-uniform: logits scaled down by a factor in (0.05, 0.5) varying slowly along the queries, so rows of
+  P̄ are flat to different degrees (a fixed Top-k misses mass in the flattest rows);
+- skewed: an attention sink (the first kv block's keys aligned with a direction every query shares to a
+  different degree), so in many rows one block eats most of the mass (Top-p alone spends its budget there).
 Both share local structure (neighbouring tokens share a slowly varying component) and smooth values.
 
 With `--teacher WORKDIR` (a workdir of `experiments.train_teacher`) the q, k, v are instead the trained
@@ -33,29 +34,46 @@ import numpy as np
 
 from benchmarks.timing import write_results
 from sparge_jax import attention
+from sparge_jax.mask import pooled_block_probs_reference
 from sparge_jax.reference import masked_attention_reference
 
 RULES = ("topk", "topp", "hybrid")
 HEAD_DIM = 64
 
 
+LOCAL_WINDOW = 256
+
+
+def local(key, shape):
+  """Unit-variance noise averaged over LOCAL_WINDOW neighbouring tokens along axis 1."""
+  noise = jax.random.normal(key, (shape[0], shape[1] + LOCAL_WINDOW, *shape[2:]))
+  total = jnp.cumsum(noise, axis=1)
+  return (total[:, LOCAL_WINDOW:] - total[:, :-LOCAL_WINDOW]) / LOCAL_WINDOW ** 0.5
+
+
 def constructed_qkv(kind: str, *, seq_len: int, heads: int, seed: int = 0):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 8)
   shape = (1, seq_len, heads, HEAD_DIM)
   q, k, v = (jax.random.normal(key, shape) for key in keys[:3])
-  # Local structure, as in video tokens: a slowly varying component shared along the sequence. Values
-  # vary smoothly too, so the exact output is far from zero and relative errors mean something.
-  walk = lambda key: jnp.cumsum(jax.random.normal(key, shape) * 0.25, axis=1) / seq_len ** 0.25
-  q, k, v = q + walk(keys[3]), k + walk(keys[3]), 0.5 * v + walk(keys[4])
+  # Local structure, as in video tokens: a component shared by neighbouring tokens (a moving average of
+  # noise over LOCAL_WINDOW tokens, unit variance everywhere, so no part of the sequence dominates). Values
+  # vary smoothly too and carry a per-channel mean, as real value projections do, so the exact output is
+  # far from zero and relative errors mean something.
+  channel_mean = jax.random.normal(keys[7], (1, 1, heads, HEAD_DIM))
+  q, k = q + local(keys[3], shape), k + local(keys[3], shape)
+  v = channel_mean + 0.5 * v + local(keys[4], shape)
   if kind == "near-uniform":
-    # Flat rows of varying flatness: each query's logits are scaled by a factor in [0.05, 0.5].
-    temperature = 0.05 + 0.45 * jax.random.uniform(keys[5], (1, seq_len, heads, 1))
+    # Flat rows of varying flatness: logits scaled by a factor in (0.05, 0.5) that varies slowly along the
+    # queries (over a few query blocks, so the pooled rows differ too, not only single tokens).
+    temperature = 0.05 + 0.45 * jax.nn.sigmoid(2.0 * local(keys[5], (1, seq_len, heads, 1)))
     return q * temperature, k * 0.5, v
   if kind == "skewed":
-    # Sink: the first 64 keys point along the mean query direction.
-    direction = jnp.mean(q, axis=1, keepdims=True)
+    # Sink: queries share a direction (with a strength in (0, 3) that varies slowly along the queries) and
+    # the first 64 keys point along it, so the first kv block takes from little to most of a row's mass.
+    direction = jax.random.normal(keys[5], (1, 1, heads, HEAD_DIM))
     direction = direction / jnp.linalg.norm(direction, axis=-1, keepdims=True)
-    return q, k.at[:, :64].add(6.0 * direction), v
+    strength = 3.0 * jax.nn.sigmoid(2.0 * local(keys[6], (1, seq_len, heads, 1)))
+    return q + strength * direction, k.at[:, :64].add(24.0 * direction), v
   raise ValueError(f"kind must be 'near-uniform' or 'skewed', got {kind!r}")
 
 
@@ -121,21 +139,65 @@ def teacher_sources(workdir: str, *, times=(0.1, 0.5, 0.9), num_videos: int = 2)
              *(jnp.asarray(a[layer], jnp.float32) for a in (q, k, v)))
 
 
-def run(sources, *, sparsities, block_q: int, block_kv: int):
-  rows = []
+def run(sources, *, sparsities, block_q: int, block_kv: int, heatmap_target: float = 0.9):
+  """Returns (rows, heatmaps): one row per (source, target, rule); for the target nearest ``heatmap_target``,
+  per source the pooled P̄ and every rule's mask of its first example and head (for `plot_masks`)."""
+  rows, heatmaps = [], []
+  shown_target = min(sparsities, key=lambda s: abs(s - heatmap_target))
   for labels, q, k, v in sources:
     batch, seq_len, heads = q.shape[:3]
     full = jnp.ones((batch, heads, -(-seq_len // block_q), -(-seq_len // block_kv)), bool)
     dense = masked_attention_reference(q, k, v, full, block_q=block_q, block_kv=block_kv)
+    probs = pooled_block_probs_reference(q, k, block_q=block_q, block_kv=block_kv, scale=q.shape[-1] ** -0.5)
+    heatmap = {"labels": labels, "target": shown_target, "probs": np.asarray(probs[0, 0]), "masks": {}}
+    heatmaps.append(heatmap)
     for target in sparsities:
       for rule in RULES:
         params, mask = tune(rule, q, k, target, block_q=block_q, block_kv=block_kv)
         out = attention.block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv, backend="xla")
         rows.append(dict(**labels, target_sparsity=target, rule=rule, **params,
                          sparsity=realized_sparsity(mask), rel_l1=relative_l1(out, dense)))
+        if target == shown_target:
+          heatmap["masks"][rule] = (np.asarray(mask[0, 0]), rows[-1]["sparsity"])
         print(f"{labels} s={target:.2f} {rule:>6}: sparsity {rows[-1]['sparsity']:.3f} "
               f"L1 {rows[-1]['rel_l1']:.4f}  {params}", flush=True)
-  return rows
+  return rows, heatmaps
+
+
+def _save(fig, path):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  os.replace(tmp, path)
+
+
+def plot_masks(heatmaps, path, *, max_rows: int = 3):
+  """Mask heat maps: per source (row), log10 P̄ of the first head, then each rule's kept blocks at the
+  shown target (teacher sources: the middle layer only)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  layers = sorted({h["labels"]["layer"] for h in heatmaps if "layer" in h["labels"]})
+  shown = [h for h in heatmaps if h["labels"].get("layer", None) in (None, layers[len(layers) // 2] if layers else None)]
+  shown = shown[:max_rows]
+  fig, axes = plt.subplots(len(shown), 1 + len(RULES), figsize=(3.2 * (1 + len(RULES)), 2.6 * len(shown)),
+                           squeeze=False)
+  for row, h in zip(axes, shown):
+    name = ", ".join(f"{k} {v}" for k, v in h["labels"].items())
+    row[0].imshow(np.log10(h["probs"] + 1e-9), aspect="auto", cmap="magma", interpolation="nearest")
+    row[0].set_title(f"{name}\nlog10 pooled P̄ (head 0)", fontsize=7)
+    for ax, rule in zip(row[1:], RULES):
+      mask, sparsity = h["masks"][rule]
+      ax.imshow(mask, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+      ax.set_title(f"{rule} at {h['target']:.2f}: head 0 keeps {mask.mean():.1%}\n(all heads: sparsity {sparsity:.3f})",
+                   fontsize=7)
+    for ax in row:
+      ax.set_xlabel("kv block", fontsize=7)
+      ax.set_ylabel("query block", fontsize=7)
+      ax.tick_params(labelsize=6)
+  fig.tight_layout()
+  _save(fig, path)
+  plt.close(fig)
 
 
 def plot(rows, path):
@@ -158,10 +220,8 @@ def plot(rows, path):
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  os.replace(tmp, path)
+  _save(fig, path)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -195,10 +255,12 @@ def main(argv=None):
   else:
     sources = teacher_sources(args.teacher, times=tuple(args.times))
     setup = {"command": f"python -m experiments.mask_rules --teacher {args.teacher}", "times": args.times}
-  rows = run(sources, sparsities=args.sparsity, block_q=args.block_q, block_kv=args.block_kv)
+  rows, heatmaps = run(sources, sparsities=args.sparsity, block_q=args.block_q, block_kv=args.block_kv)
   write_results(args.out, {**setup, "rows": rows})
   plot(rows, args.figure)
-  print(f"wrote {args.out} and {args.figure}")
+  masks_figure = os.path.join(os.path.dirname(args.figure), f"mask_heatmaps{suffix}.png")
+  plot_masks(heatmaps, masks_figure)
+  print(f"wrote {args.out}, {args.figure} and {masks_figure}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def test_mask_rules_tunes_rules_to_equal_sparsity(tmp_path):
     assert abs(row["sparsity"] - 0.9) < 0.02  # 20 kv blocks: Top-k keeps exactly 2
     assert 0.0 < row["rel_l1"] < 1.0
   assert figure.stat().st_size > 10_000
+  assert (tmp_path / "mask_heatmaps.png").stat().st_size > 10_000  # P̄ and every rule's mask, side by side
 
 
 TINY = ["--config.model.num_layers=1", "--config.model.num_attention_heads=2", "--config.model.attention_head_dim=16",
@@ -47,6 +48,7 @@ def test_pipeline_runs_end_to_end_at_tiny_size(tmp_path):
   teacher_rows = json.loads((results / "mask_rules_teacher.json").read_text())["rows"]
   assert {(r["layer"], r["rule"]) for r in teacher_rows} == {(0, rule) for rule in mask_rules.RULES}  # 1 layer
   assert all(r["t"] == 0.5 and 0 < r["rel_l1"] < 1 for r in teacher_rows)
+  assert (tmp_path / "figures" / "mask_heatmaps_teacher.png").is_file()
   frames = tmp_path / "figures" / "sample_frames.png"
   finetune_args = [*common, "--workdir", str(runs), "--data_dir", str(data), "--seeds", "1", "--steps", "1",
                    "--sparsities", "0.5", "--eval_examples", "2", "--sample_videos", "1", "--sample_steps", "2",
