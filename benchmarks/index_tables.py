@@ -5,8 +5,8 @@
 
 `sparge_jax.mask.index_table` turns a bool mask [..., rows, cols] into (index, count): row r keeps the
 columns index[r, :count[r]] in ascending order, zeros after. Every variant here must give the same arrays
-(checked before timing). `sparge_jax.mask.index_table` is `cumsum_scatter`: on the H100 nothing here beat it
-(benchmarks/NOTES.md, "Index tables"). Writes `benchmarks/results/index-tables-<device>.json`.
+(checked before timing). `sparge_jax.mask.index_table` is `cumsum_scatter`: on the H100 none of the XLA
+variants beat it (benchmarks/NOTES.md, "Index tables"). Writes `benchmarks/results/index-tables-<device>.json`.
 
 Variants (cumsum c[r, j] = kept columns up to and including j):
 - cumsum_scatter: c by `jnp.cumsum`, then kept column j is scattered to slot c[j] - 1 (the original).
@@ -15,6 +15,8 @@ Variants (cumsum c[r, j] = kept columns up to and including j):
 - matmul_count: c by matmul; index[r, s] = #{j : c[r, j] <= s} (the (s+1)-th kept column), a compare-and-sum
   that XLA fuses into one reduction with no scatter.
 - argsort: a stable argsort of ~mask (kept columns first, in order).
+- pallas_kernel: `pallas_kernels.index_table` (rows in registers, each column written once to its rank);
+  what the GPU backends use since 2026-11-26.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
+from pallas_kernels import index_table
 from sparge_jax import mask as mask_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -72,8 +75,12 @@ def argsort(flat):
   return jnp.where(jnp.arange(flat.shape[-1])[None, :] < count[:, None], order, 0)
 
 
+def pallas_kernel(flat):
+  return index_table.index_table(flat, interpret=jax.default_backend() != "gpu")[0]
+
+
 VARIANTS = {"cumsum_scatter": cumsum_scatter, "matmul_scatter": matmul_scatter, "matmul_count": matmul_count,
-            "argsort": argsort}
+            "argsort": argsort, "pallas_kernel": pallas_kernel}
 
 
 def random_mask(key, heads: int, rows: int, cols: int, sparsity: float):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import index_table
 from pallas_kernels import mask_pool
 from pallas_kernels import mask_select
 from pallas_kernels import mosaic_block_sparse
@@ -164,7 +165,10 @@ def _pad_head_dim(x, dim):
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "backend", "interpret"))
 def _block_sparse_attention(q, k, v, mask, *, block_q, block_kv, scale, backend, interpret):
   mask = jax.lax.stop_gradient(mask)
-  forward_table, backward_table = mask_lib.index_tables(mask)
+  if backend == "xla":
+    forward_table, backward_table = mask_lib.index_tables(mask)
+  else:
+    forward_table, backward_table = index_table.index_tables(mask, interpret=interpret)
   head_dim = q.shape[-1]
   config = _KernelConfig(backend, block_q, block_kv, scale, interpret)
   if backend == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):

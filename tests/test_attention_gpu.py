@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import attention_cases as cases
-from pallas_kernels import mask_pool
+from pallas_kernels import index_table, mask_pool
 from sparge_jax import attention, mask as mask_lib
 
 pytestmark = pytest.mark.gpu
@@ -52,6 +52,14 @@ def test_mask_pooling_kernel_matches_reference():
   ours = mask_pool.pooled_block_probs(q, k, block_q=128, block_kv=64, scale=128 ** -0.5)
   ref = mask_lib.pooled_block_probs_reference(q, k, block_q=128, block_kv=64, scale=128 ** -0.5)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,density", [((1, 12, 256, 512), 0.05), ((2, 3, 591, 1182), 0.3),
+                                           ((1, 2, 9, 37), 1.0), ((1, 2, 9, 37), 0.0)])
+def test_index_table_kernel_matches_xla(shape, density):
+  mask = jax.random.bernoulli(jax.random.PRNGKey(3), density, shape)
+  for ours, ref in zip(jax.tree.leaves(index_table.index_tables(mask)), jax.tree.leaves(mask_lib.index_tables(mask))):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
 def test_mask_kernels_match_xla_selection():

@@ -1,5 +1,6 @@
 """Top-k ∪ Top-p block selection: hand-built rows, a brute-force model, and the index tables."""
 
+import functools
 import math
 
 import hypothesis.extra.numpy as hnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from pallas_kernels import index_table as index_table_kernel
 from pallas_kernels import mask_select
 from sparge_jax import attention, mask as mask_lib
 
@@ -142,9 +144,16 @@ def test_block_mask_end_to_end_matches_numpy():
         np.testing.assert_array_equal(mask[b, h, i], _brute_force(probs[i], 0.2, 0.5, "hybrid"))
 
 
-def test_index_tables():
-  mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.3, (2, 3, 7, 11))
-  (kv_index, kv_count), (q_index, q_count) = jax.tree.map(np.asarray, mask_lib.index_tables(mask))
+INDEX_TABLES = {"xla": mask_lib.index_tables,
+                "pallas": functools.partial(index_table_kernel.index_tables, interpret=True)}
+
+
+@pytest.mark.parametrize("implementation", INDEX_TABLES)
+@pytest.mark.parametrize("density", [0.3, 0.0, 1.0])
+def test_index_tables(implementation, density):
+  # 7 x 11 blocks: neither side a power of two (the kernel pads rows to 4 and columns to 16).
+  mask = jax.random.bernoulli(jax.random.PRNGKey(4), density, (2, 3, 7, 11))
+  (kv_index, kv_count), (q_index, q_count) = jax.tree.map(np.asarray, INDEX_TABLES[implementation](mask))
   mask = np.asarray(mask)
   for b in range(2):
     for h in range(3):
@@ -152,11 +161,12 @@ def test_index_tables():
         kept = np.flatnonzero(mask[b, h, i])
         assert kv_count[b, h, i] == len(kept)
         np.testing.assert_array_equal(kv_index[b, h, i, :len(kept)], kept)
-        assert np.all((kv_index[b, h, i] >= 0) & (kv_index[b, h, i] < 11))  # padding is a valid id
+        assert np.all(kv_index[b, h, i, len(kept):] == 0)  # padding is a valid id
       for j in range(11):
         kept = np.flatnonzero(mask[b, h, :, j])
         assert q_count[b, h, j] == len(kept)
         np.testing.assert_array_equal(q_index[b, h, j, :len(kept)], kept)
+        assert np.all(q_index[b, h, j, len(kept):] == 0)
 
 
 @pytest.mark.parametrize("mode", mask_lib.MODES)
