@@ -3,7 +3,7 @@
 The pooled scores P̄ (a row-softmax of mean-pooled query blocks against mean-pooled key blocks) come
 from `pallas_kernels.mask_pool` on GPU and from `pooled_block_probs_reference` elsewhere; the selection
 (sort, cumulative sum, threshold) is plain XLA. The index tables that the kernels iterate over are
-built here too.
+built here too (the XLA backend's; the GPU backends build the same tables with `pallas_kernels.index_table`).
 """
 
 from __future__ import annotations
