@@ -40,8 +40,6 @@ from sparge_jax.reference import masked_attention_reference
 
 RULES = ("topk", "topp", "hybrid")
 HEAD_DIM = 64
-
-
 LOCAL_WINDOW = 256
 
 
@@ -182,8 +180,8 @@ def plot_masks(heatmaps, path, *, max_rows: int = 3):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   layers = sorted({h["labels"]["layer"] for h in heatmaps if "layer" in h["labels"]})
-  shown = [h for h in heatmaps if h["labels"].get("layer", None) in (None, layers[len(layers) // 2] if layers else None)]
-  shown = shown[:max_rows]
+  middle = layers[len(layers) // 2] if layers else None  # constructed sources have no layer
+  shown = [h for h in heatmaps if h["labels"].get("layer") == middle][:max_rows]
   fig, axes = plt.subplots(len(shown), 1 + len(RULES), figsize=(3.2 * (1 + len(RULES)), 2.6 * len(shown)),
                            squeeze=False)
   for row, h in zip(axes, shown):
