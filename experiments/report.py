@@ -45,15 +45,24 @@ def _heatmaps(figures: str, name: str, data) -> list[str]:
             f"`{data['command']}`):", "", f"![mask heat maps](figures/{name})", ""]
 
 
+def _rules_table(rows: list[dict], label: str) -> list[str]:
+    """One line per (label, target, rule): realized sparsity and relative L1, averaged over the rows sharing them
+    (the teacher's rows come once per layer)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r[label], r["target_sparsity"], r["rule"]), []).append(r)
+    return [f"| {label} | target sparsity | rule | realized sparsity | relative L1 |", "|---|---|---|---|---|"] + [
+        f"| {value} | {target:.2f} | {rule} | {np.mean([r['sparsity'] for r in g]):.3f} | "
+        f"{np.mean([r['rel_l1'] for r in g]):.4f} |" for (value, target, rule), g in groups.items()]
+
+
 def mask_rules_section(data, figures: str) -> list[str]:
     lines = ["## 1. Mask rules at equal sparsity (constructed attention)", ""]
     if data is None:
         return lines + ["Not run yet (`python -m experiments.mask_rules`).", ""]
     lines += [f"`{data['command']}` on {data.get('device', 'an unrecorded device')}, seq {data['seq_len']}, "
-              f"{data['heads']} heads.", "",
-              "| distribution | target sparsity | rule | realized sparsity | relative L1 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['distribution']} | {r['target_sparsity']:.2f} | {r['rule']} | {r['sparsity']:.3f} | "
-              f"{r['rel_l1']:.4f} |" for r in data["rows"]]
+              f"{data['heads']} heads.", ""]
+    lines += _rules_table(data["rows"], "distribution")
     lines += ["", "![error against sparsity](figures/mask_rules.png)", ""]
     return lines + _heatmaps(figures, "mask_heatmaps.png", data)
 
@@ -63,14 +72,8 @@ def mask_rules_teacher_section(data, figures: str) -> list[str]:
     if data is None:
         return lines + ["Not run yet (`python -m experiments.mask_rules --teacher runs/experiments/teacher`).", ""]
     layers = sorted({r["layer"] for r in data["rows"]})
-    lines += [f"`{data['command']}`: held-out videos noised to t, layers {layers}; mean over those layers.", "",
-              "| t | target sparsity | rule | realized sparsity | relative L1 |", "|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in data["rows"]:
-        groups.setdefault((r["t"], r["target_sparsity"], r["rule"]), []).append(r)
-    for (t, target, rule), rows in groups.items():
-        lines.append(f"| {t} | {target:.2f} | {rule} | {np.mean([r['sparsity'] for r in rows]):.3f} | "
-                     f"{np.mean([r['rel_l1'] for r in rows]):.4f} |")
+    lines += [f"`{data['command']}`: held-out videos noised to t, layers {layers}; mean over those layers.", ""]
+    lines += _rules_table(data["rows"], "t")
     lines += ["", "![error against sparsity, teacher](figures/mask_rules_teacher.png)", ""]
     return lines + _heatmaps(figures, "mask_heatmaps_teacher.png", data)
 
