@@ -1,8 +1,7 @@
 """Pooled block scores for the block mask, as Pallas Triton kernels.
 
 `block_means` reads Q (or K) once and writes the mean of the real tokens of every block; `pooled_logits`
-takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program so the small matmul
-spreads over the whole GPU. The row softmax and the Top-k ∪ Top-p selection follow in
+takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program. The row softmax and the Top-k ∪ Top-p selection follow in
 `mask_select` (a kernel) or `sparge_jax.mask.select_blocks` (XLA).
 """
 
@@ -15,27 +14,36 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_Q_TILE = 32
-_KV_TILE = 64
 
 
-def _block_means_kernel(x_ref, out_ref, *, block, seq):
-  pos = pl.program_id(0) * block + jnp.arange(block)
+def _block_means_kernel(x_ref, out_ref, *, block, seq, block_axis):
+  start = pl.program_id(block_axis) * block
+  pos = start + jnp.arange(block)
   x = pltriton.load(x_ref, mask=(pos < seq)[:, None], other=0.0).astype(jnp.float32)
-  count = jnp.minimum(block, seq - pl.program_id(0) * block).astype(jnp.float32)
+  count = jnp.minimum(block, seq - start).astype(jnp.float32)
   out_ref[...] = x.sum(axis=0) / count
 
 
-@functools.partial(jax.jit, static_argnames=("block", "interpret"))
-def block_means(x, *, block, interpret=False):
-  """x: [batch, seq, heads, dim] -> float32 [batch, heads, ceil(seq/block), dim], means of real tokens."""
+@functools.partial(jax.jit, static_argnames=("block", "interpret", "heads_fastest"))
+def block_means(x, *, block, interpret=False, heads_fastest=True):
+  """x: [batch, seq, heads, dim] -> float32 [batch, heads, ceil(seq/block), dim], means of real tokens.
+
+  heads_fastest: programs that run together read the heads of one block, which lie side by side in
+  memory, rather than one head's blocks, which are heads·dim apart.
+  """
   batch, seq, heads, dim = x.shape
   n_blocks = pl.cdiv(seq, block)
+  if heads_fastest:
+    grid, block_axis = (heads, n_blocks, batch), 1
+    x_map, out_map = (lambda h, i, b: (b, i, h, 0)), (lambda h, i, b: (b, h, i, 0))
+  else:
+    grid, block_axis = (n_blocks, batch, heads), 0
+    x_map, out_map = (lambda i, b, h: (b, i, h, 0)), (lambda i, b, h: (b, h, i, 0))
   return pl.pallas_call(
-      functools.partial(_block_means_kernel, block=block, seq=seq),
-      grid=(n_blocks, batch, heads),
-      in_specs=[pl.BlockSpec((None, block, None, dim), lambda i, b, h: (b, i, h, 0))],
-      out_specs=pl.BlockSpec((None, None, None, dim), lambda i, b, h: (b, h, i, 0)),
+      functools.partial(_block_means_kernel, block=block, seq=seq, block_axis=block_axis),
+      grid=grid,
+      in_specs=[pl.BlockSpec((None, block, None, dim), x_map)],
+      out_specs=pl.BlockSpec((None, None, None, dim), out_map),
       out_shape=jax.ShapeDtypeStruct((batch, heads, n_blocks, dim), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
@@ -49,9 +57,9 @@ def _split_bf16(x):
   return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _pooled_logits_kernel(q_means_ref, k_means_ref, logits_ref, *, scale, n_q, n_kv):
-  rows = pl.program_id(0) * _Q_TILE + jnp.arange(_Q_TILE)
-  cols = pl.program_id(1) * _KV_TILE + jnp.arange(_KV_TILE)
+def _pooled_logits_kernel(q_means_ref, k_means_ref, logits_ref, *, scale, n_q, n_kv, q_tile, kv_tile):
+  rows = pl.program_id(0) * q_tile + jnp.arange(q_tile)
+  cols = pl.program_id(1) * kv_tile + jnp.arange(kv_tile)
   q_hi, q_lo = _split_bf16(pltriton.load(q_means_ref, mask=(rows < n_q)[:, None], other=0.0))
   k_hi, k_lo = _split_bf16(pltriton.load(k_means_ref, mask=(cols < n_kv)[:, None], other=0.0))
   # Three bf16 tensor-core products carry ~fp32 accuracy (relative error ~1e-5); a true fp32 dot in
@@ -61,19 +69,23 @@ def _pooled_logits_kernel(q_means_ref, k_means_ref, logits_ref, *, scale, n_q, n
   pltriton.store(logits_ref, logits * scale, mask=(rows < n_q)[:, None] & (cols < n_kv)[None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def pooled_logits(q_means, k_means, *, scale, interpret=False):
-  """q_means: f32 [batch, heads, n_q, dim], k_means: f32 [batch, heads, n_kv, dim] -> scale·q̄k̄ᵀ, f32 [batch, heads, n_q, n_kv]."""
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "q_tile", "kv_tile", "num_warps"))
+def pooled_logits(q_means, k_means, *, scale, interpret=False, q_tile=128, kv_tile=64, num_warps=4):
+  """q_means: f32 [batch, heads, n_q, dim], k_means: f32 [batch, heads, n_kv, dim] -> scale·q̄k̄ᵀ, f32 [batch, heads, n_q, n_kv].
+
+  q_tile × kv_tile logits per program (powers of two ≥ 16). 128 × 64 was fastest on an H100 (8.5 µs at
+  32,760 tokens × 12 heads, against 18 µs for 32 × 64; benchmarks/NOTES.md).
+  """
   batch, heads, n_q, dim = q_means.shape
   n_kv = k_means.shape[2]
   return pl.pallas_call(
-      functools.partial(_pooled_logits_kernel, scale=scale, n_q=n_q, n_kv=n_kv),
-      grid=(pl.cdiv(n_q, _Q_TILE), pl.cdiv(n_kv, _KV_TILE), batch * heads),
-      in_specs=[pl.BlockSpec((None, _Q_TILE, dim), lambda i, j, bh: (bh, i, 0)),
-                pl.BlockSpec((None, _KV_TILE, dim), lambda i, j, bh: (bh, j, 0))],
-      out_specs=pl.BlockSpec((None, _Q_TILE, _KV_TILE), lambda i, j, bh: (bh, i, j)),
+      functools.partial(_pooled_logits_kernel, scale=scale, n_q=n_q, n_kv=n_kv, q_tile=q_tile, kv_tile=kv_tile),
+      grid=(pl.cdiv(n_q, q_tile), pl.cdiv(n_kv, kv_tile), batch * heads),
+      in_specs=[pl.BlockSpec((None, q_tile, dim), lambda i, j, bh: (bh, i, 0)),
+                pl.BlockSpec((None, kv_tile, dim), lambda i, j, bh: (bh, j, 0))],
+      out_specs=pl.BlockSpec((None, q_tile, kv_tile), lambda i, j, bh: (bh, i, j)),
       out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.float32),
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="pooled_block_logits",
   )(q_means.reshape(batch * heads, n_q, dim), k_means.reshape(batch * heads, n_kv, dim)).reshape(

@@ -6,7 +6,8 @@ bit patterns of the (non-negative) probabilities, whose integer order is their f
 - Top-p: the smallest probability v whose strictly-larger mass G(v) = Σ_{P > v} P is still below p. Every
   entry above v is kept, and of the entries equal to v the first ⌈(p − G(v)) / v⌉ (ties in index order).
 - the kept set: the n_keep-th largest probability v_k (the smallest t with #{P > t} < n_keep); entries
-  above it, then ties at v_k in index order until n_keep.
+  above it, then ties at v_k in index order until n_keep. When n_keep ends among the Top-p boundary's
+  ties, v_k is that boundary and this second bisection is skipped; Top-k alone needs only this one.
 31 bisection steps over a row held in registers cost far less than a sort of the row in global memory.
 Masses are summed in a different order than the reference's sorted cumulative sum, so a row whose p
 boundary falls within float rounding may keep one block more or less than `select_blocks`.
@@ -22,7 +23,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_ROWS = 4
 _INF_BITS = 0x7F800000
 _COUNT_SLACK = 1e-3  # as in sparge_jax.mask: topk·n_kv this close above an integer is rounding
 
@@ -38,8 +38,9 @@ def _smallest(predicate, rows):
   return low
 
 
-def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad, mode):
-  rows = pl.program_id(0) * _ROWS + jnp.arange(_ROWS)
+def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad, mode, rows_per_program):
+  n_rows = rows_per_program
+  rows = pl.program_id(0) * n_rows + jnp.arange(n_rows)
   valid = (rows < n_q)[:, None] & (jnp.arange(n_pad) < n_kv)[None, :]
   logits = pltriton.load(logits_ref, mask=valid, other=0.0)
   logits = jnp.where(valid, logits, -jnp.inf)
@@ -50,23 +51,31 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   bits = jnp.where(valid, lax.bitcast_convert_type(probs, jnp.int32), -1)
 
   topk, topp = topk_ref[0], topp_ref[0]
-  n_topk = jnp.ceil(topk * n_kv - _COUNT_SLACK).astype(jnp.int32)
-
-  mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
-  boundary = _smallest(lambda t: mass_above(t) < topp, _ROWS)
-  above = bits > boundary[:, None]
-  mass = jnp.where(above, probs, 0.0).sum(axis=1)
-  ties = (bits == boundary[:, None]).astype(jnp.int32).sum(axis=1)
-  value = lax.bitcast_convert_type(boundary, jnp.float32)
-  tie_count = jnp.where(value > 0, jnp.ceil((topp - mass) / jnp.where(value > 0, value, 1.0)), ties)
-  n_topp = above.astype(jnp.int32).sum(axis=1) + jnp.clip(tie_count.astype(jnp.int32), 0, ties)
-  n_topp = jnp.where(topp >= 1.0, n_kv, n_topp)
-
-  n_keep = {"hybrid": jnp.maximum(n_topk, n_topp), "topk": jnp.broadcast_to(n_topk, (_ROWS,)),
-            "topp": n_topp}[mode]
-  n_keep = jnp.clip(n_keep, 1, n_kv)
+  n_topk = jnp.broadcast_to(jnp.ceil(topk * n_kv - _COUNT_SLACK).astype(jnp.int32), (n_rows,))
   count_above = lambda t: (bits > t[:, None]).astype(jnp.int32).sum(axis=1)
-  last = _smallest(lambda t: count_above(t) < n_keep, _ROWS)
+
+  if mode == "topk":  # no Top-p boundary needed
+    n_keep = jnp.clip(n_topk, 1, n_kv)
+    last = _smallest(lambda t: count_above(t) < n_keep, n_rows)
+  else:
+    mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
+    boundary = _smallest(lambda t: mass_above(t) < topp, n_rows)
+    above = bits > boundary[:, None]
+    n_above = above.astype(jnp.int32).sum(axis=1)
+    mass = jnp.where(above, probs, 0.0).sum(axis=1)
+    ties = (bits == boundary[:, None]).astype(jnp.int32).sum(axis=1)
+    value = lax.bitcast_convert_type(boundary, jnp.float32)
+    tie_count = jnp.where(value > 0, jnp.ceil((topp - mass) / jnp.where(value > 0, value, 1.0)), ties)
+    n_topp = n_above + jnp.clip(tie_count.astype(jnp.int32), 0, ties)
+    n_topp = jnp.where(topp >= 1.0, n_kv, n_topp)
+    n_keep = jnp.clip(jnp.maximum(n_topk, n_topp) if mode == "hybrid" else n_topp, 1, n_kv)
+    # The n_keep-th largest probability is the Top-p boundary itself whenever n_keep ends among the
+    # boundary's ties (always for Top-p, and for the hybrid when Top-p keeps more than Top-k): skip the
+    # second bisection unless some row of this program needs it.
+    at_boundary = (n_above < n_keep) & (n_keep <= n_above + ties)
+    needs_search = jnp.where(at_boundary, 0, 1).max() > 0
+    last = lax.cond(needs_search, lambda: _smallest(lambda t: count_above(t) < n_keep, n_rows),
+                    lambda: boundary)
   tied = bits == last[:, None]
   tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
   keep = (bits > last[:, None]) | (tied & (tie_rank <= (n_keep - count_above(last))[:, None]))
@@ -74,24 +83,37 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   pltriton.store(keep_ref, keep.astype(jnp.int8), mask=valid)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "interpret"))
-def select_blocks(logits, topk, topp, mode: str, interpret: bool = False):
+def _launch(n_kv):
+  """(rows per program, warps): a whole row in one warp keeps every reduction of the bisection inside the
+  warp (no shared-memory round trip per step); short rows share a warp."""
+  n_pad = pl.next_power_of_2(n_kv)
+  return max(1, 256 // n_pad), 1
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "interpret", "rows_per_program", "num_warps"))
+def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_per_program=None,
+                  num_warps=None):
   """logits: float32 [batch, heads, n_q_blocks, n_kv_blocks] (pooled, scaled; softmax taken here).
 
   topk, topp: scalars or [heads] arrays. Returns the bool block mask of the same shape.
+  rows_per_program, num_warps: launch shape (default: `_launch`).
   """
   batch, heads, n_q, n_kv = logits.shape
   n_pad = pl.next_power_of_2(n_kv)
+  default_rows, default_warps = _launch(n_kv)
+  rows_per_program = rows_per_program or default_rows
+  num_warps = num_warps or default_warps
   per_row = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.float32).reshape(1, -1), (batch, heads)).reshape(-1, 1)
   keep = pl.pallas_call(
-      functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode),
-      grid=(pl.cdiv(n_q, _ROWS), batch * heads),
+      functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode,
+                        rows_per_program=rows_per_program),
+      grid=(pl.cdiv(n_q, rows_per_program), batch * heads),
       in_specs=[pl.BlockSpec((None, 1), lambda i, bh: (bh, 0)),
                 pl.BlockSpec((None, 1), lambda i, bh: (bh, 0)),
-                pl.BlockSpec((None, _ROWS, n_pad), lambda i, bh: (bh, i, 0))],
-      out_specs=pl.BlockSpec((None, _ROWS, n_pad), lambda i, bh: (bh, i, 0)),
+                pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0))],
+      out_specs=pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0)),
       out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.int8),
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="select_blocks",
   )(per_row(topk), per_row(topp), logits.reshape(batch * heads, n_q, n_kv))

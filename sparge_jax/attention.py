@@ -137,19 +137,28 @@ class _KernelConfig:
     return {"xla": xla_block_sparse, "triton": triton_block_sparse, "mosaic": mosaic_block_sparse}[self.backend]
 
 
+def _index_table(mask, config):
+  """(index, count) of `mask`'s rows: in XLA for the xla backend, else with the Pallas kernel."""
+  if config.backend == "xla":
+    return mask_lib.index_table(mask)
+  return index_table.index_table(mask, interpret=config.interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, forward_table, backward_table, config: _KernelConfig):
-  del backward_table
+def _attention(q, k, v, forward_table, mask, config: _KernelConfig):
+  del mask
   return config.module.forward(q, k, v, *forward_table, **config.kwargs())[0]
 
 
-def _attention_fwd(q, k, v, forward_table, backward_table, config):
+def _attention_fwd(q, k, v, forward_table, mask, config):
   out, lse = config.module.forward(q, k, v, *forward_table, **config.kwargs())
-  return out, (q, k, v, out, lse, forward_table, backward_table)
+  return out, (q, k, v, out, lse, forward_table, mask)
 
 
 def _attention_bwd(config, residuals, d_out):
-  q, k, v, out, lse, forward_table, backward_table = residuals
+  q, k, v, out, lse, forward_table, mask = residuals
+  # The dK/dV table (per kv block, its q blocks) is built here, so a forward-only call never pays for it.
+  backward_table = _index_table(jnp.swapaxes(mask, -1, -2), config)
   dq, dk, dv = config.module.backward(q, k, v, out, lse, d_out, *forward_table, *backward_table,
                                       **config.kwargs())
   return dq, dk, dv, None, None
@@ -165,18 +174,15 @@ def _pad_head_dim(x, dim):
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "backend", "interpret"))
 def _block_sparse_attention(q, k, v, mask, *, block_q, block_kv, scale, backend, interpret):
   mask = jax.lax.stop_gradient(mask)
-  if backend == "xla":
-    forward_table, backward_table = mask_lib.index_tables(mask)
-  else:
-    forward_table, backward_table = index_table.index_tables(mask, interpret=interpret)
-  head_dim = q.shape[-1]
   config = _KernelConfig(backend, block_q, block_kv, scale, interpret)
+  forward_table = _index_table(mask, config)
+  head_dim = q.shape[-1]
   if backend == "triton" and (head_dim < 16 or head_dim & (head_dim - 1)):
     # Triton tiles need power-of-two sizes; zero columns change neither scores nor outputs.
     padded = max(16, 1 << (head_dim - 1).bit_length())
     q, k, v = (_pad_head_dim(x, padded) for x in (q, k, v))
-    return _attention(q, k, v, forward_table, backward_table, config)[..., :head_dim]
-  return _attention(q, k, v, forward_table, backward_table, config)
+    return _attention(q, k, v, forward_table, mask, config)[..., :head_dim]
+  return _attention(q, k, v, forward_table, mask, config)
 
 
 # ------------------------------------------------------------------------------------ public API

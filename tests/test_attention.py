@@ -148,6 +148,22 @@ def test_pooling_uses_only_real_tokens_of_partial_blocks():
   np.testing.assert_allclose(mask_pool.block_means(x, block=16, interpret=True), means, rtol=1e-6)
 
 
+@pytest.mark.parametrize("heads_fastest", [True, False])
+def test_block_means_grid_orders_agree(heads_fastest):
+  x = jax.random.normal(jax.random.PRNGKey(19), (2, 72, 3, 16))
+  np.testing.assert_allclose(mask_pool.block_means(x, block=16, heads_fastest=heads_fastest, interpret=True),
+                             mask_lib.block_means_reference(x, 16), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("q_tile, kv_tile", [(16, 16), (32, 64), (64, 32)])
+def test_pooled_logits_tiles_agree(q_tile, kv_tile):
+  q_means = jax.random.normal(jax.random.PRNGKey(20), (1, 2, 37, 32))
+  k_means = jax.random.normal(jax.random.PRNGKey(21), (1, 2, 70, 32))
+  ours = mask_pool.pooled_logits(q_means, k_means, scale=0.2, q_tile=q_tile, kv_tile=kv_tile, interpret=True)
+  ref = 0.2 * jnp.einsum("bhid,bhjd->bhij", q_means, k_means, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)  # logits ~1: bf16x3 products are ~1e-5 relative
+
+
 def test_block_mask_same_with_pallas_and_xla_pooling():
   q, k, _, _ = cases.random_qkv(19, 1, 260, 333, 2, 64)
   kw = dict(topk=0.1, topp=0.4, block_q=64, block_kv=32)

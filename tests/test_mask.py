@@ -179,3 +179,13 @@ def test_selection_kernel_matches_sorting_selection(mode):
   for topk, topp in [(0.1, 0.3), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), ([0.05, 0.2, 0.4], [0.9, 0.5, 0.1])]:
     np.testing.assert_array_equal(mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
                                   mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode))
+
+
+@pytest.mark.parametrize("rows_per_program, num_warps", [(1, 1), (4, 4), (16, 2)])
+def test_selection_kernel_launch_shapes_agree(rows_per_program, num_warps):
+  # 9 rows: neither 4 nor 16 divides them, so the last program of each has rows past the end.
+  logits = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 9, 40)) * 2.0
+  probs = jax.nn.softmax(logits, axis=-1)
+  ours = mask_select.select_blocks(logits, 0.1, 0.6, "hybrid", interpret=True,
+                                   rows_per_program=rows_per_program, num_warps=num_warps)
+  np.testing.assert_array_equal(ours, mask_lib.select_blocks(probs, 0.1, 0.6, "hybrid"))

@@ -1,0 +1,115 @@
+"""Where the time of a sparse-attention call goes: device time per kernel, from a `jax.profiler` trace.
+
+    python -m benchmarks.profile                       # 32,760 tokens × 12 heads × 128, sparsity 0.95
+    python -m benchmarks.profile --seq-len 75600 --heads 40 --sparsity 0.9
+
+Wall-clock medians (benchmarks/timing.py) of a small kernel include the host's dispatch when the kernel is
+shorter than the dispatch; the trace's kernel durations do not. For each call it prints the kernels, their
+mean device time per call and their share, and writes them to
+benchmarks/results/profile-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import timing
+from benchmarks.attention import random_block_mask
+from sparge_jax import attention
+
+
+def kernel_times_us(fn, *args, repeats: int = 20, device: str = "/device:GPU:0") -> dict[str, float]:
+  """Mean device time per call of each kernel that `fn(*args)` runs, in microseconds, longest first.
+
+  fn must be jitted. Kernels are the complete events on `device`'s process in the trace; a kernel that runs
+  k times per call counts k times.
+  """
+  jax.block_until_ready(fn(*args))  # compile outside the trace
+  with tempfile.TemporaryDirectory() as log_dir:
+    jax.profiler.start_trace(log_dir)
+    try:
+      for _ in range(repeats):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    finally:
+      jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  return summarize(events, repeats=repeats, device=device)
+
+
+def summarize(events, *, repeats: int, device: str) -> dict[str, float]:
+  """Chrome-trace events -> {kernel name: mean µs per call} for the processes named like `device`."""
+  pids = {e["pid"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name" and device in e["args"].get("name", "")}
+  if not pids:
+    raise ValueError(f"device: no process named like {device!r} in the trace")
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in pids:
+      totals[e["name"]] += float(e.get("dur", 0.0))
+  return {name: us / repeats for name, us in totals.most_common()}
+
+
+def _print(title, times):
+  total = sum(times.values())
+  print(f"\n{title}: {total:.1f} µs of kernels per call")
+  for name, us in times.items():
+    print(f"  {us:9.1f} µs {100 * us / total:5.1f}%  {name[:110]}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--seq-len", type=int, default=32760)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--sparsity", type=float, default=0.95)
+  parser.add_argument("--backend", default="auto", choices=attention.BACKENDS)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out", default=None, help="default benchmarks/results/profile-<device>.json")
+  args = parser.parse_args(argv)
+  if args.seq_len < 1 or args.heads < 1 or args.head_dim < 1 or args.repeats < 1:
+    parser.error("--seq-len, --heads, --head-dim and --repeats must be >= 1")
+  if not 0 <= args.sparsity < 1:
+    parser.error("--sparsity must lie in [0, 1)")
+  if jax.default_backend() != "gpu":
+    parser.error("this profile reads GPU kernel times and needs a CUDA GPU")
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  shape = (1, args.seq_len, args.heads, args.head_dim)
+  q, k, v, d_out = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:4])
+  n_q, n_kv = -(-args.seq_len // 128), -(-args.seq_len // 64)
+  mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, max(1, round((1 - args.sparsity) * n_kv)))
+  sparse = lambda q, k, v, mask: attention.block_sparse_attention(q, k, v, mask, backend=args.backend)
+  calls = {
+      "block_mask": (jax.jit(lambda q, k: attention.block_mask(q, k, backend=args.backend)), (q, k)),
+      "block_sparse_attention forward": (jax.jit(sparse), (q, k, v, mask)),
+      "block_sparse_attention forward+backward": (jax.jit(lambda q, k, v, d_out, mask: jax.vjp(
+          lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out)), (q, k, v, d_out, mask)),
+      "dense_attention forward (cuDNN)": (jax.jit(attention.dense_attention), (q, k, v)),
+  }
+  print(f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  sparsity "
+        f"{1 - float(jnp.mean(mask)):.3f}  backend {args.backend}")
+  results = {}
+  for title, (fn, call_args) in calls.items():
+    results[title] = kernel_times_us(fn, *call_args, repeats=args.repeats)
+    _print(title, results[title])
+  path = args.out or os.path.join("benchmarks", "results", f"profile-{timing.device_slug()}.json")
+  timing.write_results(path, {"command": "python -m benchmarks.profile", "seq_len": args.seq_len,
+                              "heads": args.heads, "head_dim": args.head_dim, "sparsity": args.sparsity,
+                              "kernels_us_per_call": results})
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()
