@@ -7,8 +7,9 @@
 Suite: 32,760 tokens (Wan2.1-1.3B 480p) × 12 heads × 128 at sparsity 0.95, 0.9, 0.8 and 0 (every block
 kept); the same at head_dim 64; 75,600 tokens (Wan2.1-14B 720p) × 40 heads × 128 at 0.95. bf16, batch 1.
 
-Masks keep the same number of randomly chosen kv blocks in every row. Times are medians (see
-benchmarks/timing.py). fwd_ms and fwd_bwd_ms are the public `block_sparse_attention` call on a given mask
+Masks keep the same number of randomly chosen kv blocks in every row. Times are medians of device time
+per call, read from one `jax.profiler` trace per shape (`timing.device_ms`: warm-up, then 9 samples of 10
+back-to-back calls, 5 samples of one call for calls over 20 ms), for cuDNN and ours alike. fwd_ms and fwd_bwd_ms are the public `block_sparse_attention` call on a given mask
 (index tables included); mask_ms is `block_mask` (pooling, pooled softmax, Top-k ∪ Top-p selection).
 TFLOP/s count only the kept blocks' work: forward 4·B·H·Nq·Nk·D·(1−s), forward+backward 3.5x that.
 """
@@ -51,19 +52,16 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
   n_q, n_kv = -(-seq_len // block_q), -(-seq_len // block_kv)
 
   dense = lambda q, k, v: attention.dense_attention(q, k, v)
-  cudnn_fwd_ms = timing.median_ms(jax.jit(dense), q, k, v)
-  cudnn_fwd_bwd_ms = timing.median_ms(_fwd_bwd(dense), q, k, v, d_out)
   make_mask = jax.jit(lambda q, k: attention.block_mask(q, k, block_q=block_q, block_kv=block_kv))
-  mask_ms = timing.median_ms(make_mask, q, k)
-  mask_breakdown = mask_components_ms(q, k, block_q=block_q, block_kv=block_kv)
-
-  dense_flops = 4 * batch * heads * seq_len * seq_len * head_dim
-  records = []
+  calls = {"cudnn_fwd": (jax.jit(dense), (q, k, v)), "cudnn_fwd_bwd": (_fwd_bwd(dense), (q, k, v, d_out)),
+           "mask": (make_mask, (q, k))}
+  calls.update(mask_component_calls(q, k, block_q=block_q, block_kv=block_kv))
+  sparsity_of = {}
   for target in sparsities:
     kept = max(1, round((1 - target) * n_kv))
     mask = random_block_mask(keys[4], batch, heads, n_q, n_kv, kept)
-    sparsity = 1.0 - float(jnp.mean(mask))
-    tables_ms = timing.median_ms(jax.jit(index_table.index_tables), mask)  # what the GPU backends use
+    sparsity_of[target] = 1.0 - float(jnp.mean(mask))
+    calls[("tables", target)] = (jax.jit(index_table.index_tables), (mask,))  # what the GPU backends build
     for backend in backends:
       # The mask is an argument, not a closure constant: XLA would otherwise build the index tables at
       # compile time and leave them out of the timing.
@@ -71,23 +69,30 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
           q, k, v, mask, block_q=block_q, block_kv=block_kv, backend=backend))
       fwd_bwd = jax.jit(lambda q, k, v, d_out, mask, sparse=sparse: jax.vjp(
           lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out))
-      try:
-        fwd_ms = timing.median_ms(sparse, q, k, v, mask)
-        fwd_bwd_ms = timing.median_ms(fwd_bwd, q, k, v, d_out, mask)
-      except Exception as e:  # one backend failing (say, out of memory) must not hide the others
-        print(f"{backend} at sparsity {sparsity:.3f} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        continue
+      calls[(backend, target, "fwd")] = (sparse, (q, k, v, mask))
+      calls[(backend, target, "fwd_bwd")] = (fwd_bwd, (q, k, v, d_out, mask))
+  ms = timing.device_ms(calls)
+
+  dense_flops = 4 * batch * heads * seq_len * seq_len * head_dim
+  mask_breakdown = {name: ms[name] for name in MASK_COMPONENTS if name in ms}
+  records = []
+  for target in sparsities:
+    sparsity = sparsity_of[target]
+    for backend in backends:
+      if (backend, target, "fwd") not in ms or (backend, target, "fwd_bwd") not in ms:
+        continue  # failed to compile or run: reported by device_ms
+      fwd_ms, fwd_bwd_ms = ms[(backend, target, "fwd")], ms[(backend, target, "fwd_bwd")]
       kept_flops = dense_flops * (1 - sparsity)
       records.append(dict(
           batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
           backend=backend, block_q=block_q, block_kv=block_kv, target_sparsity=target, sparsity=sparsity,
-          fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=cudnn_fwd_ms, cudnn_fwd_bwd_ms=cudnn_fwd_bwd_ms,
-          mask_ms=mask_ms, tables_ms=tables_ms, mask_breakdown_ms=mask_breakdown,
+          fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=ms["cudnn_fwd"], cudnn_fwd_bwd_ms=ms["cudnn_fwd_bwd"],
+          mask_ms=ms["mask"], tables_ms=ms[("tables", target)], mask_breakdown_ms=mask_breakdown,
           qk_read_floor_ms=2 * q.nbytes / 3.0e9,
-          fwd_speedup=cudnn_fwd_ms / fwd_ms, fwd_bwd_speedup=cudnn_fwd_bwd_ms / fwd_bwd_ms,
+          fwd_speedup=ms["cudnn_fwd"] / fwd_ms, fwd_bwd_speedup=ms["cudnn_fwd_bwd"] / fwd_bwd_ms,
           ideal_speedup=1 / (1 - sparsity) if sparsity < 1 else float("inf"),
           fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
-          cudnn_fwd_tflops=dense_flops / cudnn_fwd_ms / 1e9))
+          cudnn_fwd_tflops=dense_flops / ms["cudnn_fwd"] / 1e9))
       print_row(records[-1])
   return records
 
@@ -107,16 +112,19 @@ HEADER = (f"{'tokens':>6} {'H':>3} {'D':>4} {'backend':>7} {'sparse':>6} {'fwd m
 SUITE = [(32760, 12, 128, (0.95, 0.9, 0.8, 0.0)), (32760, 12, 64, (0.95,)), (75600, 40, 128, (0.95,))]
 
 
-def mask_components_ms(q, k, *, block_q, block_kv):
-  """Time each stage of mask construction on its own (inputs of each stage precomputed)."""
+MASK_COMPONENTS = ("block_means", "pooled_logits", "select")
+
+
+def mask_component_calls(q, k, *, block_q, block_kv):
+  """Each stage of mask construction as its own call (inputs of each stage precomputed), for device_ms."""
   scale = q.shape[-1] ** -0.5
   means = jax.jit(lambda q, k: (mask_pool.block_means(q, block=block_q), mask_pool.block_means(k, block=block_kv)))
   q_means, k_means = means(q, k)
   logits_fn = jax.jit(lambda a, b: mask_pool.pooled_logits(a, b, scale=scale))
   logits = logits_fn(q_means, k_means)
   select = jax.jit(lambda x: mask_select.select_blocks(x, 0.03, 0.2, "hybrid"))  # softmax + selection
-  return {"block_means": timing.median_ms(means, q, k), "pooled_logits": timing.median_ms(logits_fn, q_means, k_means),
-          "select": timing.median_ms(select, logits)}
+  return {"block_means": (means, (q, k)), "pooled_logits": (logits_fn, (q_means, k_means)),
+          "select": (select, (logits,))}
 
 
 def sweep(*, seq_len, heads, head_dim, sparsity, dtype, block_q, block_kv):

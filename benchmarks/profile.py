@@ -50,14 +50,9 @@ def kernel_times_us(fn, *args, repeats: int = 20, device: str = "/device:GPU:0")
 
 def summarize(events, *, repeats: int, device: str) -> dict[str, float]:
   """Chrome-trace events -> {kernel name: mean µs per call} for the processes named like `device`."""
-  pids = {e["pid"] for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name" and device in e["args"].get("name", "")}
-  if not pids:
-    raise ValueError(f"device: no process named like {device!r} in the trace")
   totals = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in pids:
-      totals[e["name"]] += float(e.get("dur", 0.0))
+  for e in timing.device_events(events, device):
+    totals[e["name"]] += float(e.get("dur", 0.0))
   return {name: us / repeats for name, us in totals.most_common()}
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import glob
+import gzip
 import json
 import os
 import statistics
@@ -32,6 +34,80 @@ def median_ms(fn, *args, warmup: int = 3, samples: int = 15, calls_per_sample: i
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) * 1e3 / calls_per_sample)
   return statistics.median(times)
+
+
+def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle_s: float = 0.02,
+              device: str = "/device:GPU:0") -> dict:
+  """Median device time per call of each jitted call, in milliseconds, from one `jax.profiler` trace.
+
+  calls: {label: (fn, args)}. Each call is compiled and warmed up first; one that raises is reported and
+  left out of the result. Then every call runs `samples` times `calls_per_sample` back to back, each
+  sample after an idle gap of `idle_s`; a sample's time is the span from its first kernel's start to its
+  last kernel's end on `device`, over calls_per_sample. So the host's dispatch before the first kernel is
+  not counted, any idle time between kernels once the device is busy is, and the clock is the device's
+  own (what CUDA events around the calls would give). Calls longer than 20 ms run once per sample.
+  """
+  plan = []
+  for label, (fn, args) in calls.items():
+    try:
+      for _ in range(2):
+        jax.block_until_ready(fn(*args))
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+    except Exception as e:  # one call failing (say, out of memory) must not hide the others
+      print(f"{label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    long_call = time.perf_counter() - start > 0.02
+    plan.append((label, fn, args, min(samples, 5) if long_call else samples, 1 if long_call else calls_per_sample))
+  with tempfile.TemporaryDirectory() as log_dir:
+    jax.profiler.start_trace(log_dir)
+    try:
+      for _, fn, args, n_samples, n_calls in plan:
+        for _ in range(n_samples):
+          time.sleep(idle_s)
+          for _ in range(n_calls):
+            out = fn(*args)
+          jax.block_until_ready(out)
+    finally:
+      jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  spans = sample_spans_us(events, device=device, min_idle_us=idle_s * 1e6 / 4)
+  expected = sum(n_samples for *_, n_samples, _ in plan)
+  if len(spans) != expected:
+    raise RuntimeError(f"found {len(spans)} busy periods on {device} in the trace, expected {expected} samples")
+  result, i = {}, 0
+  for label, _, _, n_samples, n_calls in plan:
+    result[label] = statistics.median(span / n_calls / 1e3 for span in spans[i:i + n_samples])
+    i += n_samples
+  return result
+
+
+def device_events(events, device: str) -> list[dict]:
+  """The complete ("X") events of the trace processes named like `device` (kernels, memsets, copies)."""
+  pids = {e["pid"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name" and device in e["args"].get("name", "")}
+  if not pids:
+    raise ValueError(f"device: no process named like {device!r} in the trace")
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids]
+
+
+def sample_spans_us(events, *, device: str, min_idle_us: float) -> list[float]:
+  """Chrome-trace events -> lengths (µs) of the busy periods of `device`: runs of kernels, memsets and
+  copies separated by idle gaps of at least min_idle_us, in time order."""
+  work = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in device_events(events, device))
+  spans, begin, end = [], None, None
+  for start, stop in work:
+    if begin is not None and start - end >= min_idle_us:
+      spans.append(end - begin)
+      begin = None
+    if begin is None:
+      begin, end = start, stop
+    end = max(end, stop)
+  if begin is not None:
+    spans.append(end - begin)
+  return spans
 
 
 def device_name() -> str:

@@ -39,3 +39,18 @@ def test_index_table_variants_agree_with_the_library(tmp_path):
   rows = json.loads(out.read_text())["results"]
   assert len(rows) == 2 * len(index_tables.VARIANTS)
   assert all(r["equal"] and r["ms"] > 0 for r in rows)
+
+
+def test_device_busy_periods_are_split_at_idle_gaps():
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "ts": 12.0, "dur": 5.0, "name": "b"},  # out of order: sorted by start
+      {"ph": "X", "pid": 1, "ts": 0.0, "dur": 10.0, "name": "a"},
+      {"ph": "X", "pid": 2, "ts": 500.0, "dur": 900.0, "name": "host work, not device time"},
+      {"ph": "X", "pid": 1, "ts": 1000.0, "dur": 3.0, "name": "c"},
+  ]
+  assert timing.sample_spans_us(events, device="/device:GPU:0", min_idle_us=100.0) == [17.0, 3.0]
+  assert timing.sample_spans_us(events, device="/device:GPU:0", min_idle_us=2000.0) == [1003.0]
+  with pytest.raises(ValueError, match="device"):
+    timing.sample_spans_us(events, device="/device:GPU:7", min_idle_us=1.0)
