@@ -10,6 +10,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 
@@ -36,9 +37,17 @@ def median_ms(fn, *args, warmup: int = 3, samples: int = 15, calls_per_sample: i
   return statistics.median(times)
 
 
+class DeviceTime(NamedTuple):
+  """Median device time per call, ms. span: from the first kernel's start to the last one's end, idle gaps
+  included (a call shorter than its host dispatch shows the dispatch rate); busy: the kernels' own time
+  (what the call costs inside a larger jitted program, where nothing waits for the host)."""
+  span: float
+  busy: float
+
+
 def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle_s: float = 0.02,
-              device: str = "/device:GPU:0") -> dict:
-  """Median device time per call of each jitted call, in milliseconds, from one `jax.profiler` trace.
+              device: str = "/device:GPU:0") -> dict[object, DeviceTime]:
+  """Device time per call of each jitted call (a `DeviceTime`), from one `jax.profiler` trace.
 
   calls: {label: (fn, args)}. Each call is compiled and warmed up first; one that raises is reported and
   left out of the result. Then every call runs `samples` times `calls_per_sample` back to back, each
@@ -73,13 +82,15 @@ def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle
     path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     with gzip.open(path) as f:
       events = json.load(f)["traceEvents"]
-  spans = sample_spans_us(events, device=device, min_idle_us=idle_s * 1e6 / 4)
+  periods = busy_periods_us(events, device=device, min_idle_us=idle_s * 1e6 / 4)
   expected = sum(n_samples for *_, n_samples, _ in plan)
-  if len(spans) != expected:
-    raise RuntimeError(f"found {len(spans)} busy periods on {device} in the trace, expected {expected} samples")
+  if len(periods) != expected:
+    raise RuntimeError(f"found {len(periods)} busy periods on {device} in the trace, expected {expected} samples")
   result, i = {}, 0
   for label, _, _, n_samples, n_calls in plan:
-    result[label] = statistics.median(span / n_calls / 1e3 for span in spans[i:i + n_samples])
+    mine = periods[i:i + n_samples]
+    result[label] = DeviceTime(span=statistics.median(span for span, _ in mine) / n_calls / 1e3,
+                               busy=statistics.median(busy for _, busy in mine) / n_calls / 1e3)
     i += n_samples
   return result
 
@@ -93,21 +104,21 @@ def device_events(events, device: str) -> list[dict]:
   return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids]
 
 
-def sample_spans_us(events, *, device: str, min_idle_us: float) -> list[float]:
-  """Chrome-trace events -> lengths (µs) of the busy periods of `device`: runs of kernels, memsets and
-  copies separated by idle gaps of at least min_idle_us, in time order."""
-  work = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in device_events(events, device))
-  spans, begin, end = [], None, None
-  for start, stop in work:
+def busy_periods_us(events, *, device: str, min_idle_us: float) -> list[tuple[float, float]]:
+  """Chrome-trace events -> (span, summed duration) in µs of each busy period of `device`: runs of
+  kernels, memsets and copies separated by idle gaps of at least min_idle_us, in time order."""
+  work = sorted((float(e["ts"]), float(e.get("dur", 0.0))) for e in device_events(events, device))
+  periods, begin, end, busy = [], None, None, 0.0
+  for start, duration in work:
     if begin is not None and start - end >= min_idle_us:
-      spans.append(end - begin)
+      periods.append((end - begin, busy))
       begin = None
     if begin is None:
-      begin, end = start, stop
-    end = max(end, stop)
+      begin, end, busy = start, start, 0.0
+    end, busy = max(end, start + duration), busy + duration
   if begin is not None:
-    spans.append(end - begin)
-  return spans
+    periods.append((end - begin, busy))
+  return periods
 
 
 def device_name() -> str:

@@ -50,7 +50,7 @@ def test_device_busy_periods_are_split_at_idle_gaps():
       {"ph": "X", "pid": 2, "ts": 500.0, "dur": 900.0, "name": "host work, not device time"},
       {"ph": "X", "pid": 1, "ts": 1000.0, "dur": 3.0, "name": "c"},
   ]
-  assert timing.sample_spans_us(events, device="/device:GPU:0", min_idle_us=100.0) == [17.0, 3.0]
-  assert timing.sample_spans_us(events, device="/device:GPU:0", min_idle_us=2000.0) == [1003.0]
+  assert timing.busy_periods_us(events, device="/device:GPU:0", min_idle_us=100.0) == [(17.0, 15.0), (3.0, 3.0)]
+  assert timing.busy_periods_us(events, device="/device:GPU:0", min_idle_us=2000.0) == [(1003.0, 18.0)]
   with pytest.raises(ValueError, match="device"):
-    timing.sample_spans_us(events, device="/device:GPU:7", min_idle_us=1.0)
+    timing.busy_periods_us(events, device="/device:GPU:7", min_idle_us=1.0)
