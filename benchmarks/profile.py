@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -34,18 +30,13 @@ def kernel_times_us(fn, *args, repeats: int = 20, device: str = "/device:GPU:0")
   k times per call counts k times.
   """
   jax.block_until_ready(fn(*args))  # compile outside the trace
-  with tempfile.TemporaryDirectory() as log_dir:
-    jax.profiler.start_trace(log_dir)
-    try:
-      for _ in range(repeats):
-        out = fn(*args)
-      jax.block_until_ready(out)
-    finally:
-      jax.profiler.stop_trace()
-    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
-    with gzip.open(path) as f:
-      events = json.load(f)["traceEvents"]
-  return summarize(events, repeats=repeats, device=device)
+
+  def run():
+    for _ in range(repeats):
+      out = fn(*args)
+    jax.block_until_ready(out)
+
+  return summarize(timing.trace_events(run), repeats=repeats, device=device)
 
 
 def summarize(events, *, repeats: int, device: str) -> dict[str, float]:

@@ -68,20 +68,15 @@ def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle
       continue
     long_call = time.perf_counter() - start > 0.02
     plan.append((label, fn, args, min(samples, 5) if long_call else samples, 1 if long_call else calls_per_sample))
-  with tempfile.TemporaryDirectory() as log_dir:
-    jax.profiler.start_trace(log_dir)
-    try:
-      for _, fn, args, n_samples, n_calls in plan:
-        for _ in range(n_samples):
-          time.sleep(idle_s)
-          for _ in range(n_calls):
-            out = fn(*args)
-          jax.block_until_ready(out)
-    finally:
-      jax.profiler.stop_trace()
-    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
-    with gzip.open(path) as f:
-      events = json.load(f)["traceEvents"]
+  def run_plan():
+    for _, fn, args, n_samples, n_calls in plan:
+      for _ in range(n_samples):
+        time.sleep(idle_s)
+        for _ in range(n_calls):
+          out = fn(*args)
+        jax.block_until_ready(out)
+
+  events = trace_events(run_plan)
   periods = busy_periods_us(events, device=device, min_idle_us=idle_s * 1e6 / 4)
   expected = sum(n_samples for *_, n_samples, _ in plan)
   if len(periods) != expected:
@@ -93,6 +88,19 @@ def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle
                                busy=statistics.median(busy for _, busy in mine) / n_calls / 1e3)
     i += n_samples
   return result
+
+
+def trace_events(run) -> list[dict]:
+  """Chrome-trace events of a `jax.profiler` trace around `run()` (which should wait for its results)."""
+  with tempfile.TemporaryDirectory() as log_dir:
+    jax.profiler.start_trace(log_dir)
+    try:
+      run()
+    finally:
+      jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path) as f:
+      return json.load(f)["traceEvents"]
 
 
 def device_events(events, device: str) -> list[dict]:

@@ -54,3 +54,14 @@ def test_device_busy_periods_are_split_at_idle_gaps():
   assert timing.busy_periods_us(events, device="/device:GPU:0", min_idle_us=2000.0) == [(1003.0, 18.0)]
   with pytest.raises(ValueError, match="device"):
     timing.busy_periods_us(events, device="/device:GPU:7", min_idle_us=1.0)
+
+
+def test_trace_events_come_from_a_real_profiler_trace():
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x: jnp.sin(x) @ x)
+  x = jnp.ones((64, 64))
+  f(x).block_until_ready()
+  events = timing.trace_events(lambda: f(x).block_until_ready())
+  host = timing.device_events(events, "/host:CPU")
+  assert host and all(e["ph"] == "X" and e["dur"] >= 0 for e in host)
