@@ -1,8 +1,8 @@
 """Pooled block scores for the block mask, as Pallas Triton kernels.
 
 `block_means` reads Q (or K) once and writes the mean of the real tokens of every block; `pooled_logits`
-takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program. The row softmax and the Top-k ∪ Top-p selection follow in
-`mask_select` (a kernel) or `sparge_jax.mask.select_blocks` (XLA).
+takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program. The row softmax and
+the Top-k ∪ Top-p selection follow in `mask_select` (a kernel) or `sparge_jax.mask.select_blocks` (XLA).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-
 
 
 def _block_means_kernel(x_ref, out_ref, *, block, seq, block_axis):

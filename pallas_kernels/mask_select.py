@@ -1,8 +1,9 @@
 """Top-k ∪ Top-p block selection as a Pallas Triton kernel, without sorting.
 
-The same rule as `sparge_jax.mask.select_blocks` (which sorts each row in XLA): each program (one warp) takes
-one row of pooled logits (a few when rows are short), forms the row softmax in registers and finds the two thresholds by bisection on the
-bit patterns of the (non-negative) probabilities, whose integer order is their float order:
+The same rule as `sparge_jax.mask.select_blocks` (which sorts each row in XLA): each program (one warp)
+takes one row of pooled logits (a few when rows are short), forms the row softmax in registers and finds
+the two thresholds by bisection on the bit patterns of the (non-negative) probabilities, whose integer
+order is their float order:
 - Top-p: the smallest probability v whose strictly-larger mass G(v) = Σ_{P > v} P is still below p. Every
   entry above v is kept, and of the entries equal to v the first ⌈(p − G(v)) / v⌉ (ties in index order).
 - the kept set: the n_keep-th largest probability v_k (the smallest t with #{P > t} < n_keep); entries
