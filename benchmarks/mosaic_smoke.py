@@ -3,10 +3,12 @@
     python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
     python -m benchmarks.mosaic_smoke --sweep         # also the mosaic variants: forward v1 and default,
                                                       # backward v1 and the persistent dQ, dK/dV variants
+    python -m benchmarks.mosaic_smoke --head-dim 64 --sweep   # deeper pipelines, which fit at head_dim 64
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
 relative (‖ours − triton‖ / ‖triton‖) on the same inputs and index tables; both are bf16 kernels, so
 expect ~1e-3, not 0. TFLOP/s count only the kept blocks: forward 4·B·H·N²·D·(1−s), backward 2.5x that.
+Times are device time (`timing.device_ms`, one profiler trace for all of them, after every check).
 """
 
 from __future__ import annotations
@@ -95,17 +97,12 @@ def main(argv=None):
     _step("backward error", lambda: {name: _rel_err(m, t) for name, m, t in
                                      zip(("dq", "dk", "dv"), mosaic_bwd, triton_bwd)}, results)
 
-  times = {}
-  dense = jax.jit(lambda q, k, v: attention.dense_attention(q, k, v))
-  _step("time cudnn forward", lambda: times.setdefault("cudnn fwd", timing.median_ms(dense, q, k, v)),
-        results)
+  to_time = {"cudnn fwd": (jax.jit(lambda q, k, v: attention.dense_attention(q, k, v)), (q, k, v))}
   for name, module in (("triton", triton_block_sparse), ("mosaic", mosaic_block_sparse)):
     if results.get(f"{name} forward" if name == "triton" else "mosaic forward compile+run"):
-      _step(f"time {name} forward", lambda: times.setdefault(
-          f"{name} fwd", timing.median_ms(forward_fn(module), *fwd_args)), results)
+      to_time[f"{name} fwd"] = (forward_fn(module), fwd_args)
     if triton_fwd and results.get(f"{name} backward" if name == "triton" else "mosaic backward compile+run"):
-      _step(f"time {name} backward", lambda: times.setdefault(
-          f"{name} bwd", timing.median_ms(backward_fn(module), *bwd_args(triton_fwd))), results)
+      to_time[f"{name} bwd"] = (backward_fn(module), bwd_args(triton_fwd))
 
   errors = {}
 
@@ -116,29 +113,41 @@ def main(argv=None):
     result = jax.block_until_ready(fn(*fwd_args))
     if triton_fwd:
       errors[name] = dict(out=_rel_err(result[0], triton_fwd[0]), lse=_rel_err(result[1], triton_fwd[1]))
-    times[name] = timing.median_ms(fn, *fwd_args)
+    to_time[name] = (fn, fwd_args)
 
   def sweep_backward(tuning):
     name = "mosaic bwd " + " ".join(f"{k}={v}" for k, v in tuning.items())
     fn = backward_fn(mosaic_block_sparse, **tuning)
     grads = jax.block_until_ready(fn(*bwd_args(triton_fwd)))
     errors[name] = {g: _rel_err(m, t) for g, m, t in zip(("dq", "dk", "dv"), grads, triton_bwd)}
-    times[name] = timing.median_ms(fn, *bwd_args(triton_fwd))
+    to_time[name] = (fn, bwd_args(triton_fwd))
 
   if args.sweep and mosaic_fwd:
-    # Forward: v1 and the default only (the other settings were slower: benchmarks/NOTES.md).
-    for tuning in (dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
-                   dict(num_stages=2, kv_blocks_per_step=2, persistent=True)):
-      _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
-    if triton_fwd and mosaic_bwd:
+    if args.head_dim == 128:
+      # Forward: v1 and the default only (the other settings were slower: benchmarks/NOTES.md).
+      forward_variants = (dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
+                          dict(num_stages=2, kv_blocks_per_step=2, persistent=True))
       # v1; persistent dK/dV with one K/V slot per pair (2 Q/dO stages) or two (1 stage: SMEM);
       # then persistent dQ (two row slots: at most 2 K/V stages) on top of each.
-      for tuning in (dict(dq_stages=3, dkv_stages=2),
-                     dict(dq_stages=3, dkv_stages=2, dkv_persistent=True),
-                     dict(dq_stages=3, dkv_stages=1, dkv_persistent=True),
-                     dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
-                     dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True)):
+      backward_variants = (dict(dq_stages=3, dkv_stages=2),
+                           dict(dq_stages=3, dkv_stages=2, dkv_persistent=True),
+                           dict(dq_stages=3, dkv_stages=1, dkv_persistent=True),
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True))
+    else:
+      # Half the shared memory per tile: deeper pipelines fit (never timed at head_dim 64 before).
+      forward_variants = tuple(dict(num_stages=n, kv_blocks_per_step=2, persistent=True) for n in (2, 3, 4))
+      backward_variants = tuple(dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True)
+                                for d in (2, 3, 4) for s in (2, 3))
+    for tuning in forward_variants:
+      _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
+    if triton_fwd and mosaic_bwd:
+      for tuning in backward_variants:
         _step(f"sweep backward {tuning}", lambda: sweep_backward(tuning), results)
+
+  times = {}
+  _step("time everything (device clock)", lambda: times.update(
+      {name: t.span for name, t in timing.device_ms(to_time).items()}), results)
 
   print("\nerrors vs triton:", results.get("forward error"), results.get("backward error"))
   for name, error in errors.items():

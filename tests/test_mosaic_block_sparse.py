@@ -30,6 +30,9 @@ CASES = [
      dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2)),
     (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2),
      dict(dq_persistent=3, dkv_persistent=True)),
+    # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them).
+    (1, 264, 320, 1, 64, 128, jnp.bfloat16, dict(persistent=2, num_stages=4, kv_blocks_per_step=2),
+     dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True)),
 ]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
@@ -191,8 +194,9 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
   backward = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks),
                     x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
   assert forward.count("mosaic_gpu") >= 1 and backward.count("mosaic_gpu") >= 2
+  deep = head_dim == 64  # deeper pipelines fit in shared memory only at head_dim 64
   for tuning in (dict(kv_blocks_per_step=2, num_stages=2), dict(persistent=True),
-                 dict(persistent=True, kv_blocks_per_step=2, num_stages=2)):
+                 dict(persistent=True, kv_blocks_per_step=2, num_stages=4 if deep else 2)):
     variant = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning),
                      x, x, x, table(n_q, n_kv), count(n_q))
     assert variant.count("mosaic_gpu") >= 1, tuning
@@ -200,7 +204,9 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
                  dict(dq_stages=3, dq_persistent=False, dkv_persistent=False),  # v1
                  dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
                  dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1,
-                      dkv_persistent=True)):  # two K/V slots
+                      dkv_persistent=True),  # two K/V slots
+                 dict(dq_stages=4 if deep else 2, dq_persistent=True, dkv_stages=3 if deep else 2,
+                      dkv_persistent=True)):
     variant = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
                      x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
     assert variant.count("mosaic_gpu") >= 2, tuning
