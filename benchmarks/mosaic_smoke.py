@@ -2,7 +2,8 @@
 
     python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
     python -m benchmarks.mosaic_smoke --sweep         # also the mosaic variants: forward v1 and default,
-                                                      # backward v1 and the persistent dQ, dK/dV variants
+                                                      # backward v1, the persistent dQ, dK/dV variants and
+                                                      # delta formed inside the dQ kernel
     python -m benchmarks.mosaic_smoke --head-dim 64 --sweep   # deeper pipelines, which fit at head_dim 64
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
@@ -133,12 +134,16 @@ def main(argv=None):
                            dict(dq_stages=3, dkv_stages=2, dkv_persistent=True),
                            dict(dq_stages=3, dkv_stages=1, dkv_persistent=True),
                            dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True))
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
+                           # the default, with delta formed inside the dQ kernel (no XLA reduce)
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True,
+                                delta_in_dq=True))
     else:
       # Half the shared memory per tile: deeper pipelines fit (never timed at head_dim 64 before).
       forward_variants = tuple(dict(num_stages=n, kv_blocks_per_step=2, persistent=True) for n in (2, 3, 4))
-      backward_variants = tuple(dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True)
-                                for d in (2, 3, 4) for s in (2, 3))
+      backward_variants = tuple(dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True,
+                                     delta_in_dq=delta)
+                                for d in (2, 3, 4) for s in (2, 3) for delta in (False, True))
     for tuning in forward_variants:
       _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
     if triton_fwd and mosaic_bwd:

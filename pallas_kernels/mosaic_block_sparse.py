@@ -45,6 +45,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _MASKED = -1e30
 _WG_ROWS = 64  # rows of one warpgroup's wgmma tile
+_O_PART = 64  # columns of O per load when the dQ kernel forms delta (128 bytes: one swizzle row)
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a wgmma tile
 
@@ -463,41 +464,50 @@ def _work_items(lane, lanes, counts):
   """Persistent schedule: `lane` of `lanes` runs items lane, lane + lanes, ... of the
   counts = (blocks, heads, batch) work items, blocks fastest (lanes running at one time share a head).
 
-  Returns (n_items, run): run(body) folds body(i, (block, head, batch), done) over the lane's items
-  from done = 0 (body returns the new done, e.g. pipeline steps so far) and returns the final done.
+  Returns (n_items, run, item_at): run(body) folds body(i, (block, head, batch), done) over the lane's
+  items from done = 0 (body returns the new done, e.g. pipeline steps so far) and returns the final done;
+  item_at(i) is the lane's i-th (block, head, batch).
   """
   blocks, heads, batch = counts
   total = blocks * heads * batch
   n_items = jnp.where(lane < total, lax.div(total - 1 - lane, lanes) + 1, 0)
 
+  def item_at(i):
+    w = i * lanes + lane
+    rest = lax.div(w, blocks)
+    return lax.rem(w, blocks), lax.rem(rest, heads), lax.div(rest, heads)
+
   def run(body):
-    def item(i, done):
-      w = i * lanes + lane
-      rest = lax.div(w, blocks)
-      return body(i, (lax.rem(w, blocks), lax.rem(rest, heads), lax.div(rest, heads)), done)
-    return lax.fori_loop(0, n_items, item, 0)
-  return n_items, run
+    return lax.fori_loop(0, n_items, lambda i, done: body(i, item_at(i), done), 0)
+  return n_items, run, item_at
 
 
 def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, row_free, k_loaded,
-               v_loaded, k_free, v_free, ds_smem, *, scale, block_kv, kv_per_step, num_stages,
-               compute_wgs, kv_len, ctas):
+               delta_out_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, row_free,
+               k_loaded, v_loaded, k_free, v_free, ds_smem, o_smem, o_loaded, *, scale, block_kv,
+               kv_per_step, num_stages, compute_wgs, kv_len, ctas):
   """One work item is one (q block, head, batch), as in the forward. ctas None: one CTA per item,
   whose compute warpgroups load their own Q, dO, lse and delta rows. ctas an int: `ctas` persistent
   CTAs; the memory warpgroup loads each item's rows into one of two slots (freed once the dQ store,
   staged in the Q slot, has read it) and runs one K/V ring through all the CTA's items, so the next
   item's rows and first K/V tiles land during this item's last steps and epilogue.
+
+  delta_out_ref None: delta_ref is delta = rowsum(dO·O), precomputed. Else delta_ref is O, and each
+  compute warpgroup forms its rows' delta itself from O, 64 columns at a time through o_smem (a whole
+  O tile does not fit beside the double-buffered rows at head_dim 128), and writes it to delta_out_ref
+  for the dK/dV kernel. The warpgroup issues those O loads itself: the first part of its next item's
+  rows as soon as this item's delta is formed, so only the later parts' loads wait.
   """
   wg = lax.axis_index("wg")
   batch_size, heads, n_q_blocks = kv_count_ref.shape
+  delta_in_dq = delta_out_ref is not None
   step_keys = kv_per_step * block_kv
   dtype = q_ref.dtype
   dim = q_ref.shape[-1]
   score_scale = scale * LOG2E
   persistent = ctas is not None
   if persistent:
-    n_items, work_items = _work_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
+    n_items, work_items, item_at = _work_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
   else:
     def work_items(body):
       return body(0, tuple(lax.axis_index(a) for a in ("q_blocks", "heads", "batch")), 0)
@@ -510,14 +520,44 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   def row_slot(i):
     return lax.rem(i, 2) if persistent else 0
 
+  def wg_rows(item, w):
+    return pl.ds(item[0] * (compute_wgs * _WG_ROWS) + w * _WG_ROWS, _WG_ROWS)
+
   def row_copies(item, slot, w):
-    """(source, destination) of warpgroup w's Q, dO, lse and delta rows; all arrive on one barrier."""
-    q_block, head, batch = item
-    rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + w * _WG_ROWS, _WG_ROWS)
-    return ((q_ref.at[batch, rows, head], q_smem.at[slot, w]),
-            (do_ref.at[batch, rows, head], do_smem.at[slot, w]),
-            (lse_ref.at[batch, head, rows], lse_smem.at[slot, w]),
-            (delta_ref.at[batch, head, rows], delta_smem.at[slot, w]))
+    """(source, destination) of warpgroup w's Q, dO, lse (and delta) rows; all arrive on one barrier."""
+    _, head, batch = item
+    rows = wg_rows(item, w)
+    copies = ((q_ref.at[batch, rows, head], q_smem.at[slot, w]),
+              (do_ref.at[batch, rows, head], do_smem.at[slot, w]),
+              (lse_ref.at[batch, head, rows], lse_smem.at[slot, w]))
+    return copies if delta_in_dq else copies + ((delta_ref.at[batch, head, rows], delta_smem.at[slot, w]),)
+
+  def load_o_part(item, h):
+    """TMA of columns [64·h, 64·h + 64) of this warpgroup's O rows of `item` into o_smem."""
+    _, head, batch = item
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, wg_rows(item, wg), head, pl.ds(h * _O_PART, _O_PART)],
+                            o_smem.at[wg], o_loaded.at[wg])
+
+  def row_delta(i, item, slot):
+    """rowsum(dO·O) of this warpgroup's rows of `item` (its first O part already requested), stored
+    to delta_out_ref; then requests the first O part of the next item."""
+    delta = None
+    for h in range(q_ref.shape[-1] // _O_PART):
+      if h > 0:
+        load_o_part(item, h)
+      plgpu.barrier_wait(o_loaded.at[wg])
+      o = plgpu.load(o_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+      d_o = plgpu.load(do_smem.at[slot, wg, :, pl.ds(h * _O_PART, _O_PART)], layout=plgpu.Layout.WGMMA)
+      part = jnp.sum(o * d_o.astype(jnp.float32), axis=1)
+      delta = part if delta is None else delta + part
+      plgpu.commit_smem()  # every thread has read o_smem before the next TMA overwrites it
+    if persistent:
+      pl.when(i + 1 < n_items)(lambda: load_o_part(item_at(i + 1), 0))
+    _, head, batch = item
+    delta_smem.at[slot, wg][...] = delta
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(delta_smem.at[slot, wg], delta_out_ref.at[batch, head, wg_rows(item, wg)])
+    return delta
 
   @pl.when(wg < compute_wgs)
   def _compute():
@@ -534,7 +574,14 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       plgpu.barrier_wait(barrier)
       q_tile, do_tile = q_smem.at[slot, wg], do_smem.at[slot, wg]
       lse2 = plgpu.load(lse_smem.at[slot, wg], layout=_ROW) * LOG2E
-      delta = plgpu.load(delta_smem.at[slot, wg], layout=_ROW)
+      if delta_in_dq:
+        if persistent:
+          pl.when(i == 0)(lambda: load_o_part(item, 0))  # later items': requested by the previous one
+        else:
+          load_o_part(item, 0)
+        delta = row_delta(i, item, slot)
+      else:
+        delta = plgpu.load(delta_smem.at[slot, wg], layout=_ROW)
 
       mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
                             kv_per_step=kv_per_step)
@@ -641,8 +688,8 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   score_scale = scale * LOG2E
   persistent = ctas is not None
   if persistent:
-    n_items, work_items = _work_items(lax.axis_index("ctas") * pairs + pair, ctas * pairs,
-                                      (n_kv_blocks, heads, batch_size))
+    n_items, work_items, _ = _work_items(lax.axis_index("ctas") * pairs + pair, ctas * pairs,
+                                         (n_kv_blocks, heads, batch_size))
     active = True
   else:
     kv_tile, head, batch = (lax.axis_index(a) for a in ("kv_tiles", "heads", "batch"))
@@ -803,10 +850,10 @@ def _dkv_kv_slots(dkv_stages, persistent, dim, block_kv, pairs):
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "dq_stages", "dkv_stages",
                                              "dq_kv_blocks_per_step", "dq_persistent", "dkv_persistent",
-                                             "interpret"))
+                                             "delta_in_dq", "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
              *, block_q, block_kv, scale, dq_stages=2, dkv_stages=2, dq_kv_blocks_per_step=1,
-             dq_persistent=True, dkv_persistent=True, interpret=False):
+             dq_persistent=True, dkv_persistent=True, delta_in_dq=False, interpret=False):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
@@ -815,6 +862,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   dq_persistent, dkv_persistent: as the forward's `persistent` (False, True: one CTA per SM, or a
   number of CTAs), for the dQ kernel (Q/dO rows double-buffered: dq_stages ≤ 2 at head_dim 128) and
   the dK/dV kernel (K/V double-buffered where SMEM allows: dkv_stages=1 at head_dim 128).
+  delta_in_dq: the dQ kernel forms delta = rowsum(dO·O) from O itself and hands it to dK/dV, instead of
+  an XLA reduce over O and dO before both kernels (MOSAIC_NOTES.md, "delta inside the dQ kernel").
   """
   _check_inputs(q, k, v, block_q, block_kv)
   if dq_kv_blocks_per_step not in (1, 2):
@@ -827,6 +876,7 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   dkv_ctas = _persistent_ctas(dkv_persistent, "dkv_persistent", pl.cdiv(batch * heads * n_kv_blocks, pairs))
   row_slots = 1 if dq_ctas is None else 2
   dq_smem = (2 * row_slots * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * dim * 2
+  dq_smem += block_q * _O_PART * 2 if delta_in_dq else 0  # one O column part per compute warpgroup
   if not 1 <= dq_stages or dq_smem + _SMEM_OVERHEAD > _SMEM_BYTES:
     raise ValueError(f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
                      f"dq_persistent={dq_persistent}, head_dim {dim} needs {dq_smem // 1024} KB of "
@@ -835,8 +885,12 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   padded_len = n_q_blocks * block_q
   # delta_i = Σ_d dO_i·O_i = Σ_j P_ij dP_ij, the softmax-backward correction per query row. lse and
   # delta are zero padded: padded rows (zero q and dO) then add exactly zero to dK and dV.
-  delta = jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  lse, delta = _pad_rows(lse, padded_len), _pad_rows(delta, padded_len)
+  lse = _pad_rows(lse, padded_len)
+  if delta_in_dq:
+    delta_or_out = out  # the dQ kernel forms delta (zero for padded rows: TMA zero-fills their O)
+  else:
+    delta_or_out = _pad_rows(jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32)),
+                             padded_len)
   interpret_params = _interpret_params(interpret)
   compiler_params = plgpu.CompilerParams(approx_math=True)
 
@@ -845,10 +899,16 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
     dq_grid, dq_grid_names = (n_q_blocks, heads, batch), ("q_blocks", "heads", "batch")
   else:
     dq_grid, dq_grid_names = (dq_ctas,), ("ctas",)
+  dq_body = functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, kv_per_step=dq_kv_blocks_per_step,
+                              num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=dq_ctas)
+  if delta_in_dq:
+    dq_out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, padded_len), jnp.float32)]
+  else:  # no delta output: the kernel's delta_out_ref is None
+    dq_body = functools.partial(lambda body, *refs: body(*refs[:9], None, *refs[9:]), dq_body)
+    dq_out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, kv_per_step=dq_kv_blocks_per_step,
-                        num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=dq_ctas),
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      dq_body,
+      out_type=dq_out_type,
       scratch_types=[
           _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
           _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), d_out.dtype),
@@ -856,7 +916,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
           plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
           _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), k.dtype),
           _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), v.dtype),
-          plgpu.Barrier(num_arrivals=4, num_barriers=row_slots * compute_wgs),  # Q, dO, lse, delta
+          plgpu.Barrier(num_arrivals=3 if delta_in_dq else 4,  # Q, dO, lse (, delta)
+                        num_barriers=row_slots * compute_wgs),
           plgpu.Barrier(num_barriers=row_slots * compute_wgs) if dq_ctas is not None else None,
           plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
           plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
@@ -864,6 +925,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
           plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
           _tiled_smem((compute_wgs, _WG_ROWS, dq_kv_blocks_per_step * block_kv), q.dtype)
           if interpret_params else None,
+          _tiled_smem((compute_wgs, _WG_ROWS, _O_PART), out.dtype) if delta_in_dq else None,
+          plgpu.Barrier(num_barriers=compute_wgs) if delta_in_dq else None,
       ],
       grid=dq_grid,
       grid_names=dq_grid_names,
@@ -872,7 +935,11 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
       compiler_params=compiler_params,
       interpret=interpret_params,
       kernel_name="mosaic_block_sparse_dq",
-  )(kv_block_index, kv_block_count, q, k, v, d_out, lse, delta)
+  )(kv_block_index, kv_block_count, q, k, v, d_out, lse, delta_or_out)
+  if delta_in_dq:
+    dq, delta = dq
+  else:
+    delta = delta_or_out
 
   stages = pairs * dkv_stages
   if dkv_ctas is None:
