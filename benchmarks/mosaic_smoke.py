@@ -2,8 +2,8 @@
 
     python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
     python -m benchmarks.mosaic_smoke --sweep         # also the mosaic variants: forward v1 and default,
-                                                      # backward v1, the persistent dQ, dK/dV variants and
-                                                      # delta formed inside the dQ kernel
+                                                      # backward v1, the persistent dQ and dK/dV variants,
+                                                      # delta by XLA or inside the dQ kernel, 128-key dQ steps
     python -m benchmarks.mosaic_smoke --head-dim 64 --sweep   # deeper pipelines, which fit at head_dim 64
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
@@ -128,16 +128,19 @@ def main(argv=None):
       # Forward: v1 and the default only (the other settings were slower: benchmarks/NOTES.md).
       forward_variants = (dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
                           dict(num_stages=2, kv_blocks_per_step=2, persistent=True))
-      # v1; persistent dK/dV with one K/V slot per pair (2 Q/dO stages) or two (1 stage: SMEM);
-      # then persistent dQ (two row slots: at most 2 K/V stages) on top of each.
-      backward_variants = (dict(dq_stages=3, dkv_stages=2),
-                           dict(dq_stages=3, dkv_stages=2, dkv_persistent=True),
-                           dict(dq_stages=3, dkv_stages=1, dkv_persistent=True),
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
-                           # the default, with delta formed inside the dQ kernel (no XLA reduce)
+      # v1 (one CTA per tile, precomputed delta); persistent dK/dV with one K/V slot per pair (2 Q/dO
+      # stages) or two (1 stage: SMEM); then persistent dQ (two row slots: at most 2 K/V stages) on
+      # top of each; the default (delta formed inside the dQ kernel) against the XLA reduce.
+      v1 = dict(dq_stages=3, dq_persistent=False, dkv_stages=2, delta_in_dq=False)
+      backward_variants = (v1 | dict(dkv_persistent=False),
+                           v1 | dict(dkv_persistent=True),
+                           v1 | dict(dkv_stages=1, dkv_persistent=True),
                            dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True,
-                                delta_in_dq=True))
+                                delta_in_dq=False),
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
+                           # 128-key dQ steps fit beside one row slot only: no persistence
+                           dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False))
     else:
       # Half the shared memory per tile: deeper pipelines fit (never timed at head_dim 64 before).
       forward_variants = tuple(dict(num_stages=n, kv_blocks_per_step=2, persistent=True) for n in (2, 3, 4))

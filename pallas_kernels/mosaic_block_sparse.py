@@ -116,6 +116,38 @@ def _mma(acc, a, b, *, a_smem=None, while_running=None):
   return acc
 
 
+def _two_products(first, second, shape, *, before_second, while_second):
+  """(while_second(a1 @ b1), a2 @ b2) with float32 accumulation; first = (a1, b1), second = (a2, b2),
+  all SMEM operands. Both products are issued back to back and while_second runs on the first while
+  the second is still on the tensor cores (the softmax's exp under dP's wgmma, as FlashAttention-3
+  does); before_second runs between the two issues (a wait for the second's operands)."""
+  def products(first_ref, second_ref):
+    plgpu.wgmma(first_ref, *first)
+    before_second()
+    plgpu.wgmma(second_ref, *second)
+    result = while_second(plgpu.wgmma_accumulator_load(first_ref, wait_n=1))
+    return result, second_ref[...]
+
+  return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
+def _mma_then(acc, a, b, acc2, make_a2, b2, *, a_smem=None):
+  """(acc + a @ b, acc2 + make_a2() @ b2): a and make_a2()'s result in registers, b and b2 in SMEM.
+
+  Compiled, make_a2 runs while the first product is on the tensor cores (dSᵀ formed under dV's
+  wgmma). Interpreted, both go through a_smem one after the other, as `_mma`.
+  """
+  if a_smem is not None:
+    acc = _mma(acc, a, b, a_smem=a_smem)
+    return acc, _mma(acc2, make_a2(), b2, a_smem=a_smem)
+
+  def accumulate(refs):
+    ref, ref2 = refs
+    plgpu.wgmma(ref, a, b)
+    plgpu.wgmma(ref2, make_a2(), b2)
+  return pl.run_state(accumulate)((plgpu.ACC.init(acc), plgpu.ACC.init(acc2)))
+
+
 def _rebalance_registers(compute_wgs, *, compute):
   """Move registers from the memory warpgroup to two compute warpgroups (2·232 + 40 = 3·168).
 
@@ -596,6 +628,8 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       def step(c, dq):
         kv_slot = ring_slot(c)
 
+        # One product at a time: issuing S = Q Kᵀ and dP = dO Vᵀ together, with P formed under dP's
+        # wgmma as in the dK/dV kernel, was slower here (benchmarks/NOTES.md).
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_tile, k_smem.at[kv_slot].T)
           return acc_ref[...]
@@ -732,27 +766,24 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         q_tile, do_tile = q_smem.at[s], do_smem.at[s]
         plgpu.barrier_wait(q_loaded.at[s])
 
-        def kq(acc_ref):
-          plgpu.wgmma(acc_ref, k_tile, q_tile.T)
-          return acc_ref[...]
+        def probs_of(scores_t):
+          plgpu.barrier_wait(lse_loaded.at[s])
+          lse2 = plgpu.load(lse_smem.at[s], layout=_COL) * LOG2E
+          # Keys past kv_len need no mask: their rows of dK and dV are never stored.
+          return jnp.exp2(scores_t * score_scale - _col_broadcast(lse2, scores_t.shape))
 
-        scores_t = pl.run_scoped(kq, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
-        plgpu.barrier_wait(lse_loaded.at[s])
-        lse2 = plgpu.load(lse_smem.at[s], layout=_COL) * LOG2E
-        # Keys past kv_len need no mask: their rows of dK and dV are never stored.
-        probs_t = jnp.exp2(scores_t * score_scale - _col_broadcast(lse2, scores_t.shape))
-        plgpu.barrier_wait(do_loaded.at[s])
-        dv = _mma(dv, probs_t.astype(dtype), do_tile, a_smem=ds_tile)
+        # Sᵀ = K Qᵀ and dPᵀ = V dOᵀ together, Pᵀ formed under dPᵀ's wgmma.
+        probs_t, d_probs_t = _two_products(
+            (k_tile, q_tile.T), (v_tile, do_tile.T), (block_kv, _WG_ROWS),
+            before_second=lambda: plgpu.barrier_wait(do_loaded.at[s]), while_second=probs_of)
 
-        def vdo(acc_ref):
-          plgpu.wgmma(acc_ref, v_tile, do_tile.T)
-          return acc_ref[...]
+        def d_scores_t():
+          plgpu.barrier_wait(delta_loaded.at[s])
+          delta = plgpu.load(delta_smem.at[s], layout=_COL)
+          return (probs_t * (d_probs_t - _col_broadcast(delta, probs_t.shape))).astype(dtype)
 
-        d_probs_t = pl.run_scoped(vdo, plgpu.ACC((block_kv, _WG_ROWS), jnp.float32))
-        plgpu.barrier_wait(delta_loaded.at[s])
-        delta = plgpu.load(delta_smem.at[s], layout=_COL)
-        d_scores_t = probs_t * (d_probs_t - _col_broadcast(delta, probs_t.shape))
-        dk = _mma(dk, d_scores_t.astype(dtype), q_tile, a_smem=ds_tile)
+        # dV += Pᵀ dO, then dK += dSᵀ Q with dSᵀ formed under dV's wgmma.
+        dv, dk = _mma_then(dv, probs_t.astype(dtype), do_tile, dk, d_scores_t, q_tile, a_smem=ds_tile)
         plgpu.barrier_arrive(q_free.at[s])
         return dk, dv
 
@@ -853,7 +884,7 @@ def _dkv_kv_slots(dkv_stages, persistent, dim, block_kv, pairs):
                                              "delta_in_dq", "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
              *, block_q, block_kv, scale, dq_stages=2, dkv_stages=2, dq_kv_blocks_per_step=1,
-             dq_persistent=True, dkv_persistent=True, delta_in_dq=False, interpret=False):
+             dq_persistent=True, dkv_persistent=True, delta_in_dq=True, interpret=False):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].

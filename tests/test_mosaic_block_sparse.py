@@ -29,14 +29,15 @@ CASES = [
     (2, 130, 180, 1, 128, 128, jnp.float16, dict(kv_blocks_per_step=2, num_stages=2, persistent=False),
      dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2)),
     (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2),
-     dict(dq_persistent=3, dkv_persistent=True)),
+     dict(dq_persistent=3, dkv_persistent=True, delta_in_dq=False)),
     # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them).
     (1, 264, 320, 1, 64, 128, jnp.bfloat16, dict(persistent=2, num_stages=4, kv_blocks_per_step=2),
-     dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True)),
-    # delta = rowsum(dO·O) formed inside the dQ kernel: persistent CTAs carrying O loads across items,
-    # and one CTA per tile; head_dim 128 (two O parts per row tile) and 64 (one).
-    (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(delta_in_dq=True, dq_persistent=3)),
-    (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(delta_in_dq=True, dq_persistent=False)),
+     dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True, delta_in_dq=False)),
+    # delta = rowsum(dO·O) formed inside the dQ kernel (the default): persistent CTAs carrying O loads
+    # across items, and one CTA per tile; head_dim 128 (two O parts per row tile) and 64 (one). The
+    # precomputed delta (delta_in_dq=False) runs in the two cases above.
+    (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(dq_persistent=3)),
+    (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(dq_persistent=False)),
 ]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
@@ -124,8 +125,8 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2,
                     dkv_stages=2)
   assert not get_races().races_found  # the dK/dV kernel, the last one run
-  grads_delta_in_dq = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2,
-                                delta_in_dq=True, dq_persistent=2)
+  grads_precomputed_delta = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races,
+                                      dq_stages=2, delta_in_dq=False, dq_persistent=2)
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
 
@@ -133,7 +134,7 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   ref_out = masked_attention_reference(f32(q), f32(k), f32(v), mask, block_q=block_q, block_kv=BLOCK_KV)
   assert cases.rel_err(out, ref_out) <= TOL[jnp.float16]
   _check_backward(grads, q, k, v, d_out, mask, block_q)
-  _check_backward(grads_delta_in_dq, q, k, v, d_out, mask, block_q)
+  _check_backward(grads_precomputed_delta, q, k, v, d_out, mask, block_q)
 
 
 def test_forward_variants_match_reference_without_races(capsys):
@@ -215,7 +216,7 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
                       dkv_persistent=True),  # two K/V slots
                  dict(dq_stages=4 if deep else 2, dq_persistent=True, dkv_stages=3 if deep else 2,
                       dkv_persistent=True),
-                 dict(delta_in_dq=True), dict(delta_in_dq=True, dq_persistent=False)):
+                 dict(delta_in_dq=False), dict(delta_in_dq=False, dq_persistent=False)):
     variant = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
                      x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
     assert variant.count("mosaic_gpu") >= 2, tuning
