@@ -517,7 +517,7 @@ def _work_items(lane, lanes, counts):
 def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                delta_out_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, row_free,
                k_loaded, v_loaded, k_free, v_free, ds_smem, o_smem, o_loaded, *, scale, block_kv,
-               kv_per_step, num_stages, compute_wgs, kv_len, ctas):
+               kv_per_step, num_stages, compute_wgs, kv_len, ctas, row_slots):
   """One work item is one (q block, head, batch), as in the forward. ctas None: one CTA per item,
   whose compute warpgroups load their own Q, dO, lse and delta rows. ctas an int: `ctas` persistent
   CTAs; the memory warpgroup loads each item's rows into one of two slots (freed once the dQ store,
@@ -550,7 +550,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     return kv_index_ref.at[batch, head, q_block], count, _ceil_div(count, kv_per_step)
 
   def row_slot(i):
-    return lax.rem(i, 2) if persistent else 0
+    return lax.rem(i, row_slots)
 
   def wg_rows(item, w):
     return pl.ds(item[0] * (compute_wgs * _WG_ROWS) + w * _WG_ROWS, _WG_ROWS)
@@ -685,7 +685,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         slot = row_slot(i)
         for w in range(compute_wgs):
           barrier = slot * compute_wgs + w
-          pl.when(i >= 2)(lambda: plgpu.barrier_wait(row_free.at[barrier]))  # item i - 2's
+          pl.when(i >= row_slots)(lambda: plgpu.barrier_wait(row_free.at[barrier]))  # item i - row_slots's
           for src, dst in row_copies(item, slot, w):
             plgpu.copy_gmem_to_smem(src, dst, row_loaded.at[barrier])
       _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
@@ -695,7 +695,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     _drain_kv(work_items(stream), num_stages, k_free, v_free)
     if persistent:
-      _drain(n_items, 2, lambda i: [row_free.at[row_slot(i) * compute_wgs + w]
+      _drain(n_items, row_slots, lambda i: [row_free.at[row_slot(i) * compute_wgs + w]
                                     for w in range(compute_wgs)])
 
 
@@ -891,7 +891,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   dq_stages: K/V slots in flight for dQ; dkv_stages: Q/dO sub-tiles in flight per kv block for dK/dV.
   dq_kv_blocks_per_step 1 or 2: kept kv blocks per dQ step, as the forward's kv_blocks_per_step.
   dq_persistent, dkv_persistent: as the forward's `persistent` (False, True: one CTA per SM, or a
-  number of CTAs), for the dQ kernel (Q/dO rows double-buffered: dq_stages ≤ 2 at head_dim 128) and
+  number of CTAs), for the dQ kernel (Q/dO rows double-buffered where SMEM allows, else one row slot:
+  at head_dim 128 two slots take dq_stages ≤ 2 with one kv block per step, two per step get one) and
   the dK/dV kernel (K/V double-buffered where SMEM allows: dkv_stages=1 at head_dim 128).
   delta_in_dq: the dQ kernel forms delta = rowsum(dO·O) from O itself and hands it to dK/dV, instead of
   an XLA reduce over O and dO before both kernels (MOSAIC_NOTES.md, "delta inside the dQ kernel").
@@ -905,12 +906,15 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   pairs = 2  # dK/dV: two kv blocks per CTA, each with its own compute and memory warpgroup
   dq_ctas = _persistent_ctas(dq_persistent, "dq_persistent", batch * heads * n_q_blocks)
   dkv_ctas = _persistent_ctas(dkv_persistent, "dkv_persistent", pl.cdiv(batch * heads * n_kv_blocks, pairs))
-  row_slots = 1 if dq_ctas is None else 2
-  dq_smem = (2 * row_slots * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * dim * 2
-  dq_smem += block_q * _O_PART * 2 if delta_in_dq else 0  # one O column part per compute warpgroup
-  if not 1 <= dq_stages or dq_smem + _SMEM_OVERHEAD > _SMEM_BYTES:
+  def dq_smem(row_slots):
+    smem = (2 * row_slots * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * dim * 2
+    return smem + (block_q * _O_PART * 2 if delta_in_dq else 0)  # one O column part per warpgroup
+
+  # Persistent: two Q/dO row slots (the next item's rows land during this item) where SMEM allows.
+  row_slots = 2 if dq_ctas is not None and dq_smem(2) + _SMEM_OVERHEAD <= _SMEM_BYTES else 1
+  if not 1 <= dq_stages or dq_smem(row_slots) + _SMEM_OVERHEAD > _SMEM_BYTES:
     raise ValueError(f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
-                     f"dq_persistent={dq_persistent}, head_dim {dim} needs {dq_smem // 1024} KB of "
+                     f"dq_persistent={dq_persistent}, head_dim {dim} needs {dq_smem(row_slots) // 1024} KB of "
                      f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB")
   kv_slots = _dkv_kv_slots(dkv_stages, dkv_ctas is not None, dim, block_kv, pairs)
   padded_len = n_q_blocks * block_q
@@ -931,7 +935,8 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   else:
     dq_grid, dq_grid_names = (dq_ctas,), ("ctas",)
   dq_body = functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, kv_per_step=dq_kv_blocks_per_step,
-                              num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=dq_ctas)
+                              num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=dq_ctas,
+                              row_slots=row_slots)
   if delta_in_dq:
     dq_out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, padded_len), jnp.float32)]
   else:  # no delta output: the kernel's delta_out_ref is None

@@ -38,6 +38,8 @@ CASES = [
     # precomputed delta (delta_in_dq=False) runs in the two cases above.
     (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(dq_persistent=3)),
     (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(dq_persistent=False)),
+    # persistent dQ with two kv blocks per step: one Q/dO row slot at head_dim 128 (two do not fit)
+    (1, 264, 300, 2, 128, 128, jnp.bfloat16, {}, dict(dq_kv_blocks_per_step=2, dq_persistent=2)),
 ]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
@@ -128,6 +130,10 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   grads_precomputed_delta = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races,
                                       dq_stages=2, delta_in_dq=False, dq_persistent=2)
   assert not get_races().races_found
+  # persistent dQ with one row slot (two do not fit beside 5 stages of 128 keys), 2 items per CTA
+  grads_one_row_slot = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=5,
+                                 dq_kv_blocks_per_step=2, dq_persistent=2)
+  assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
 
   f32 = lambda x: x.astype(jnp.float32)
@@ -135,6 +141,7 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   assert cases.rel_err(out, ref_out) <= TOL[jnp.float16]
   _check_backward(grads, q, k, v, d_out, mask, block_q)
   _check_backward(grads_precomputed_delta, q, k, v, d_out, mask, block_q)
+  _check_backward(grads_one_row_slot, q, k, v, d_out, mask, block_q)
 
 
 def test_forward_variants_match_reference_without_races(capsys):
@@ -250,7 +257,7 @@ def test_rejects_forward_variants_that_do_not_exist(tuning, message):
     (dict(dkv_persistent=0), "dkv_persistent"),
     (dict(dq_persistent=-1), "dq_persistent"),
     (dict(dkv_stages=3), "dkv_stages"),  # 256 KB of SMEM at head_dim 128
-    (dict(dq_stages=3, dq_persistent=True), "dq_stages"),  # two row slots: 224 KB + overhead
+    (dict(dq_stages=4, dq_kv_blocks_per_step=2), "dq_stages"),  # even one row slot: 336 KB
 ])
 def test_rejects_backward_variants_that_do_not_exist(tuning, message):
   q, k, v, d_out = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
