@@ -22,6 +22,7 @@ import argparse
 import itertools
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +192,8 @@ def main(argv=None):
   for seq_len, heads, head_dim, sparsities in suite:
     records += measure(batch=args.batch, seq_len=seq_len, heads=heads, head_dim=head_dim, sparsities=sparsities,
                        dtype=jnp.bfloat16, backends=backends, block_q=args.block_q, block_kv=args.block_kv)
-  payload = {"command": "python -m benchmarks.attention", "records": records}
+  command = " ".join(["python -m benchmarks.attention", *(sys.argv[1:] if argv is None else argv)])
+  payload = {"command": command, "records": records}
   if args.sweep:
     seq_len, heads, head_dim, sparsities = suite[0]
     payload["sweep"] = sweep(seq_len=seq_len, heads=heads, head_dim=head_dim, sparsity=sparsities[0],
