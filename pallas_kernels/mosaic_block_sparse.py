@@ -17,10 +17,13 @@ Hopper specifics (the design follows jax's `attention_mgpu.py`, FlashAttention-3
 - dK/dV: a CTA holds two kv blocks (adjacent blocks have different q lists), one per (compute,
   memory) warpgroup pair; each pair streams its own q blocks, as 64-row sub-tiles, from the
   transposed table.
-- Tuning variants (keyword arguments, defaults = the first version): `kv_blocks_per_step=2` puts two
-  kept kv blocks in one 128-row slot (forward; `dq_kv_blocks_per_step` for dQ), `persistent=True`
-  runs one forward CTA per SM over all work items (`dq_persistent`, `dkv_persistent` for the backward
-  kernels). pallas_kernels/MOSAIC_NOTES.md has the measurements.
+- Tuning variants (keyword arguments; the defaults are the fastest measured on an H100):
+  `kv_blocks_per_step=2` puts two kept kv blocks in one 128-row slot (forward; `dq_kv_blocks_per_step`
+  for dQ), `persistent=True` runs one forward CTA per SM over all work items (`dq_persistent`,
+  `dkv_persistent` for the backward kernels), `delta_in_dq` forms rowsum(dO·O) inside the dQ kernel.
+  pallas_kernels/MOSAIC_NOTES.md and benchmarks/NOTES.md have the measurements.
+- dK/dV overlaps within a step: Sᵀ and dPᵀ are issued together and Pᵀ is formed under dPᵀ's wgmma, dSᵀ
+  under dV's (`_two_products`).
 - Ragged lengths cost nothing extra: TMA loads fill out-of-range rows with zeros and TMA stores drop
   them. Out-of-range keys of the last kv block get a large finite negative score (never -inf
   arithmetic); zero-filled padded q rows add exactly zero to dK/dV (their dO and delta are zero).
