@@ -13,6 +13,7 @@ back-to-back calls, 5 samples of one call for calls over 20 ms), for cuDNN and o
 calls by the span of their kernels, the mask stages and tables (each shorter than a host dispatch) by
 their kernels' own time. fwd_ms and fwd_bwd_ms are the public `block_sparse_attention` call on a given mask
 (index tables included); mask_ms is `block_mask` (pooling, pooled softmax, Top-k ∪ Top-p selection).
+qk_read_ms is XLA summing Q and K (reading each once): the read floor the mask's pooling is held against.
 TFLOP/s count only the kept blocks' work: forward 4·B·H·Nq·Nk·D·(1−s), forward+backward 3.5x that.
 """
 
@@ -57,7 +58,8 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
   dense = lambda q, k, v: attention.dense_attention(q, k, v)
   make_mask = jax.jit(lambda q, k: attention.block_mask(q, k, block_q=block_q, block_kv=block_kv))
   calls = {"cudnn_fwd": (jax.jit(dense), (q, k, v)), "cudnn_fwd_bwd": (_fwd_bwd(dense), (q, k, v, d_out)),
-           "mask": (make_mask, (q, k))}
+           "mask": (make_mask, (q, k)),
+           "qk_read": (jax.jit(lambda q, k: (jnp.sum(q, dtype=jnp.float32), jnp.sum(k, dtype=jnp.float32))), (q, k))}
   calls.update(mask_component_calls(q, k, block_q=block_q, block_kv=block_kv))
   sparsity_of = {}
   for target in sparsities:
@@ -94,7 +96,7 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
           backend=backend, block_q=block_q, block_kv=block_kv, target_sparsity=target, sparsity=sparsity,
           fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, cudnn_fwd_ms=ms["cudnn_fwd"], cudnn_fwd_bwd_ms=ms["cudnn_fwd_bwd"],
           mask_ms=ms["mask"], tables_ms=ms[("tables", target)], mask_breakdown_ms=mask_breakdown,
-          qk_read_floor_ms=2 * q.nbytes / 3.0e9,
+          qk_read_floor_ms=2 * q.nbytes / 3.0e9, qk_read_ms=ms["qk_read"],
           fwd_speedup=ms["cudnn_fwd"] / fwd_ms, fwd_bwd_speedup=ms["cudnn_fwd_bwd"] / fwd_bwd_ms,
           ideal_speedup=1 / (1 - sparsity) if sparsity < 1 else float("inf"),
           fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
@@ -119,13 +121,13 @@ SUITE = [(32760, 12, 128, (0.95, 0.9, 0.8, 0.0)), (32760, 12, 64, (0.95,)), (756
 
 
 MASK_COMPONENTS = ("block_means", "pooled_logits", "select")
-MASK_CALLS = ("mask",) + MASK_COMPONENTS
+MASK_CALLS = ("mask", "qk_read") + MASK_COMPONENTS
 
 
 def mask_component_calls(q, k, *, block_q, block_kv):
   """Each stage of mask construction as its own call (inputs of each stage precomputed), for device_ms."""
   scale = q.shape[-1] ** -0.5
-  means = jax.jit(lambda q, k: (mask_pool.block_means(q, block=block_q), mask_pool.block_means(k, block=block_kv)))
+  means = jax.jit(lambda q, k: mask_pool.block_means_pair(q, k, block_q=block_q, block_kv=block_kv))
   q_means, k_means = means(q, k)
   logits_fn = jax.jit(lambda a, b: mask_pool.pooled_logits(a, b, scale=scale))
   logits = logits_fn(q_means, k_means)

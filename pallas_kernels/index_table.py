@@ -39,12 +39,12 @@ def _index_table_kernel(mask_ref, index_ref, count_ref, *, n_rows, n_cols, n_pad
 def index_table(mask, interpret: bool = False):
   """Compact per-row list of kept columns.
 
-  mask: bool [..., rows, cols].
+  mask: bool (or int8) [..., rows, cols].
   Returns (index int32 [..., rows, cols], count int32 [..., rows]): row r keeps columns index[r, :count[r]]
   in ascending order; entries past the count are 0.
   """
   *lead, n_rows, n_cols = mask.shape
-  flat = mask.reshape(-1, n_rows, n_cols).astype(jnp.int8)
+  flat = mask.reshape(-1, n_rows, n_cols)  # bool is read as bytes: no conversion pass
   n_pad = pl.next_power_of_2(n_cols)
   index, count = pl.pallas_call(
       functools.partial(_index_table_kernel, n_rows=n_rows, n_cols=n_cols, n_pad=n_pad),

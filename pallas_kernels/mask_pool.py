@@ -1,7 +1,8 @@
 """Pooled block scores for the block mask, as Pallas Triton kernels.
 
-`block_means` reads Q (or K) once and writes the mean of the real tokens of every block; `pooled_logits`
-takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile) pair per program. The row softmax and
+`block_means` reads Q (or K) once and writes the mean of the real tokens of every block (`block_means_pair`:
+both in one launch); `pooled_logits` takes those means and writes scale·q̄k̄ᵀ, one (query tile, key tile)
+pair per program. The row softmax and
 the Top-k ∪ Top-p selection follow in `mask_select` (a kernel) or `sparge_jax.mask.select_blocks` (XLA).
 """
 
@@ -15,12 +16,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
-def _block_means_kernel(x_ref, out_ref, *, block, seq, block_axis):
-  start = pl.program_id(block_axis) * block
+def _block_mean(x_ref, start, *, block, seq):
+  """Mean of the real tokens of x_ref's block ([block, dim]) that starts at token `start`."""
   pos = start + jnp.arange(block)
   x = pltriton.load(x_ref, mask=(pos < seq)[:, None], other=0.0).astype(jnp.float32)
-  count = jnp.minimum(block, seq - start).astype(jnp.float32)
-  out_ref[...] = x.sum(axis=0) / count
+  return x.sum(axis=0) / jnp.minimum(block, seq - start).astype(jnp.float32)
+
+
+def _block_means_kernel(x_ref, out_ref, *, block, seq, block_axis):
+  out_ref[...] = _block_mean(x_ref, pl.program_id(block_axis) * block, block=block, seq=seq)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "interpret", "heads_fastest"))
@@ -48,6 +52,45 @@ def block_means(x, *, block, interpret=False, heads_fastest=True):
       interpret=interpret,
       name="block_means",
   )(x)
+
+
+def _block_means_pair_kernel(q_ref, k_ref, q_out_ref, k_out_ref, *, block_q, block_kv, q_len, kv_len, n_q):
+  i = pl.program_id(1)
+
+  @pl.when(i < n_q)
+  def _():
+    q_out_ref[...] = _block_mean(q_ref, i * block_q, block=block_q, seq=q_len)
+
+  @pl.when(i >= n_q)
+  def _():
+    k_out_ref[...] = _block_mean(k_ref, (i - n_q) * block_kv, block=block_kv, seq=kv_len)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "interpret"))
+def block_means_pair(q, k, *, block_q, block_kv, interpret=False):
+  """`block_means` of q and of k in one launch (one grid: q's blocks, then k's), so that neither waits on
+  the other's last wave (−3 µs of 73 at 32,760 × 12 on an H100). q: [batch, q_len, heads, dim],
+  k: [batch, kv_len, heads, dim]. Returns (q means [batch, heads, n_q, dim], k means [batch, heads, n_kv, dim])."""
+  batch, q_len, heads, dim = q.shape
+  kv_len = k.shape[1]
+  n_q, n_kv = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_kv)
+  # Programs of one kind still name a block of the other input, clamped in range, and never read it.
+  q_block = lambda i: jnp.minimum(i, n_q - 1)
+  k_block = lambda i: jnp.maximum(i - n_q, 0)
+  return pl.pallas_call(
+      functools.partial(_block_means_pair_kernel, block_q=block_q, block_kv=block_kv, q_len=q_len,
+                        kv_len=kv_len, n_q=n_q),
+      grid=(heads, n_q + n_kv, batch),
+      in_specs=[pl.BlockSpec((None, block_q, None, dim), lambda h, i, b: (b, q_block(i), h, 0)),
+                pl.BlockSpec((None, block_kv, None, dim), lambda h, i, b: (b, k_block(i), h, 0))],
+      out_specs=[pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, h, q_block(i), 0)),
+                 pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, h, k_block(i), 0))],
+      out_shape=[jax.ShapeDtypeStruct((batch, heads, n_q, dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, n_kv, dim), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="block_means",
+  )(q, k)
 
 
 def _split_bf16(x):
@@ -96,8 +139,8 @@ def pooled_block_logits(q, k, *, block_q, block_kv, scale, interpret=False):
 
   Returns float32 [batch, heads, ceil(q_len/block_q), ceil(kv_len/block_kv)]; P̄ is its row softmax.
   """
-  return pooled_logits(block_means(q, block=block_q, interpret=interpret),
-                       block_means(k, block=block_kv, interpret=interpret), scale=scale, interpret=interpret)
+  q_means, k_means = block_means_pair(q, k, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  return pooled_logits(q_means, k_means, scale=scale, interpret=interpret)
 
 
 def pooled_block_probs(q, k, *, block_q, block_kv, scale, interpret=False):

@@ -9,7 +9,8 @@ order is their float order:
 - the kept set: the n_keep-th largest probability v_k (the smallest t with #{P > t} < n_keep); entries
   above it, then ties at v_k in index order until n_keep. When n_keep ends among the Top-p boundary's
   ties, v_k is that boundary and this second bisection is skipped; Top-k alone needs only this one.
-31 bisection steps over a row held in registers cost far less than a sort of the row in global memory.
+Bisection over a row held in registers (as many steps as the bits between the row's smallest and largest
+entry, ≤ 31) costs far less than a sort of the row in global memory.
 Masses are summed in a different order than the reference's sorted cumulative sum, so a row whose p
 boundary falls within float rounding may keep one block more or less than `select_blocks`.
 """
@@ -28,14 +29,16 @@ _INF_BITS = 0x7F800000
 _COUNT_SLACK = 1e-3  # as in sparge_jax.mask: topk·n_kv this close above an integer is rounding
 
 
-def _smallest(predicate, rows):
-  """Per row, the smallest non-negative float bit pattern t with predicate(t) (monotone False → True)."""
-  def step(_, bounds):
+def _smallest(predicate, low, high):
+  """Per row, the smallest bit pattern t in [low, high] with predicate(t) (monotone False → True; high if
+  none), by bisection: as many steps as the widest row's bracket has bits."""
+  def step(bounds):
     low, high = bounds
     mid = low + (high - low) // 2
     ok = predicate(mid)
-    return jnp.where(ok, low, mid + 1), jnp.where(ok, mid, high)
-  low, _ = lax.fori_loop(0, 31, step, (jnp.zeros((rows,), jnp.int32), jnp.full((rows,), _INF_BITS, jnp.int32)))
+    open_ = low < high  # rows whose bracket has closed wait for the others unchanged
+    return jnp.where(open_ & ~ok, mid + 1, low), jnp.where(open_ & ok, mid, high)
+  low, _ = lax.while_loop(lambda bounds: jnp.max(bounds[1] - bounds[0]) > 0, step, (low, high))
   return low
 
 
@@ -54,13 +57,19 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   topk, topp = topk_ref[0], topp_ref[0]
   n_topk = jnp.broadcast_to(jnp.ceil(topk * n_kv - _COUNT_SLACK).astype(jnp.int32), (n_rows,))
   count_above = lambda t: (bits > t[:, None]).astype(jnp.int32).sum(axis=1)
+  # Both thresholds lie in [smallest, largest + 1] of the row's bit patterns (a Top-p boundary below the
+  # smallest entry keeps the same blocks as the smallest itself), so bisection need only span that bracket:
+  # ~22 steps instead of 31 for a near-uniform row. Rows past the end get an empty bracket.
+  row_max = bits.max(axis=1)
+  low = jnp.minimum(jnp.where(valid, bits, _INF_BITS).min(axis=1), row_max + 1)
+  high = row_max + 1
 
   if mode == "topk":  # no Top-p boundary needed
     n_keep = jnp.clip(n_topk, 1, n_kv)
-    last = _smallest(lambda t: count_above(t) < n_keep, n_rows)
+    last = _smallest(lambda t: count_above(t) < n_keep, low, high)
   else:
     mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
-    boundary = _smallest(lambda t: mass_above(t) < topp, n_rows)
+    boundary = _smallest(lambda t: mass_above(t) < topp, low, high)
     above = bits > boundary[:, None]
     n_above = above.astype(jnp.int32).sum(axis=1)
     mass = jnp.where(above, probs, 0.0).sum(axis=1)
@@ -75,13 +84,13 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
     # second bisection unless some row of this program needs it.
     at_boundary = (n_above < n_keep) & (n_keep <= n_above + ties)
     needs_search = jnp.where(at_boundary, 0, 1).max() > 0
-    last = lax.cond(needs_search, lambda: _smallest(lambda t: count_above(t) < n_keep, n_rows),
+    last = lax.cond(needs_search, lambda: _smallest(lambda t: count_above(t) < n_keep, low, high),
                     lambda: boundary)
   tied = bits == last[:, None]
   tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
   keep = (bits > last[:, None]) | (tied & (tie_rank <= (n_keep - count_above(last))[:, None]))
   keep = (keep | has_nan[:, None]) & valid
-  pltriton.store(keep_ref, keep.astype(jnp.int8), mask=valid)
+  pltriton.store(keep_ref, keep, mask=valid)
 
 
 def _launch(n_kv):
@@ -104,18 +113,20 @@ def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_p
   default_rows, default_warps = _launch(n_kv)
   rows_per_program = rows_per_program or default_rows
   num_warps = num_warps or default_warps
-  per_row = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.float32).reshape(1, -1), (batch, heads)).reshape(-1, 1)
+  # A scalar stays one value and a [heads] array is read per head by the index map: no broadcast kernels.
+  fractions = [jnp.asarray(a, jnp.float32).reshape(-1, 1) for a in (topk, topp)]
+  fraction_specs = [pl.BlockSpec((None, 1), (lambda i, bh: (bh % heads, 0)) if a.shape[0] > 1 else
+                                 (lambda i, bh: (0, 0))) for a in fractions]
+  rows_spec = pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0))
   keep = pl.pallas_call(
       functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode,
                         rows_per_program=rows_per_program),
       grid=(pl.cdiv(n_q, rows_per_program), batch * heads),
-      in_specs=[pl.BlockSpec((None, 1), lambda i, bh: (bh, 0)),
-                pl.BlockSpec((None, 1), lambda i, bh: (bh, 0)),
-                pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0))],
-      out_specs=pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.int8),
+      in_specs=[*fraction_specs, rows_spec],
+      out_specs=rows_spec,
+      out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.bool_),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="select_blocks",
-  )(per_row(topk), per_row(topp), logits.reshape(batch * heads, n_q, n_kv))
-  return keep.reshape(batch, heads, n_q, n_kv).astype(bool)
+  )(*fractions, logits.reshape(batch * heads, n_q, n_kv))
+  return keep.reshape(batch, heads, n_q, n_kv)

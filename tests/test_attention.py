@@ -155,6 +155,15 @@ def test_block_means_grid_orders_agree(heads_fastest):
                              mask_lib.block_means_reference(x, 16), rtol=1e-6, atol=1e-6)
 
 
+def test_block_means_pair_matches_two_calls():
+  # Different lengths and block sizes, both with a partial last block: q blocks first in the grid, then k's.
+  q = jax.random.normal(jax.random.PRNGKey(22), (2, 100, 3, 16), jnp.bfloat16)
+  k = jax.random.normal(jax.random.PRNGKey(23), (2, 75, 3, 16), jnp.bfloat16)
+  q_means, k_means = mask_pool.block_means_pair(q, k, block_q=32, block_kv=16, interpret=True)
+  np.testing.assert_allclose(q_means, mask_lib.block_means_reference(q, 32), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(k_means, mask_lib.block_means_reference(k, 16), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("q_tile, kv_tile", [(16, 16), (32, 64), (64, 32)])
 def test_pooled_logits_tiles_agree(q_tile, kv_tile):
   q_means = jax.random.normal(jax.random.PRNGKey(20), (1, 2, 37, 32))
