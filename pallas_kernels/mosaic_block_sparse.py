@@ -44,6 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.schedule import balanced_schedule
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _MASKED = -1e30
@@ -517,6 +519,22 @@ def _work_items(lane, lanes, counts):
   return n_items, run, item_at
 
 
+def _scheduled_work_items(lane, items_ref, count_ref, counts):
+  """As `_work_items`, but `lane` runs the items its row of a `schedule.balanced_schedule` lists:
+  items_ref int32 [lanes, rounds] (item w = block + blocks·(head + heads·batch)), count_ref int32 [lanes]."""
+  blocks, heads, _ = counts
+  n_items = count_ref[lane]
+
+  def item_at(i):
+    w = items_ref[lane, i]
+    rest = lax.div(w, blocks)
+    return lax.rem(w, blocks), lax.rem(rest, heads), lax.div(rest, heads)
+
+  def run(body):
+    return lax.fori_loop(0, n_items, lambda i, done: body(i, item_at(i), done), 0)
+  return n_items, run, item_at
+
+
 def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                delta_out_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, row_free,
                k_loaded, v_loaded, k_free, v_free, ds_smem, o_smem, o_loaded, *, scale, block_kv,
@@ -702,7 +720,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                                     for w in range(compute_wgs)])
 
 
-def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_loaded,
                 kv_free, q_loaded, do_loaded, lse_loaded, delta_loaded, q_free, ds_smem,
                 *, scale, block_q, block_kv, num_stages, pairs, kv_slots, ctas):
@@ -725,8 +743,12 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   score_scale = scale * LOG2E
   persistent = ctas is not None
   if persistent:
-    n_items, work_items, _ = _work_items(lax.axis_index("ctas") * pairs + pair, ctas * pairs,
-                                         (n_kv_blocks, heads, batch_size))
+    lane = lax.axis_index("ctas") * pairs + pair
+    if lane_items_ref is None:
+      n_items, work_items, _ = _work_items(lane, ctas * pairs, (n_kv_blocks, heads, batch_size))
+    else:
+      n_items, work_items, _ = _scheduled_work_items(lane, lane_items_ref, lane_count_ref,
+                                                     (n_kv_blocks, heads, batch_size))
     active = True
   else:
     kv_tile, head, batch = (lax.axis_index(a) for a in ("kv_tiles", "heads", "batch"))
@@ -884,10 +906,11 @@ def _dkv_kv_slots(dkv_stages, persistent, dim, block_kv, pairs):
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "dq_stages", "dkv_stages",
                                              "dq_kv_blocks_per_step", "dq_persistent", "dkv_persistent",
-                                             "delta_in_dq", "interpret"))
+                                             "delta_in_dq", "dkv_balanced", "interpret"))
 def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
              *, block_q, block_kv, scale, dq_stages=2, dkv_stages=2, dq_kv_blocks_per_step=1,
-             dq_persistent=True, dkv_persistent=True, delta_in_dq=True, interpret=False):
+             dq_persistent=True, dkv_persistent=True, delta_in_dq=True, dkv_balanced=None,
+             interpret=False):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
@@ -899,6 +922,9 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   the dK/dV kernel (K/V double-buffered where SMEM allows: dkv_stages=1 at head_dim 128).
   delta_in_dq: the dQ kernel forms delta = rowsum(dO·O) from O itself and hands it to dK/dV, instead of
   an XLA reduce over O and dO before both kernels (MOSAIC_NOTES.md, "delta inside the dQ kernel").
+  dkv_balanced: persistent dK/dV pairs take their kv blocks by `schedule.balanced_schedule` (each
+  round of adjacent blocks dealt by q count, alternating directions) instead of round-robin; None: at
+  head_dim 128, where it measured faster (benchmarks/NOTES.md).
   """
   _check_inputs(q, k, v, block_q, block_kv)
   if dq_kv_blocks_per_step not in (1, 2):
@@ -985,9 +1011,18 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
     dkv_grid, dkv_grid_names = (pl.cdiv(n_kv_blocks, pairs), heads, batch), ("kv_tiles", "heads", "batch")
   else:
     dkv_grid, dkv_grid_names = (dkv_ctas,), ("ctas",)
+  dkv_body = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_kv=block_kv,
+                               num_stages=dkv_stages, pairs=pairs, kv_slots=kv_slots, ctas=dkv_ctas)
+  if dkv_balanced is None:
+    dkv_balanced = dim == 128
+  if dkv_ctas is not None and dkv_balanced:
+    # kv blocks differ in how many q blocks they serve: deal them so every pair does about as much.
+    schedule = balanced_schedule(q_block_count.reshape(-1), dkv_ctas * pairs)
+  else:  # no schedule: the kernel's lane_items_ref and lane_count_ref are None
+    dkv_body = functools.partial(lambda body, *refs: body(*refs[:2], None, None, *refs[2:]), dkv_body)
+    schedule = ()
   dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_kv=block_kv,
-                        num_stages=dkv_stages, pairs=pairs, kv_slots=kv_slots, ctas=dkv_ctas),
+      dkv_body,
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
           _tiled_smem((pairs * kv_slots, block_kv, dim), k.dtype),
@@ -1012,5 +1047,5 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
       compiler_params=compiler_params,
       interpret=interpret_params,
       kernel_name="mosaic_block_sparse_dkv",
-  )(q_block_index, q_block_count, q, k, v, d_out, lse, delta)
+  )(q_block_index, q_block_count, *schedule, q, k, v, d_out, lse, delta)
   return dq, dk, dv

@@ -167,7 +167,7 @@ def test_forward_variants_match_reference_without_races(capsys):
 
 def test_persistent_backward_matches_reference_without_races(capsys):
   """Persistent dQ (2 CTAs: 3 of the 6 q-block items each, two compute warpgroups) and dK/dV (3 CTAs,
-  6 pairs: 2 or 3 of the 16 kv-block items each, two K/V slots), so row slots, K/V slots and both rings
+  6 pairs: 2 or 3 of the 16 kv-block items each, dealt by `balanced_schedule`, two K/V slots), so row slots, K/V slots and both rings
   carry over from item to item; lengths multiples of 8 but not of the blocks, an empty q row (dQ = 0)
   and an empty kv column (dK = dV = 0), odd and even counts, under race detection."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
@@ -183,7 +183,7 @@ def test_persistent_backward_matches_reference_without_races(capsys):
 
   grads = _backward(q, k, v, out, lse, d_out, mask, block_q,
                     interpret=plgpu.InterpretGPUParams(detect_races=True), dq_persistent=2,
-                    dq_stages=2, dkv_persistent=3)
+                    dq_stages=2, dkv_persistent=3, dkv_balanced=True)
   assert not get_races().races_found  # the dK/dV kernel, the last one run
   assert "RACE DETECTED" not in capsys.readouterr().out  # both kernels
 
