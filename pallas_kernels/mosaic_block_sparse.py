@@ -302,6 +302,12 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
       if not persistent:  # persistent: the memory warpgroup loaded it ahead of time
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_barrier)
       plgpu.barrier_wait(q_barrier)
+      # Compiled at head_dim 64, Q (the same for every step) feeds wgmma from registers: -2% time.
+      # At 128 it gained nothing, and loading a tile wider than one 128-byte swizzle row in the
+      # WGMMA layout gave wrong products (benchmarks/NOTES.md).
+      q_operand = q_tile
+      if p_smem is None and dim == _O_PART:
+        q_operand = plgpu.load(q_tile, (), layout=plgpu.Layout.WGMMA)
 
       mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
                             kv_per_step=kv_per_step)
@@ -321,7 +327,7 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
         slot = ring_slot(c)
 
         def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+          plgpu.wgmma(acc_ref, q_operand, k_smem.at[slot].T)
           sync_schedule()  # let the other warpgroup issue its wgmma while this one waits
           return acc_ref[...]
 
