@@ -16,7 +16,8 @@ Hopper specifics (the design follows jax's `attention_mgpu.py`, FlashAttention-3
   ping-pongs the two warpgroups on a schedule barrier, so one's softmax overlaps the other's wgmma.
 - dK/dV: a CTA holds two kv blocks (adjacent blocks have different q lists), one per (compute,
   memory) warpgroup pair; each pair streams its own q blocks, as 64-row sub-tiles, from the
-  transposed table.
+  transposed table. Persistent pairs take kv blocks as `schedule.balanced_schedule` deals them by q
+  count (at head_dim 128, `dkv_balanced`), since the q lists differ in length.
 - Tuning variants (keyword arguments; the defaults are the fastest measured on an H100):
   `kv_blocks_per_step=2` puts two kept kv blocks in one 128-row slot (forward; `dq_kv_blocks_per_step`
   for dQ), `persistent=True` runs one forward CTA per SM over all work items (`dq_persistent`,
@@ -302,11 +303,12 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
       if not persistent:  # persistent: the memory warpgroup loaded it ahead of time
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_barrier)
       plgpu.barrier_wait(q_barrier)
-      # Compiled at head_dim 64, Q (the same for every step) feeds wgmma from registers: -2% time.
-      # At 128 it gained nothing, and loading a tile wider than one 128-byte swizzle row in the
-      # WGMMA layout gave wrong products (benchmarks/NOTES.md).
+      # Compiled at head_dim 64 with two kv blocks per step (the default), Q (the same for every
+      # step) feeds wgmma from registers: -2.5% time. Register A operands loaded this way gave wrong
+      # products for 64 × 64 and 128 × 128 (K × N) score tiles, right ones for 64 × 128 and 128 × 64
+      # (benchmarks/NOTES.md); only the checked case uses it, and at head_dim 128 it gained nothing.
       q_operand = q_tile
-      if p_smem is None and dim == _O_PART:
+      if p_smem is None and dim == 64 and step_keys == 128:
         q_operand = plgpu.load(q_tile, (), layout=plgpu.Layout.WGMMA)
 
       mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
