@@ -139,6 +139,9 @@ def main(argv=None):
                                 delta_in_dq=False),
                            dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
                            dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
+                           # the default's dK/dV pairs dealt round-robin instead of by q count
+                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True,
+                                dkv_balanced=False),
                            # 128-key dQ steps fit beside one row slot only: no persistence
                            dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False))
     else:
@@ -147,6 +150,7 @@ def main(argv=None):
       backward_variants = tuple(dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True,
                                      delta_in_dq=delta)
                                 for d in (2, 3, 4) for s in (2, 3) for delta in (False, True))
+      backward_variants += (dict(dkv_balanced=True),)  # dealt by q count (the default only at 128)
     for tuning in forward_variants:
       _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
     if triton_fwd and mosaic_bwd:
