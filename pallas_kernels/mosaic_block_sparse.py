@@ -48,7 +48,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.schedule import balanced_schedule
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 _MASKED = -1e30
 _WG_ROWS = 64  # rows of one warpgroup's wgmma tile
 _O_PART = 64  # columns of O per load when the dQ kernel forms delta (128 bytes: one swizzle row)
@@ -226,8 +225,9 @@ def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
   """(scores [rows, kv_per_step·block_kv], step) -> scores with keys that do not exist at a large
   finite negative: keys past kv_len and, at an odd count's last step, the repeated block.
 
-  Never -inf arithmetic, which can make NaN. Rows list their kv blocks ascending, so only the last
-  step can hold the partial last block; its index is read once, before the loop.
+  Only a row's last step can hold either (rows list their kv blocks ascending, so the partial last
+  block comes last), so only that step pays for the compare and select: on every other step they
+  were two of the softmax's ~6 instructions per score. Never -inf arithmetic, which can make NaN.
   """
   if kv_per_step == 1 and kv_len % block_kv == 0:
     return lambda scores, c: scores
@@ -236,11 +236,11 @@ def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
   last_valid = ((last - (steps - 1) * kv_per_step) * block_kv
                 + jnp.minimum(kv_len - kv_index[last] * block_kv, block_kv))
 
-  def mask(scores, c):
-    valid = jnp.where(c == steps - 1, last_valid, kv_per_step * block_kv)
+  def mask_last(scores):
     cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
-    return jnp.where(cols < valid, scores, _MASKED)
-  return mask
+    return jnp.where(cols < last_valid, scores, _MASKED)
+
+  return lambda scores, c: lax.cond(c == steps - 1, mask_last, lambda scores: scores, scores)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -335,10 +335,13 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
 
         scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        scores = mask_keys(scores * score_scale, c)
+        # The running max is of unscaled scores, so the scale folds into exp2's argument: one
+        # multiply-add per score instead of a multiply and a subtract.
+        scores = mask_keys(scores, c)
         new_max = jnp.maximum(row_max, scores.max(axis=1))
-        correction = jnp.exp2(row_max - new_max)
-        probs = jnp.exp2(scores - _row_broadcast(new_max, scores.shape))
+        scaled_max = new_max * score_scale
+        correction = jnp.exp2(row_max * score_scale - scaled_max)
+        probs = jnp.exp2(scores * score_scale - _row_broadcast(scaled_max, scores.shape))
         acc = acc * _row_broadcast(correction, acc.shape)
         row_sum = row_sum * correction + probs.sum(axis=1)
         probs = probs.astype(dtype)
@@ -368,7 +371,7 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
       empty = row_sum == 0.0
       safe_sum = jnp.where(empty, 1.0, row_sum)
       q_tile[...] = (acc * _row_broadcast(1.0 / safe_sum, acc.shape)).astype(dtype)
-      lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, row_max * LN2 + jnp.log(safe_sum))
+      lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, row_max * scale + jnp.log(safe_sum))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, rows, head], commit_group=False)
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows], commit_group=False)
@@ -664,8 +667,8 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
           return acc_ref[...]
 
         scores = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, step_keys), jnp.float32))
-        scores = mask_keys(scores * score_scale, c)
-        probs = jnp.exp2(scores - _row_broadcast(lse2, scores.shape))
+        scores = mask_keys(scores, c)
+        probs = jnp.exp2(scores * score_scale - _row_broadcast(lse2, scores.shape))
         plgpu.barrier_wait(v_loaded.at[kv_slot])
 
         def dov(acc_ref):
