@@ -22,7 +22,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 _MASKED = -1e30
 
 
@@ -43,6 +42,17 @@ def _rows(block_index, block, length):
   return pos, pos < length
 
 
+def _mask_partial_block(scores, kv_block, kv_valid, *, block_kv, kv_len):
+  """scores [rows, block_kv] of kv block `kv_block` -> keys past kv_len at a large finite negative.
+
+  Only the last kv block can be partial, so only it pays for the select (a branch on the others).
+  """
+  if kv_len % block_kv == 0:
+    return scores
+  return lax.cond(kv_block == kv_len // block_kv, lambda s: jnp.where(kv_valid[None, :], s, _MASKED),
+                  lambda s: s, scores)
+
+
 # ----------------------------------------------------------------------------------------- forward
 
 def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
@@ -58,11 +68,13 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
     start = kv_block * block_kv
     _, kv_valid = _rows(kv_block, block_kv, kv_len)
     k = pltriton.load(k_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
-    scores = _dot(q, k, trans_b=True) * score_scale
-    scores = jnp.where(kv_valid[None, :], scores, _MASKED)
+    # The max is of unscaled scores, so the scale folds into exp2's argument (one multiply-add).
+    scores = _mask_partial_block(_dot(q, k, trans_b=True), kv_block, kv_valid, block_kv=block_kv,
+                                 kv_len=kv_len)
     new_max = jnp.maximum(row_max, scores.max(axis=1))
-    correction = jnp.exp2(row_max - new_max)
-    probs = jnp.exp2(scores - new_max[:, None])
+    scaled_max = new_max * score_scale
+    correction = jnp.exp2(row_max * score_scale - scaled_max)
+    probs = jnp.exp2(scores * score_scale - scaled_max[:, None])
     v = pltriton.load(v_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
     acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
     return acc, new_max, row_sum * correction + probs.sum(axis=1)
@@ -73,7 +85,7 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
   empty = row_sum == 0.0
   safe_sum = jnp.where(empty, 1.0, row_sum)
   pltriton.store(out_ref, (acc / safe_sum[:, None]).astype(out_ref.dtype), mask=q_valid[:, None])
-  lse = jnp.where(empty, -jnp.inf, (row_max + jnp.log2(safe_sum)) * LN2)
+  lse = jnp.where(empty, -jnp.inf, row_max * scale + jnp.log(safe_sum))
   pltriton.store(lse_ref, lse, mask=q_valid)
 
 
@@ -129,8 +141,9 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     _, kv_valid = _rows(kv_block, block_kv, kv_len)
     k = pltriton.load(k_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
     v = pltriton.load(v_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
-    scores = jnp.where(kv_valid[None, :], _dot(q, k, trans_b=True) * score_scale, _MASKED)
-    probs = jnp.exp2(scores - lse2[:, None])
+    scores = _mask_partial_block(_dot(q, k, trans_b=True), kv_block, kv_valid, block_kv=block_kv,
+                                 kv_len=kv_len)
+    probs = jnp.exp2(scores * score_scale - lse2[:, None])
     d_scores = probs * (_dot(d_out, v, trans_b=True) - delta[:, None])
     return dq + _dot(d_scores.astype(k.dtype), k)
 
@@ -155,8 +168,8 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     d_out = pltriton.load(do_ref.at[pl.ds(start, block_q)], mask=q_valid[:, None], other=0.0)
     lse2 = pltriton.load(lse_ref.at[pl.ds(start, block_q)], mask=q_valid, other=0.0) * LOG2E
     delta = pltriton.load(delta_ref.at[pl.ds(start, block_q)], mask=q_valid, other=0.0)
-    scores_t = jnp.where(kv_valid[:, None], _dot(k, q, trans_b=True) * score_scale, _MASKED)
-    probs_t = jnp.exp2(scores_t - lse2[None, :])
+    # Keys past kv_len need no mask: their rows of dK and dV are never stored.
+    probs_t = jnp.exp2(_dot(k, q, trans_b=True) * score_scale - lse2[None, :])
     dv = dv + _dot(probs_t.astype(d_out.dtype), d_out)
     d_scores_t = probs_t * (_dot(v, d_out, trans_b=True) - delta[None, :])
     return dk + _dot(d_scores_t.astype(q.dtype), q), dv
