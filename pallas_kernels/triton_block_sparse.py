@@ -6,8 +6,9 @@ programs write the same output (no atomics). Softmax runs in base 2 in float32; 
 natural-log log-sum-exp [batch, heads, q_len], the convention of `sparge_jax.xla_block_sparse`, which is
 the plain-JAX statement of the same algorithm.
 
-Sequence lengths need not be multiples of the blocks: out-of-range rows load as zeros and out-of-range
-keys get a large finite negative score (never -inf arithmetic, which can make NaN).
+Sequence lengths need not be multiples of the blocks: out-of-range rows load as zeros, and out-of-range
+keys get a large finite negative score in the forward and dQ (never -inf arithmetic, which can make NaN);
+dK/dV needs no key mask, since its rows past kv_len are never stored.
 """
 
 from __future__ import annotations
