@@ -142,8 +142,9 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     _, kv_valid = _rows(kv_block, block_kv, kv_len)
     k = pltriton.load(k_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
     v = pltriton.load(v_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
-    # Masked every step: the forward's branch on the last block made this kernel 20% slower at
-    # head_dim 128 on an H100 (benchmarks/NOTES.md).
+    # Scaled, then masked, every step: the forward's way (unscaled scores, the scale in exp2's
+    # argument, the mask only on the last block, by a branch or a loop of its own) made this kernel
+    # 19-20% slower at head_dim 128 on an H100 (benchmarks/NOTES.md).
     scores = jnp.where(kv_valid[None, :], _dot(q, k, trans_b=True) * score_scale, _MASKED)
     probs = jnp.exp2(scores - lse2[:, None])
     d_scores = probs * (_dot(d_out, v, trans_b=True) - delta[:, None])
