@@ -12,7 +12,9 @@ per call, read from one `jax.profiler` trace per shape (`timing.device_ms`: warm
 back-to-back calls, 5 samples of one call for calls over 20 ms), for cuDNN and ours alike: attention
 calls by the span of their kernels, the mask stages and tables (each shorter than a host dispatch) by
 their kernels' own time. fwd_ms and fwd_bwd_ms are the public `block_sparse_attention` call on a given mask
-(index tables included); mask_ms is `block_mask` (pooling, pooled softmax, Top-k ∪ Top-p selection).
+(index tables included); mask_ms is `block_mask` (pooling, pooled softmax, Top-k ∪ Top-p selection);
+mask_fwd_ms is `sparse_attention` (mask from Q and K, then the forward, in one call; Top-k alone at the
+random masks' kept count), what a caller waits for, against the same cuDNN forward (mask_fwd_speedup).
 qk_read_ms is XLA summing Q and K (reading each once): the read floor the mask's pooling is held against.
 TFLOP/s count only the kept blocks' work: forward 4·B·H·Nq·Nk·D·(1−s), forward+backward 3.5x that.
 """
@@ -76,6 +78,11 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
           lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out))
       calls[(backend, target, "fwd")] = (sparse, (q, k, v, mask))
       calls[(backend, target, "fwd_bwd")] = (fwd_bwd, (q, k, v, d_out, mask))
+      # What a sparse_attention caller waits for: the mask from Q and K, then the forward, in one call.
+      # Top-k alone at the same kept count keeps the same number of blocks per row as the random mask.
+      mask_fwd = jax.jit(lambda q, k, v, backend=backend, topk=kept / n_kv: attention.sparse_attention(
+          q, k, v, topk=topk, topp=0.0, mode="topk", block_q=block_q, block_kv=block_kv, backend=backend))
+      calls[(backend, target, "mask_fwd")] = (mask_fwd, (q, k, v))
   times = timing.device_ms(calls)
   # Attention calls by span (idle gaps count); the mask stages by their kernels' own time: alone, each is
   # shorter than its host dispatch, but inside sparse_attention or a model nothing waits for the host.
@@ -90,6 +97,7 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
       if (backend, target, "fwd") not in ms or (backend, target, "fwd_bwd") not in ms:
         continue  # failed to compile or run: reported by device_ms
       fwd_ms, fwd_bwd_ms = ms[(backend, target, "fwd")], ms[(backend, target, "fwd_bwd")]
+      mask_fwd_ms = ms.get((backend, target, "mask_fwd"), float("nan"))
       kept_flops = dense_flops * (1 - sparsity)
       records.append(dict(
           batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
@@ -98,6 +106,7 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
           mask_ms=ms["mask"], tables_ms=ms[("tables", target)], mask_breakdown_ms=mask_breakdown,
           qk_read_floor_ms=2 * q.nbytes / 3.0e9, qk_read_ms=ms["qk_read"],
           fwd_speedup=ms["cudnn_fwd"] / fwd_ms, fwd_bwd_speedup=ms["cudnn_fwd_bwd"] / fwd_bwd_ms,
+          mask_fwd_ms=mask_fwd_ms, mask_fwd_speedup=ms["cudnn_fwd"] / mask_fwd_ms,
           ideal_speedup=1 / (1 - sparsity) if sparsity < 1 else float("inf"),
           fwd_tflops=kept_flops / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * kept_flops / fwd_bwd_ms / 1e9,
           cudnn_fwd_tflops=dense_flops / ms["cudnn_fwd"] / 1e9))
@@ -110,11 +119,12 @@ def print_row(r):
         f"{r['fwd_ms']:8.3f} {r['cudnn_fwd_ms']:8.2f} {r['fwd_speedup']:6.2f} "
         f"{r['fwd_bwd_ms']:8.3f} {r['cudnn_fwd_bwd_ms']:8.2f} {r['fwd_bwd_speedup']:6.2f} "
         f"{r['ideal_speedup']:6.1f} {r['fwd_tflops']:6.0f} {r['fwd_bwd_tflops']:6.0f} "
-        f"{r['mask_ms']:6.3f} {r['tables_ms']:6.3f}", flush=True)
+        f"{r['mask_ms']:6.3f} {r['tables_ms']:6.3f} {r['mask_fwd_ms']:8.3f} {r['mask_fwd_speedup']:6.2f}", flush=True)
 
 
 HEADER = (f"{'tokens':>6} {'H':>3} {'D':>4} {'backend':>7} {'sparse':>6} {'fwd ms':>8} {'cuDNN':>8} {'x':>6} "
-          f"{'fwd+bwd':>8} {'cuDNN':>8} {'x':>6} {'ideal':>6} {'TF/s f':>6} {'fb':>6} {'mask':>6} {'tables':>6}")
+          f"{'fwd+bwd':>8} {'cuDNN':>8} {'x':>6} {'ideal':>6} {'TF/s f':>6} {'fb':>6} {'mask':>6} {'tables':>6} "
+          f"{'mask+fwd':>8} {'x':>6}")
 
 # (seq_len, heads, head_dim, sparsities): Wan2.1-1.3B at 480p, its head_dim-64 variant, Wan2.1-14B at 720p.
 SUITE = [(32760, 12, 128, (0.95, 0.9, 0.8, 0.0)), (32760, 12, 64, (0.95,)), (75600, 40, 128, (0.95,))]
