@@ -10,7 +10,8 @@ order is their float order:
   above it, then ties at v_k in index order until n_keep. When n_keep ends among the Top-p boundary's
   ties, v_k is that boundary and this second bisection is skipped; Top-k alone needs only this one.
 Bisection over a row held in registers (as many steps as the bits between the row's smallest and largest
-entry, ≤ 31) costs far less than a sort of the row in global memory.
+entry, ≤ 31; the n_keep-th largest stops once one entry is left, ~10 steps) costs far less than a sort of
+the row in global memory.
 Masses are summed in a different order than the reference's sorted cumulative sum, so a row whose p
 boundary falls within float rounding may keep one block more or less than `select_blocks`.
 """
@@ -42,6 +43,39 @@ def _smallest(predicate, low, high):
   return low
 
 
+def _nth_largest(bits, n, low, high):
+  """Per row, the n-th largest bit pattern of bits (with repeats): the smallest t in [low, high] with
+  #{bits > t} < n, for a bracket [low, high] that holds it.
+
+  Bisection, but it stops as soon as [low, high] holds a single entry of the row (the counts at both ends
+  come with the steps): that entry is the answer. ~10 steps on rows of 512 instead of ~20–30, one per bit
+  of the bracket. (The Top-p search would need a second reduction per step for the counts, which cost
+  more than the steps it saved: benchmarks/NOTES.md.)
+  """
+  count_above = lambda t: (bits > t[:, None]).astype(jnp.int32).sum(axis=1)
+
+  def still_open(state):
+    low, high, n_from_low, n_above_high = state
+    return (low < high) & (n_from_low - n_above_high > 1)
+
+  def step(state):
+    low, high, n_from_low, n_above_high = state
+    mid = low + (high - low) // 2
+    n_above = count_above(mid)
+    open_ = still_open(state)  # closed rows wait for the others unchanged
+    lower, raise_ = open_ & (n_above < n), open_ & (n_above >= n)
+    return (jnp.where(raise_, mid + 1, low), jnp.where(lower, mid, high),
+            jnp.where(raise_, n_above, n_from_low), jnp.where(lower, n_above, n_above_high))
+
+  state = (low, high, (bits >= low[:, None]).astype(jnp.int32).sum(axis=1), count_above(high))
+  low, _, n_from_low, n_above_high = lax.while_loop(
+      lambda state: jnp.max(still_open(state).astype(jnp.int32)) > 0, step, state)
+  # Below low the count is ≥ n (low was raised past such a t, or is the row's minimum) and at high it is
+  # < n, so it drops below n at the one entry in [low, high]: the smallest entry ≥ low.
+  first = jnp.where(bits >= low[:, None], bits, _INF_BITS).min(axis=1)
+  return jnp.where(n_from_low > n_above_high, first, low)
+
+
 def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad, mode, rows_per_program):
   n_rows = rows_per_program
   rows = pl.program_id(0) * n_rows + jnp.arange(n_rows)
@@ -66,7 +100,7 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
 
   if mode == "topk":  # no Top-p boundary needed
     n_keep = jnp.clip(n_topk, 1, n_kv)
-    last = _smallest(lambda t: count_above(t) < n_keep, low, high)
+    last = _nth_largest(bits, n_keep, low, high)
   else:
     mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
     boundary = _smallest(lambda t: mass_above(t) < topp, low, high)
@@ -84,8 +118,7 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
     # second bisection unless some row of this program needs it.
     at_boundary = (n_above < n_keep) & (n_keep <= n_above + ties)
     needs_search = jnp.where(at_boundary, 0, 1).max() > 0
-    last = lax.cond(needs_search, lambda: _smallest(lambda t: count_above(t) < n_keep, low, high),
-                    lambda: boundary)
+    last = lax.cond(needs_search, lambda: _nth_largest(bits, n_keep, low, high), lambda: boundary)
   tied = bits == last[:, None]
   tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
   keep = (bits > last[:, None]) | (tied & (tie_rank <= (n_keep - count_above(last))[:, None]))

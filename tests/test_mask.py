@@ -189,3 +189,33 @@ def test_selection_kernel_launch_shapes_agree(rows_per_program, num_warps):
   ours = mask_select.select_blocks(logits, 0.1, 0.6, "hybrid", interpret=True,
                                    rows_per_program=rows_per_program, num_warps=num_warps)
   np.testing.assert_array_equal(ours, mask_lib.select_blocks(probs, 0.1, 0.6, "hybrid"))
+
+
+@pytest.mark.parametrize("mode", mask_lib.MODES)
+def test_selection_kernel_long_rows(mode):
+  # Rows of 512 (the 32,760-token case) of three kinds: near-uniform (a ~20-bit bisection bracket),
+  # skewed (~30 bits) and with many exact ties. The bisection stops once its bracket holds one row value.
+  rng = np.random.default_rng(7)
+  logits = rng.standard_normal((1, 3, 6, 512)) * np.array([0.01, 3.0, 1.0])[None, :, None, None]
+  logits[0, 2] = np.round(logits[0, 2] * 2)
+  logits = jnp.asarray(logits, jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  for topk, topp in [(0.03, 0.2), (0.3, 0.9), ([0.0, 0.01, 0.5], [0.05, 0.0, 1.0])]:
+    np.testing.assert_array_equal(
+        mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+        mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 0.3, 5.0]), ties=st.booleans(),
+       topk=st.floats(0.0, 1.0))
+def test_selection_kernel_topk_matches_brute_force(seed, scale, ties, topk):
+  # Top-k alone sums no masses, so the kernel must agree exactly with the rule, ties included.
+  logits = np.random.default_rng(seed).standard_normal((3, 200)) * scale
+  if ties:
+    logits = np.round(logits * 4 / scale)
+  logits = jnp.asarray(logits, jnp.float32)
+  kept = np.asarray(mask_select.select_blocks(logits[None, None], topk, 0.0, "topk", interpret=True))[0, 0]
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  for r in range(3):
+    np.testing.assert_array_equal(kept[r], _brute_force_f32(probs[r], topk, 0.0, "topk"))
