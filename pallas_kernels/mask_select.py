@@ -8,7 +8,9 @@ order is their float order:
   entry above v is kept, and of the entries equal to v the first ⌈(p − G(v)) / v⌉ (ties in index order).
 - the kept set: the n_keep-th largest probability v_k (the smallest t with #{P > t} < n_keep); entries
   above it, then ties at v_k in index order until n_keep. When n_keep ends among the Top-p boundary's
-  ties, v_k is that boundary and this second bisection is skipped; Top-k alone needs only this one.
+  ties, v_k is that boundary and this second bisection is skipped; Top-k alone needs only this one. For
+  the hybrid, one probe at p/n_topk first settles most rows where Top-k keeps more (skewed rows): there the
+  Top-p search is skipped.
 Bisection over a row held in registers (as many steps as the bits between the row's smallest and largest
 entry, ≤ 31; the n_keep-th largest stops once one entry is left, ~10 steps) costs far less than a sort of
 the row in global memory.
@@ -98,11 +100,13 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   low = jnp.minimum(jnp.where(valid, bits, _INF_BITS).min(axis=1), row_max + 1)
   high = row_max + 1
 
-  if mode == "topk":  # no Top-p boundary needed
+  mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
+
+  def top_k_alone():
     n_keep = jnp.clip(n_topk, 1, n_kv)
-    last = _nth_largest(bits, n_keep, low, high)
-  else:
-    mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
+    return n_keep, _nth_largest(bits, n_keep, low, high)
+
+  def with_top_p():
     boundary = _smallest(lambda t: mass_above(t) < topp, low, high)
     above = bits > boundary[:, None]
     n_above = above.astype(jnp.int32).sum(axis=1)
@@ -118,7 +122,22 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
     # second bisection unless some row of this program needs it.
     at_boundary = (n_above < n_keep) & (n_keep <= n_above + ties)
     needs_search = jnp.where(at_boundary, 0, 1).max() > 0
-    last = lax.cond(needs_search, lambda: _nth_largest(bits, n_keep, low, high), lambda: boundary)
+    return n_keep, lax.cond(needs_search, lambda: _nth_largest(bits, n_keep, low, high), lambda: boundary)
+
+  if mode == "topk":
+    n_keep, last = top_k_alone()
+  elif mode == "topp":
+    n_keep, last = with_top_p()
+  else:
+    # One probe at v = p/n_topk (a hair above) settles most rows where Top-k keeps more than Top-p: if at
+    # least n_topk entries exceed v, the n_topk largest hold mass > p; if fewer do but they hold p, Top-p's
+    # boundary lies above v. Either way Top-p keeps at most n_topk, the hybrid keeps the Top-k set, and the
+    # Top-p search (~20–30 steps) is skipped. (The 2⁻¹⁰ margin covers float rounding of the masses.)
+    probe = lax.bitcast_convert_type(topp * (1 + 2.0 ** -10) / jnp.maximum(n_topk, 1).astype(jnp.float32),
+                                     jnp.int32)
+    top_k_covers = ((n_topk >= 1) & (topp < 1.0)
+                    & ((count_above(probe) >= n_topk) | (mass_above(probe) >= topp)))
+    n_keep, last = lax.cond(jnp.where(top_k_covers, 0, 1).max() == 0, top_k_alone, with_top_p)
   tied = bits == last[:, None]
   tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
   keep = (bits > last[:, None]) | (tied & (tie_rank <= (n_keep - count_above(last))[:, None]))
