@@ -65,3 +65,25 @@ def test_trace_events_come_from_a_real_profiler_trace():
   events = timing.trace_events(lambda: f(x).block_until_ready())
   host = timing.device_events(events, "/host:CPU")
   assert host and all(e["ph"] == "X" and e["dur"] >= 0 for e in host)
+
+
+def test_mask_stages_are_the_librarys_mask():
+  import math
+  import jax.numpy as jnp
+  from benchmarks import mask as mask_benchmark
+  kept = {}
+  for kind in ("random", "structured"):
+    q, k = mask_benchmark.inputs(kind, (1, 4000, 2, 64))
+    calls, mask = mask_benchmark.stage_calls(q, k, topk=0.03, topp=0.2, interpret=True)
+    outs = {name: fn(*args) for name, (fn, args) in calls.items()}
+    whole_mask, (forward_table, backward_table) = outs["mask + both tables"]
+    assert bool(jnp.all(whole_mask == mask))
+    for ours, library in ((outs["forward table"], forward_table), (outs["dK/dV table"], backward_table)):
+      assert all(bool(jnp.all(a == b)) for a, b in zip(ours, library))
+    kept[kind] = mask.sum(-1)
+  n_kv = 63  # ceil(4000 / 64)
+  # Structured rows are skewed: Top-k decides every row. Random rows are near uniform: Top-p keeps more.
+  assert bool(jnp.all(kept["structured"] == math.ceil(0.03 * n_kv)))
+  assert float(jnp.mean(kept["random"])) > 3 * math.ceil(0.03 * n_kv)
+  with pytest.raises(ValueError, match="kind"):
+    mask_benchmark.inputs("uniform", (1, 8, 1, 4))
