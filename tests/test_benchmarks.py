@@ -87,3 +87,19 @@ def test_mask_stages_are_the_librarys_mask():
   assert float(jnp.mean(kept["random"])) > 3 * math.ceil(0.03 * n_kv)
   with pytest.raises(ValueError, match="kind"):
     mask_benchmark.inputs("uniform", (1, 8, 1, 4))
+
+
+def test_plot_draws_the_mask_stages(tmp_path):
+  stages = {"read floor (XLA sum of Q and K)": 70.0, "pooling": 70.0, "pooled logits": 8.0, "selection": 12.0,
+            "forward table": 4.0, "dK/dV table": 6.0, "mask + both tables": 101.0}
+  results = tmp_path / "mask.json"
+  timing.write_results(str(results), {"command": "python -m benchmarks.mask", "seq_len": 32760, "heads": 12,
+                                      "head_dim": 128, "forward_us": 560.0,
+                                      "results": {kind: {"kept_fraction": 0.05, "kernel_us": stages,
+                                                         "share_of_forward": 0.18}
+                                                  for kind in ("random", "structured")}})
+  out = tmp_path / "mask.png"
+  plot.main([str(results), "--out", str(out)])
+  assert out.stat().st_size > 10_000
+  with pytest.raises(SystemExit):  # one mask file at a time
+    plot.main([str(results), str(results), "--out", str(out)])
