@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import timing
-from pallas_kernels import index_table, mask_pool, mask_select, triton_block_sparse
+from benchmarks import mask as mask_benchmark, timing
+from pallas_kernels import index_table, triton_block_sparse
 from sparge_jax import attention, mask as mask_lib
 
 
@@ -62,7 +62,8 @@ def measure(*, batch, seq_len, heads, head_dim, sparsities, dtype, backends, blo
   calls = {"cudnn_fwd": (jax.jit(dense), (q, k, v)), "cudnn_fwd_bwd": (_fwd_bwd(dense), (q, k, v, d_out)),
            "mask": (make_mask, (q, k)),
            "qk_read": (jax.jit(lambda q, k: (jnp.sum(q, dtype=jnp.float32), jnp.sum(k, dtype=jnp.float32))), (q, k))}
-  calls.update(mask_component_calls(q, k, block_q=block_q, block_kv=block_kv))
+  stages, _ = mask_benchmark.stage_calls(q, k, topk=0.03, topp=0.2, block_q=block_q, block_kv=block_kv)
+  calls.update({name: stages[name] for name in MASK_COMPONENTS})
   sparsity_of = {}
   for target in sparsities:
     kept = max(1, round((1 - target) * n_kv))
@@ -130,20 +131,8 @@ HEADER = (f"{'tokens':>6} {'H':>3} {'D':>4} {'backend':>7} {'sparse':>6} {'fwd m
 SUITE = [(32760, 12, 128, (0.95, 0.9, 0.8, 0.0)), (32760, 12, 64, (0.95,)), (75600, 40, 128, (0.95,))]
 
 
-MASK_COMPONENTS = ("block_means", "pooled_logits", "select")
+MASK_COMPONENTS = ("pooling", "pooled logits", "selection")  # stages of benchmarks.mask, timed alone
 MASK_CALLS = ("mask", "qk_read") + MASK_COMPONENTS
-
-
-def mask_component_calls(q, k, *, block_q, block_kv):
-  """Each stage of mask construction as its own call (inputs of each stage precomputed), for device_ms."""
-  scale = q.shape[-1] ** -0.5
-  means = jax.jit(lambda q, k: mask_pool.block_means_pair(q, k, block_q=block_q, block_kv=block_kv))
-  q_means, k_means = means(q, k)
-  logits_fn = jax.jit(lambda a, b: mask_pool.pooled_logits(a, b, scale=scale))
-  logits = logits_fn(q_means, k_means)
-  select = jax.jit(lambda x: mask_select.select_blocks(x, 0.03, 0.2, "hybrid"))  # softmax + selection
-  return {"block_means": (means, (q, k)), "pooled_logits": (logits_fn, (q_means, k_means)),
-          "select": (select, (logits,))}
 
 
 def sweep(*, seq_len, heads, head_dim, sparsity, dtype, block_q, block_kv):

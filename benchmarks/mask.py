@@ -24,11 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
-from benchmarks.attention import random_block_mask
 from pallas_kernels import index_table, mask_pool, mask_select
 from sparge_jax import attention
 
-BLOCK_Q, BLOCK_KV = 128, 64
 
 
 def inputs(kind: str, shape, seed: int = 0):
@@ -45,11 +43,12 @@ def inputs(kind: str, shape, seed: int = 0):
   return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
 
 
-def stage_calls(q, k, *, topk: float, topp: float, interpret: bool = False):
+def stage_calls(q, k, *, topk: float, topp: float, block_q: int = 128, block_kv: int = 64,
+                interpret: bool = False):
   """{stage: (jitted fn, args)} for the mask's stages, each fed the previous stage's output, and the whole
   mask + tables; the inputs of each stage are computed once here. Also returns the mask."""
   scale = q.shape[-1] ** -0.5
-  pool = jax.jit(functools.partial(mask_pool.block_means_pair, block_q=BLOCK_Q, block_kv=BLOCK_KV,
+  pool = jax.jit(functools.partial(mask_pool.block_means_pair, block_q=block_q, block_kv=block_kv,
                                    interpret=interpret))
   logits_fn = jax.jit(functools.partial(mask_pool.pooled_logits, scale=scale, interpret=interpret))
   select = jax.jit(functools.partial(mask_select.select_blocks, mode="hybrid", interpret=interpret))
@@ -57,7 +56,7 @@ def stage_calls(q, k, *, topk: float, topp: float, interpret: bool = False):
   transposed_table = jax.jit(lambda m: index_table.index_table(jnp.swapaxes(m, -1, -2), interpret=interpret))
 
   def whole(q, k):
-    mask = attention.block_mask(q, k, topk=topk, topp=topp, block_q=BLOCK_Q, block_kv=BLOCK_KV,
+    mask = attention.block_mask(q, k, topk=topk, topp=topp, block_q=block_q, block_kv=block_kv,
                                 backend="triton", interpret=interpret)
     return mask, index_table.index_tables(mask, interpret=interpret)
 
@@ -93,12 +92,14 @@ def main(argv=None):
   if jax.default_backend() != "gpu":
     parser.error("this benchmark reads GPU kernel times and needs a CUDA GPU")
 
+  from benchmarks.attention import random_block_mask  # benchmarks.attention imports this module
+
   shape = (1, args.seq_len, args.heads, args.head_dim)
   print(f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  hybrid Top-k {args.topk} "
         f"∪ Top-p {args.topp}")
   q, k = inputs("random", shape)
   v = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.bfloat16)
-  n_q, n_kv = -(-args.seq_len // BLOCK_Q), -(-args.seq_len // BLOCK_KV)
+  n_q, n_kv = -(-args.seq_len // 128), -(-args.seq_len // 64)
   forward_mask = random_block_mask(jax.random.PRNGKey(2), 1, args.heads, n_q, n_kv, max(1, round(0.05 * n_kv)))
   forward = timing.device_ms({"forward": (jax.jit(attention.block_sparse_attention), (q, k, v, forward_mask))})
   forward_us = forward["forward"].span * 1e3
