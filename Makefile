@@ -10,9 +10,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test lint
 demo: $(VENV)/.installed
 	$(PY) -m train.distill
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

@@ -60,12 +60,20 @@ def run(config_name: str, tokens: str, attention: AttentionConfig, runs: int, dt
   sparse_ms = timing.median_ms(sparse, params, x, t, context, warmup=2, samples=runs, calls_per_sample=1)
   p_t, p_h, p_w = config.patch_size
   return {
-      "config": config_name, "latent": [frames, height, width],
-      "tokens": (frames // p_t) * (height // p_h) * (width // p_w), "text_len": TEXT_LEN, "batch": 1,
-      "dtype": jnp.dtype(dtype).name, "attention": dataclasses.asdict(attention), "runs": runs,
-      "realized_sparsity": float(realized.mean()),
-      "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
-      "peak_bytes_after_dense": peak_after_dense, "peak_bytes": _peak_bytes(),
+    "config": config_name,
+    "latent": [frames, height, width],
+    "tokens": (frames // p_t) * (height // p_h) * (width // p_w),
+    "text_len": TEXT_LEN,
+    "batch": 1,
+    "dtype": jnp.dtype(dtype).name,
+    "attention": dataclasses.asdict(attention),
+    "runs": runs,
+    "realized_sparsity": float(realized.mean()),
+    "dense_ms": dense_ms,
+    "sparse_ms": sparse_ms,
+    "speedup": dense_ms / sparse_ms,
+    "peak_bytes_after_dense": peak_after_dense,
+    "peak_bytes": _peak_bytes(),
   }
 
 
@@ -87,9 +95,11 @@ def main():
   result = run(args.config, args.tokens, attention, args.runs, jnp.dtype(args.dtype))
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"dit-{timing.device_slug()}.json")
   timing.write_results(out, result)
-  print(f"{timing.device_name()}: {result['config']} {result['tokens']} tokens {result['dtype']}: "
-        f"dense {result['dense_ms']:.1f} ms, sparse {result['sparse_ms']:.1f} ms "
-        f"(sparsity {result['realized_sparsity']:.3f}), speedup {result['speedup']:.2f}x -> {out}")
+  print(
+    f"{timing.device_name()}: {result['config']} {result['tokens']} tokens {result['dtype']}: "
+    f"dense {result['dense_ms']:.1f} ms, sparse {result['sparse_ms']:.1f} ms "
+    f"(sparsity {result['realized_sparsity']:.3f}), speedup {result['speedup']:.2f}x -> {out}"
+  )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,13 @@ def pallas_kernel(flat):
   return index_table.index_table(flat, interpret=jax.default_backend() != "gpu")[0]
 
 
-VARIANTS = {"cumsum_scatter": cumsum_scatter, "matmul_scatter": matmul_scatter, "matmul_count": matmul_count,
-            "argsort": argsort, "pallas_kernel": pallas_kernel}
+VARIANTS = {
+  "cumsum_scatter": cumsum_scatter,
+  "matmul_scatter": matmul_scatter,
+  "matmul_count": matmul_count,
+  "argsort": argsort,
+  "pallas_kernel": pallas_kernel,
+}
 
 
 def random_mask(key, heads: int, rows: int, cols: int, sparsity: float):
@@ -105,19 +110,30 @@ def main(argv=None) -> None:
     mask = random_mask(jax.random.key(0), args.heads, args.rows, args.cols, sparsity)
     expected = mask_lib.index_tables(mask)
     for name, variant in VARIANTS.items():
+
       def table(m, variant=variant):
         *lead, cols = m.shape
         return variant(m.reshape(-1, cols)).reshape(*lead, cols), jnp.sum(m, axis=-1, dtype=jnp.int32)
+
       both = jax.jit(lambda m, table=table: (table(m), table(jnp.swapaxes(m, -1, -2))))
       got = both(mask)
-      same = all(np.array_equal(np.asarray(a), np.asarray(b))
-                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)))
+      same = all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))
+      )
       ms = timing.median_ms(both, mask) if same else None
       rows.append({"sparsity": sparsity, "variant": name, "equal": same, "ms": ms})
       print(f"sparsity {sparsity:.2f} {name:>15}: {'WRONG' if not same else f'{ms:.4f} ms'}", flush=True)
   out = args.out or os.path.join(RESULTS, f"index-tables-{timing.device_slug()}.json")
-  timing.write_results(out, {"command": "python -m benchmarks.index_tables", "heads": args.heads,
-                             "rows": args.rows, "cols": args.cols, "results": rows})
+  timing.write_results(
+    out,
+    {
+      "command": "python -m benchmarks.index_tables",
+      "heads": args.heads,
+      "rows": args.rows,
+      "cols": args.cols,
+      "results": rows,
+    },
+  )
   print(f"wrote {out}")
 
 

@@ -28,7 +28,6 @@ from pallas_kernels import index_table, mask_pool, mask_select
 from sparge_jax import attention
 
 
-
 def inputs(kind: str, shape, seed: int = 0):
   """(q, k) bf16 of `shape` [batch, seq, heads, dim]; kind "random" or "structured" (module docstring)."""
   kq, kk, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -43,35 +42,36 @@ def inputs(kind: str, shape, seed: int = 0):
   return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
 
 
-def stage_calls(q, k, *, topk: float, topp: float, block_q: int = 128, block_kv: int = 64,
-                interpret: bool = False):
+def stage_calls(q, k, *, topk: float, topp: float, block_q: int = 128, block_kv: int = 64, interpret: bool = False):
   """{stage: (jitted fn, args)} for the mask's stages, each fed the previous stage's output, and the whole
   mask + tables; the inputs of each stage are computed once here. Also returns the mask."""
   scale = q.shape[-1] ** -0.5
-  pool = jax.jit(functools.partial(mask_pool.block_means_pair, block_q=block_q, block_kv=block_kv,
-                                   interpret=interpret))
+  pool = jax.jit(functools.partial(mask_pool.block_means_pair, block_q=block_q, block_kv=block_kv, interpret=interpret))
   logits_fn = jax.jit(functools.partial(mask_pool.pooled_logits, scale=scale, interpret=interpret))
   select = jax.jit(functools.partial(mask_select.select_blocks, mode="hybrid", interpret=interpret))
   table = jax.jit(functools.partial(index_table.index_table, interpret=interpret))
   transposed_table = jax.jit(lambda m: index_table.index_table(jnp.swapaxes(m, -1, -2), interpret=interpret))
 
   def whole(q, k):
-    mask = attention.block_mask(q, k, topk=topk, topp=topp, block_q=block_q, block_kv=block_kv,
-                                backend="triton", interpret=interpret)
+    mask = attention.block_mask(
+      q, k, topk=topk, topp=topp, block_q=block_q, block_kv=block_kv, backend="triton", interpret=interpret
+    )
     return mask, index_table.index_tables(mask, interpret=interpret)
 
   q_means, k_means = pool(q, k)
   logits = logits_fn(q_means, k_means)
   mask = select(logits, topk, topp)
   calls = {
-      "read floor (XLA sum of Q and K)": (jax.jit(lambda q, k: (jnp.sum(q, dtype=jnp.float32),
-                                                                jnp.sum(k, dtype=jnp.float32))), (q, k)),
-      "pooling": (pool, (q, k)),
-      "pooled logits": (logits_fn, (q_means, k_means)),
-      "selection": (select, (logits, topk, topp)),
-      "forward table": (table, (mask,)),
-      "dK/dV table": (transposed_table, (mask,)),
-      "mask + both tables": (jax.jit(whole), (q, k)),
+    "read floor (XLA sum of Q and K)": (
+      jax.jit(lambda q, k: (jnp.sum(q, dtype=jnp.float32), jnp.sum(k, dtype=jnp.float32))),
+      (q, k),
+    ),
+    "pooling": (pool, (q, k)),
+    "pooled logits": (logits_fn, (q_means, k_means)),
+    "selection": (select, (logits, topk, topp)),
+    "forward table": (table, (mask,)),
+    "dK/dV table": (transposed_table, (mask,)),
+    "mask + both tables": (jax.jit(whole), (q, k)),
   }
   return calls, mask
 
@@ -95,8 +95,10 @@ def main(argv=None):
   from benchmarks.attention import random_block_mask  # benchmarks.attention imports this module
 
   shape = (1, args.seq_len, args.heads, args.head_dim)
-  print(f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  hybrid Top-k {args.topk} "
-        f"∪ Top-p {args.topp}")
+  print(
+    f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  hybrid Top-k {args.topk} "
+    f"∪ Top-p {args.topp}"
+  )
   q, k = inputs("random", shape)
   v = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.bfloat16)
   n_q, n_kv = -(-args.seq_len // 128), -(-args.seq_len // 64)
@@ -117,15 +119,26 @@ def main(argv=None):
     print(f"\n{kind} inputs: {float(jnp.mean(mask)):.1%} of blocks kept")
     for name, us in times.items():
       print(f"  {name:34s} {us:7.1f} µs")
-    print(f"  mask + both tables = {whole / times['read floor (XLA sum of Q and K)']:.2f}x the read floor, "
-          f"{whole / forward_us:.1%} of the sparse forward")
-    results[kind] = {"kept_fraction": float(jnp.mean(mask)), "kernel_us": times,
-                     "share_of_forward": whole / forward_us}
+    print(
+      f"  mask + both tables = {whole / times['read floor (XLA sum of Q and K)']:.2f}x the read floor, "
+      f"{whole / forward_us:.1%} of the sparse forward"
+    )
+    results[kind] = {"kept_fraction": float(jnp.mean(mask)), "kernel_us": times, "share_of_forward": whole / forward_us}
 
   path = args.out or os.path.join("benchmarks", "results", f"mask-{timing.device_slug()}.json")
-  timing.write_results(path, {"command": "python -m benchmarks.mask", "seq_len": args.seq_len,
-                              "heads": args.heads, "head_dim": args.head_dim, "topk": args.topk,
-                              "topp": args.topp, "forward_us": forward_us, "results": results})
+  timing.write_results(
+    path,
+    {
+      "command": "python -m benchmarks.mask",
+      "seq_len": args.seq_len,
+      "heads": args.heads,
+      "head_dim": args.head_dim,
+      "topk": args.topk,
+      "topp": args.topp,
+      "forward_us": forward_us,
+      "results": results,
+    },
+  )
   print(f"\nwrote {path}")
 
 

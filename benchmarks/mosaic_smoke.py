@@ -24,7 +24,8 @@ import numpy as np
 from benchmarks import timing
 from benchmarks.attention import random_block_mask
 from pallas_kernels import mosaic_block_sparse, triton_block_sparse
-from sparge_jax import attention, mask as mask_lib
+from sparge_jax import attention
+from sparge_jax import mask as mask_lib
 
 
 def _rel_err(x, ref):
@@ -63,40 +64,53 @@ def main(argv=None):
   kept = max(1, round((1 - args.sparsity) * n_kv))
   mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, kept)
   (kv_index, kv_count), (q_index, q_count) = jax.jit(mask_lib.index_tables)(mask)
-  blocks = dict(block_q=block_q, block_kv=block_kv, scale=args.head_dim ** -0.5)
-  kept_flops = 4 * args.heads * args.seq_len ** 2 * args.head_dim * kept / n_kv
+  blocks = dict(block_q=block_q, block_kv=block_kv, scale=args.head_dim**-0.5)
+  kept_flops = 4 * args.heads * args.seq_len**2 * args.head_dim * kept / n_kv
   print(f"shape {shape} bf16, {kept}/{n_kv} kv blocks kept per row (sparsity {1 - kept / n_kv:.4f})")
 
   def forward_fn(module, **tuning):
     return jax.jit(lambda q, k, v, i, c: module.forward(q, k, v, i, c, **blocks, **tuning))
 
   def backward_fn(module, **tuning):
-    return jax.jit(lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(
-        q, k, v, o, l, do, i, c, qi, qc, **blocks, **tuning))
+    return jax.jit(
+      lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(q, k, v, o, l, do, i, c, qi, qc, **blocks, **tuning)
+    )
 
   fwd_args = (q, k, v, kv_index, kv_count)
   results = {}
-  triton_fwd = _step("triton forward", lambda: jax.block_until_ready(
-      forward_fn(triton_block_sparse)(*fwd_args)), results)
-  mosaic_fwd = _step("mosaic forward compile+run", lambda: jax.block_until_ready(
-      forward_fn(mosaic_block_sparse)(*fwd_args)), results)
+  triton_fwd = _step(
+    "triton forward", lambda: jax.block_until_ready(forward_fn(triton_block_sparse)(*fwd_args)), results
+  )
+  mosaic_fwd = _step(
+    "mosaic forward compile+run", lambda: jax.block_until_ready(forward_fn(mosaic_block_sparse)(*fwd_args)), results
+  )
   if triton_fwd and mosaic_fwd:
-    _step("forward error", lambda: dict(out=_rel_err(mosaic_fwd[0], triton_fwd[0]),
-                                        lse=_rel_err(mosaic_fwd[1], triton_fwd[1])), results)
+    _step(
+      "forward error",
+      lambda: dict(out=_rel_err(mosaic_fwd[0], triton_fwd[0]), lse=_rel_err(mosaic_fwd[1], triton_fwd[1])),
+      results,
+    )
 
   def bwd_args(fwd):
     return (q, k, v, fwd[0], fwd[1], d_out, kv_index, kv_count, q_index, q_count)
 
   triton_bwd = mosaic_bwd = None
   if triton_fwd:
-    triton_bwd = _step("triton backward", lambda: jax.block_until_ready(
-        backward_fn(triton_block_sparse)(*bwd_args(triton_fwd))), results)
+    triton_bwd = _step(
+      "triton backward", lambda: jax.block_until_ready(backward_fn(triton_block_sparse)(*bwd_args(triton_fwd))), results
+    )
     # The same (out, lse) for both, so only the backward kernels differ.
-    mosaic_bwd = _step("mosaic backward compile+run", lambda: jax.block_until_ready(
-        backward_fn(mosaic_block_sparse)(*bwd_args(triton_fwd))), results)
+    mosaic_bwd = _step(
+      "mosaic backward compile+run",
+      lambda: jax.block_until_ready(backward_fn(mosaic_block_sparse)(*bwd_args(triton_fwd))),
+      results,
+    )
   if triton_bwd and mosaic_bwd:
-    _step("backward error", lambda: {name: _rel_err(m, t) for name, m, t in
-                                     zip(("dq", "dk", "dv"), mosaic_bwd, triton_bwd)}, results)
+    _step(
+      "backward error",
+      lambda: {name: _rel_err(m, t) for name, m, t in zip(("dq", "dk", "dv"), mosaic_bwd, triton_bwd)},
+      results,
+    )
 
   to_time = {"cudnn fwd": (jax.jit(lambda q, k, v: attention.dense_attention(q, k, v)), (q, k, v))}
   for name, module in (("triton", triton_block_sparse), ("mosaic", mosaic_block_sparse)):
@@ -126,30 +140,35 @@ def main(argv=None):
   if args.sweep and mosaic_fwd:
     if args.head_dim == 128:
       # Forward: v1 and the default only (the other settings were slower: benchmarks/NOTES.md).
-      forward_variants = (dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
-                          dict(num_stages=2, kv_blocks_per_step=2, persistent=True))
+      forward_variants = (
+        dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
+        dict(num_stages=2, kv_blocks_per_step=2, persistent=True),
+      )
       # v1 (one CTA per tile, precomputed delta); persistent dK/dV with one K/V slot per pair (2 Q/dO
       # stages) or two (1 stage: SMEM); then persistent dQ (two row slots: at most 2 K/V stages) on
       # top of each; the default (delta formed inside the dQ kernel) against the XLA reduce.
       v1 = dict(dq_stages=3, dq_persistent=False, dkv_stages=2, delta_in_dq=False)
-      backward_variants = (v1 | dict(dkv_persistent=False),
-                           v1 | dict(dkv_persistent=True),
-                           v1 | dict(dkv_stages=1, dkv_persistent=True),
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True,
-                                delta_in_dq=False),
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
-                           # the default's dK/dV pairs dealt round-robin instead of by q count
-                           dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True,
-                                dkv_balanced=False),
-                           # 128-key dQ steps fit beside one row slot only: no persistence
-                           dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False))
+      backward_variants = (
+        v1 | dict(dkv_persistent=False),
+        v1 | dict(dkv_persistent=True),
+        v1 | dict(dkv_stages=1, dkv_persistent=True),
+        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True, delta_in_dq=False),
+        dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
+        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
+        # the default's dK/dV pairs dealt round-robin instead of by q count
+        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True, dkv_balanced=False),
+        # 128-key dQ steps fit beside one row slot only: no persistence
+        dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
+      )
     else:
       # Half the shared memory per tile: deeper pipelines fit (never timed at head_dim 64 before).
       forward_variants = tuple(dict(num_stages=n, kv_blocks_per_step=2, persistent=True) for n in (2, 3, 4))
-      backward_variants = tuple(dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True,
-                                     delta_in_dq=delta)
-                                for d in (2, 3, 4) for s in (2, 3) for delta in (False, True))
+      backward_variants = tuple(
+        dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True, delta_in_dq=delta)
+        for d in (2, 3, 4)
+        for s in (2, 3)
+        for delta in (False, True)
+      )
       backward_variants += (dict(dkv_balanced=True),)  # dealt by q count (the default only at 128)
     for tuning in forward_variants:
       _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
@@ -158,8 +177,11 @@ def main(argv=None):
         _step(f"sweep backward {tuning}", lambda: sweep_backward(tuning), results)
 
   times = {}
-  _step("time everything (device clock)", lambda: times.update(
-      {name: t.span for name, t in timing.device_ms(to_time).items()}), results)
+  _step(
+    "time everything (device clock)",
+    lambda: times.update({name: t.span for name, t in timing.device_ms(to_time).items()}),
+    results,
+  )
 
   print("\nerrors vs triton:", results.get("forward error"), results.get("backward error"))
   for name, error in errors.items():

@@ -29,6 +29,7 @@ def main(argv=None):
       runs.append((os.path.basename(path), json.load(f)))
 
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -58,8 +59,13 @@ def _mask_figure(plt, payload):
       ax.barh(row, times[stage], left=left, color=f"C{i}", label=stage if row == 0 else None)
       left += times[stage]
     whole = times["mask + both tables"]
-    ax.text(left + 1, row, f"{whole:.1f} µs in one call ({payload['results'][kind]['kept_fraction']:.1%} kept)",
-            va="center", fontsize=8)
+    ax.text(
+      left + 1,
+      row,
+      f"{whole:.1f} µs in one call ({payload['results'][kind]['kept_fraction']:.1%} kept)",
+      va="center",
+      fontsize=8,
+    )
   floor = min(payload["results"][k]["kernel_us"]["read floor (XLA sum of Q and K)"] for k in kinds)
   goal = 0.15 * payload["forward_us"]
   ax.axvline(floor, color="k", ls=":", lw=1, label=f"read floor: XLA sums Q and K ({floor:.1f} µs)")
@@ -68,8 +74,11 @@ def _mask_figure(plt, payload):
   ax.set_xlim(0, 1.35 * max(payload["results"][k]["kernel_us"]["mask + both tables"] for k in kinds))
   ax.set_xlabel("kernel time, µs (stages timed one by one)")
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-  ax.set_title(f"block mask + both index tables, {payload['seq_len']:,} tokens × {payload['heads']} heads × "
-               f"{payload['head_dim']}: {payload.get('device', '')}", fontsize=9)
+  ax.set_title(
+    f"block mask + both index tables, {payload['seq_len']:,} tokens × {payload['heads']} heads × "
+    f"{payload['head_dim']}: {payload.get('device', '')}",
+    fontsize=9,
+  )
   fig.tight_layout()
   return fig
 

@@ -78,22 +78,34 @@ def main(argv=None):
   mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, max(1, round((1 - args.sparsity) * n_kv)))
   sparse = lambda q, k, v, mask: attention.block_sparse_attention(q, k, v, mask, backend=args.backend)
   calls = {
-      "block_mask": (jax.jit(lambda q, k: attention.block_mask(q, k, backend=args.backend)), (q, k)),
-      "block_sparse_attention forward": (jax.jit(sparse), (q, k, v, mask)),
-      "block_sparse_attention forward+backward": (jax.jit(lambda q, k, v, d_out, mask: jax.vjp(
-          lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out)), (q, k, v, d_out, mask)),
-      "dense_attention forward (cuDNN)": (jax.jit(attention.dense_attention), (q, k, v)),
+    "block_mask": (jax.jit(lambda q, k: attention.block_mask(q, k, backend=args.backend)), (q, k)),
+    "block_sparse_attention forward": (jax.jit(sparse), (q, k, v, mask)),
+    "block_sparse_attention forward+backward": (
+      jax.jit(lambda q, k, v, d_out, mask: jax.vjp(lambda q, k, v: sparse(q, k, v, mask), q, k, v)[1](d_out)),
+      (q, k, v, d_out, mask),
+    ),
+    "dense_attention forward (cuDNN)": (jax.jit(attention.dense_attention), (q, k, v)),
   }
-  print(f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  sparsity "
-        f"{1 - float(jnp.mean(mask)):.3f}  backend {args.backend}")
+  print(
+    f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  sparsity "
+    f"{1 - float(jnp.mean(mask)):.3f}  backend {args.backend}"
+  )
   results = {}
   for title, (fn, call_args) in calls.items():
     results[title] = kernel_times_us(fn, *call_args, repeats=args.repeats)
     _print(title, results[title])
   path = args.out or os.path.join("benchmarks", "results", f"profile-{timing.device_slug()}.json")
-  timing.write_results(path, {"command": "python -m benchmarks.profile", "seq_len": args.seq_len,
-                              "heads": args.heads, "head_dim": args.head_dim, "sparsity": args.sparsity,
-                              "kernels_us_per_call": results})
+  timing.write_results(
+    path,
+    {
+      "command": "python -m benchmarks.profile",
+      "seq_len": args.seq_len,
+      "heads": args.heads,
+      "head_dim": args.head_dim,
+      "sparsity": args.sparsity,
+      "kernels_us_per_call": results,
+    },
+  )
   print(f"\nwrote {path}")
 
 

@@ -41,12 +41,14 @@ class DeviceTime(NamedTuple):
   """Median device time per call, ms. span: from the first kernel's start to the last one's end, idle gaps
   included (a call shorter than its host dispatch shows the dispatch rate); busy: the kernels' own time
   (what the call costs inside a larger jitted program, where nothing waits for the host)."""
+
   span: float
   busy: float
 
 
-def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle_s: float = 0.02,
-              device: str = "/device:GPU:0") -> dict[object, DeviceTime]:
+def device_ms(
+  calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle_s: float = 0.02, device: str = "/device:GPU:0"
+) -> dict[object, DeviceTime]:
   """Device time per call of each jitted call (a `DeviceTime`), from one `jax.profiler` trace.
 
   calls: {label: (fn, args)}. Each call is compiled and warmed up first; one that raises is reported and
@@ -68,6 +70,7 @@ def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle
       continue
     long_call = time.perf_counter() - start > 0.02
     plan.append((label, fn, args, min(samples, 5) if long_call else samples, 1 if long_call else calls_per_sample))
+
   def run_plan():
     for _, fn, args, n_samples, n_calls in plan:
       for _ in range(n_samples):
@@ -83,9 +86,11 @@ def device_ms(calls: dict, *, samples: int = 9, calls_per_sample: int = 10, idle
     raise RuntimeError(f"found {len(periods)} busy periods on {device} in the trace, expected {expected} samples")
   result, i = {}, 0
   for label, _, _, n_samples, n_calls in plan:
-    mine = periods[i:i + n_samples]
-    result[label] = DeviceTime(span=statistics.median(span for span, _ in mine) / n_calls / 1e3,
-                               busy=statistics.median(busy for _, busy in mine) / n_calls / 1e3)
+    mine = periods[i : i + n_samples]
+    result[label] = DeviceTime(
+      span=statistics.median(span for span, _ in mine) / n_calls / 1e3,
+      busy=statistics.median(busy for _, busy in mine) / n_calls / 1e3,
+    )
     i += n_samples
   return result
 
@@ -98,15 +103,18 @@ def trace_events(run) -> list[dict]:
       run()
     finally:
       jax.profiler.stop_trace()
-    path, = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    (path,) = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     with gzip.open(path) as f:
       return json.load(f)["traceEvents"]
 
 
 def device_events(events, device: str) -> list[dict]:
   """The complete ("X") events of the trace processes named like `device` (kernels, memsets, copies)."""
-  pids = {e["pid"] for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name" and device in e["args"].get("name", "")}
+  pids = {
+    e["pid"]
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "process_name" and device in e["args"].get("name", "")
+  }
   if not pids:
     raise ValueError(f"device: no process named like {device!r} in the trace")
   return [e for e in events if e.get("ph") == "X" and e.get("pid") in pids]
@@ -140,8 +148,12 @@ def device_slug() -> str:
 
 def write_results(path: str, payload: dict) -> None:
   """Write `payload` (plus device, jax version, date) as JSON atomically: temp file, then rename."""
-  payload = {"device": device_name(), "jax_version": jax.__version__,
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **payload}
+  payload = {
+    "device": device_name(),
+    "jax_version": jax.__version__,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    **payload,
+  }
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
     json.dump(payload, f, indent=2)

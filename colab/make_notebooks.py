@@ -13,7 +13,7 @@ import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SETUP = '''\
+SETUP = """\
 # Setup (run first): edit REPO_URL if you use a fork. On Colab pick a GPU first (Runtime > Change runtime type).
 import importlib.metadata
 import os
@@ -38,9 +38,9 @@ except ImportError:
         raise RuntimeError(f"pip replaced {replaced}, which this runtime had already imported: restart it "
                            "(Runtime > Restart session) and run all cells again; the install is skipped then.")
     import sparge_jax
-print("sparge_jax", sparge_jax.__version__, "from", os.path.dirname(sparge_jax.__file__))'''
+print("sparge_jax", sparge_jax.__version__, "from", os.path.dirname(sparge_jax.__file__))"""
 
-DEVICES = '''\
+DEVICES = """\
 import shutil
 
 import jax
@@ -51,11 +51,13 @@ if not ON_GPU:
     print("No GPU found: running on CPU, where timings say little about GPU speed.")
     if shutil.which("nvidia-smi"):
         print("nvidia-smi sees a GPU that JAX does not. The `cuda` extra installs CUDA 13 wheels, which need an "
-              "NVIDIA driver >= 580 (see `nvidia-smi`); with an older driver install jax[cuda12]==0.11.2 instead.")'''
+              "NVIDIA driver >= 580 (see `nvidia-smi`); with an older driver install jax[cuda12]==0.11.2 instead.")"""
 
 QUICKSTART = [
-    ("code", SETUP),
-    ("markdown", '''\
+  ("code", SETUP),
+  (
+    "markdown",
+    """\
 # sparge-jax quickstart
 
 Trainable block-sparse attention ([SpargeAttention2](https://arxiv.org/abs/2602.13515)) in JAX. Attention
@@ -65,18 +67,24 @@ picks the few key tiles each query tile needs, and the kernels skip the rest, fo
 This notebook: install, check the GPU, compare `sparse_attention` with `dense_attention` on a long
 sequence, look at block masks, trade error for speed, and drop sparse attention into your own Flax NNX
 layer. Runtime: a GPU (Runtime > Change runtime type); on a CPU runtime it falls back to small sizes
-and takes about 2 minutes.'''),
-    ("markdown", "## 1. Devices"),
-    ("code", DEVICES),
-    ("markdown", '''\
+and takes about 2 minutes.""",
+  ),
+  ("markdown", "## 1. Devices"),
+  ("code", DEVICES),
+  (
+    "markdown",
+    """\
 ## 2. Sparse vs dense on a long sequence
 
 Random q and k make every key equally relevant, which no sparse method can exploit. Video transformers
 instead attend mostly to nearby tokens in space and time. `video_qkv` builds such inputs: tokens of a
 `frames x height x width` grid (flattened frame by frame, as Wan does), whose q and k are smooth
 functions of position, each head with its own reach. On a GPU the sizes are those of Wan2.1-1.3B at 480p:
-21 x 30 x 52 = 32,760 tokens, 12 heads of 128, bfloat16; on CPU 1,024 tokens, 2 heads of 32, float32.'''),
-    ("code", '''\
+21 x 30 x 52 = 32,760 tokens, 12 heads of 128, bfloat16; on CPU 1,024 tokens, 2 heads of 32, float32.""",
+  ),
+  (
+    "code",
+    '''\
 import functools
 import time
 
@@ -139,14 +147,20 @@ sparse_s = benchmark(sparse, q, k, v, topk=TOPK, topp=TOPP)
 print(f"dense  {dense_s * 1e3:8.2f} ms")
 print(f"sparse {sparse_s * 1e3:8.2f} ms  (mask included): {dense_s / sparse_s:.1f}x, "
       f"{float(stats['sparsity'].mean()):.1%} of tiles skipped, relative L1 error {relative_l1(out, reference):.4f}")
-print("skipped per head:", np.round(np.asarray(stats["sparsity"][0]), 3))'''),
-    ("markdown", '''\
+print("skipped per head:", np.round(np.asarray(stats["sparsity"][0]), 3))''',
+  ),
+  (
+    "markdown",
+    """\
 ## 3. Block masks
 
 `block_mask` returns, for each head, which key tiles (columns) each query tile (rows) keeps. Local
 attention shows as a diagonal band, with side bands for the same place in neighbouring frames; heads
-with a longer reach keep more tiles.'''),
-    ("code", '''\
+with a longer reach keep more tiles.""",
+  ),
+  (
+    "code",
+    """\
 mask = np.asarray(block_mask(q, k, topk=TOPK, topp=TOPP))  # [batch, heads, query tiles, key tiles]
 shown = list(range(min(4, HEADS)))
 fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.6), squeeze=False)
@@ -156,15 +170,21 @@ for ax, head in zip(axes[0], shown):
     ax.set_xlabel("key tile")
 axes[0, 0].set_ylabel("query tile")
 fig.tight_layout()
-plt.show()'''),
-    ("markdown", '''\
+plt.show()""",
+  ),
+  (
+    "markdown",
+    """\
 ## 4. Error and speed against sparsity
 
 Larger `topk` / `topp` keep more tiles: less error, less speed-up. The same settings on random q and k
 show why sparsity needs structured attention (and why the sparse model is fine-tuned; see
 `distill.ipynb`). On a GPU the Triton kernels run; on CPU a gather-based XLA path, whose timings say
-little about GPU speed.'''),
-    ("code", '''\
+little about GPU speed.""",
+  ),
+  (
+    "code",
+    """\
 settings = [(0.01, 0.1), (0.03, 0.2), (0.1, 0.5), (0.3, 0.9)] if SMALL else [
     (0.01, 0.05), (0.02, 0.1), (0.03, 0.2), (0.05, 0.3), (0.1, 0.5), (0.2, 0.7), (0.4, 0.9)]
 random_q, random_k = (jax.random.normal(key, q.shape, q.dtype) for key in jax.random.split(jax.random.key(1), 2))
@@ -191,8 +211,11 @@ ax_speed.axhline(1.0, color="gray", lw=0.8)
 ax_speed.set(xlabel="fraction of tiles skipped", ylabel="dense time / sparse time",
              title=f"speed-up on {jax.devices()[0].device_kind}")
 fig.tight_layout()
-plt.show()'''),
-    ("markdown", '''\
+plt.show()""",
+  ),
+  (
+    "markdown",
+    """\
 ## 5. In your own Flax NNX layer
 
 `sparse_attention` takes `[batch, seq, heads, head_dim]` arrays like `jax.nn.dot_product_attention` and
@@ -202,8 +225,11 @@ layer of yours that calls an attention function). Masks, causal attention and dr
 Below, a user's block and a copy of it with sparse attention share the same weights: with `topk=1.0`
 every tile is kept and the two agree to rounding; at a real sparsity they differ, and, since the sparse
 attention is differentiable, a few optimizer steps that match the dense block's outputs (the idea of
-`distill.ipynb`) shrink the difference.'''),
-    ("code", '''\
+`distill.ipynb`) shrink the difference.""",
+  ),
+  (
+    "code",
+    '''\
 import optax
 from flax import nnx
 
@@ -276,16 +302,22 @@ steps = 5 if SMALL else 200
 losses = [float(train_step(sparse_block, optimizer, dense_block, video_tokens(jax.random.key(step), 4)))
           for step in range(steps)]
 print(f"{steps} steps: loss {np.mean(losses[:5]):.4g} -> {np.mean(losses[-5:]):.4g}; "
-      f"attention error {attention_error(sparse_block, x_test):.4f} after")'''),
-    ("markdown", '''\
+      f"attention error {attention_error(sparse_block, x_test):.4f} after")''',
+  ),
+  (
+    "markdown",
+    """\
 Next: `distill.ipynb` fine-tunes a whole sparse video transformer against its dense teacher. For the
 Wan2.1 model, `sparge_jax.models.wan.WanModel` takes `AttentionConfig(kind="sparse", topk=..., topp=...)`
-and `load_diffusers` reads diffusers checkpoints.'''),
+and `load_diffusers` reads diffusers checkpoints.""",
+  ),
 ]
 
 DISTILL = [
-    ("code", SETUP),
-    ("markdown", '''\
+  ("code", SETUP),
+  (
+    "markdown",
+    """\
 # Distilling a sparse student from a dense teacher
 
 SpargeAttention2 keeps only a few percent of the attention tiles. Switched on in a trained model without
@@ -298,15 +330,21 @@ so everything runs in minutes: the trainer (`train.distill`) first pretrains the
 videos for a few hundred steps, then distills the sparse student for a few hundred more. At the end
 both sample videos from the same noise and captions. The same trainer runs the real recipe on
 Wan2.1-1.3B/14B (`python -m train.distill --config wan2_1_1_3b`). Runtime: a GPU (Runtime > Change
-runtime type); a CPU runtime also works, in about 5 minutes on 2 cores.'''),
-    ("code", DEVICES),
-    ("markdown", '''\
+runtime type); a CPU runtime also works, in about 5 minutes on 2 cores.""",
+  ),
+  ("code", DEVICES),
+  (
+    "markdown",
+    """\
 ## 1. The run
 
 `train.configs.tiny()` is the trainer's toy preset: the model, the sparse attention of the student
 (Top-k 10% ∪ Top-p 30% of 32 x 16 tiles), the teacher's pretraining and the optimizer. Change fields
-with `dataclasses.replace`.'''),
-    ("code", '''\
+with `dataclasses.replace`.""",
+  ),
+  (
+    "code",
+    """\
 import dataclasses
 import json
 import threading
@@ -330,14 +368,20 @@ print(f"model: {config.model.num_layers} layers, {config.model.num_attention_hea
       f"{config.model.attention_head_dim}; videos: {config.data.frames} x {config.data.height} x "
       f"{config.data.width} latents; student attention: {student_config.attention}")
 print(f"teacher pretraining: {config.pretrain_teacher.steps} steps; distillation: {config.steps} steps; "
-      f"workdir: {WORKDIR}")'''),
-    ("markdown", '''\
+      f"workdir: {WORKDIR}")""",
+  ),
+  (
+    "markdown",
+    """\
 ## 2. Train
 
 `distill.train` runs both phases and logs every step to `metrics.jsonl` (the teacher's phase under
 `teacher/`). A helper thread reads those files to draw the progress bars and the loss curves while
-training runs here.'''),
-    ("code", '''\
+training runs here.""",
+  ),
+  (
+    "code",
+    '''\
 PHASES = [  # (name, metrics file, steps)
     ("teacher pretraining (diffusion loss)", os.path.join(WORKDIR, "teacher", "metrics.jsonl"),
      config.pretrain_teacher.steps),
@@ -392,16 +436,22 @@ finally:
     refresh()
     for bar in bars:
         bar.close()
-distill.print_summary(summary)'''),
-    ("markdown", '''\
+distill.print_summary(summary)''',
+  ),
+  (
+    "markdown",
+    """\
 ## 3. Sample both and compare
 
 `train.sample` integrates the flow with Euler steps (Wan's shift 5) for the teacher and the student from
 the same noise and captions, and renders them side by side: one row per video, teacher | student |
 4 x |difference|. Latents have 4 channels; they are shown through a fixed 3-colour projection, not a VAE.
 A 2-layer toy teacher trained for minutes draws no clean shapes; what this shows is how closely the
-sparse student follows its teacher.'''),
-    ("code", '''\
+sparse student follows its teacher.""",
+  ),
+  (
+    "code",
+    """\
 import imageio.v3 as iio
 
 from train import sample
@@ -413,8 +463,11 @@ print(f"{SAMPLES} videos of {teacher_videos.shape[1:]} latents, {SAMPLE_STEPS} E
 print(f"PSNR of the student's samples against the teacher's: {sample.psnr(teacher_videos, student_videos):.2f} dB")
 GIF = os.path.join(WORKDIR, "samples.gif")
 sample.write_gif(GIF, teacher_videos, student_videos, scale=8)
-display(Image(filename=GIF))'''),
-    ("code", '''\
+display(Image(filename=GIF))""",
+  ),
+  (
+    "code",
+    """\
 # The first video as a frame strip, cut out of the GIF: [frames, videos * height, 3 * width, 3].
 gif_frames = iio.imread(GIF)
 height, width = gif_frames.shape[1] // SAMPLES, gif_frames.shape[2] // 3
@@ -430,37 +483,40 @@ for row, name in enumerate(panels):
         if row == 0:
             ax.set_title(f"frame {frame}")
 fig.tight_layout()
-plt.show()'''),
+plt.show()""",
+  ),
 ]
 
 
 def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
-                for kind, text in cells]
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i}"  # stable ids keep regenerated files identical
-    nb.metadata = {
-        "accelerator": "GPU",
-        "colab": {"provenance": [], "gpuType": "L4"},
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
-    return nb
+  nb = nbformat.v4.new_notebook()
+  nb.cells = [
+    nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+    for kind, text in cells
+  ]
+  for i, cell in enumerate(nb.cells):
+    cell.id = f"cell-{i}"  # stable ids keep regenerated files identical
+  nb.metadata = {
+    "accelerator": "GPU",
+    "colab": {"provenance": [], "gpuType": "L4"},
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+  }
+  return nb
 
 
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "distill.ipynb": DISTILL}
 
 
 def main() -> None:
-    for name, cells in NOTEBOOKS.items():
-        path = os.path.join(HERE, name)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            nbformat.write(notebook(cells), f)
-        os.replace(tmp, path)
-        print("wrote", path)
+  for name, cells in NOTEBOOKS.items():
+    path = os.path.join(HERE, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      nbformat.write(notebook(cells), f)
+    os.replace(tmp, path)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
-    main()
+  main()

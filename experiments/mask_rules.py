@@ -47,7 +47,7 @@ def local(key, shape):
   """Unit-variance noise averaged over LOCAL_WINDOW neighbouring tokens along axis 1."""
   noise = jax.random.normal(key, (shape[0], shape[1] + LOCAL_WINDOW, *shape[2:]))
   total = jnp.cumsum(noise, axis=1)
-  return (total[:, LOCAL_WINDOW:] - total[:, :-LOCAL_WINDOW]) / LOCAL_WINDOW ** 0.5
+  return (total[:, LOCAL_WINDOW:] - total[:, :-LOCAL_WINDOW]) / LOCAL_WINDOW**0.5
 
 
 def constructed_qkv(kind: str, *, seq_len: int, heads: int, seed: int = 0):
@@ -86,6 +86,7 @@ def tune(rule: str, q, k, target: float, *, block_q: int, block_kv: int):
   Top-k: topk = 1 − target (exact up to rounding). Top-p: bisection on p. Hybrid: topk at half the block
   budget, bisection on p for the rest (the paper pairs a small k with a moderate p).
   """
+
   def mask_for(topk, topp, mode):
     return attention.block_mask(q, k, topk=topk, topp=topp, mode=mode, block_q=block_q, block_kv=block_kv)
 
@@ -124,6 +125,7 @@ def teacher_sources(workdir: str, *, times=(0.1, 0.5, 0.9), num_videos: int = 2)
   from experiments import evaluation  # noqa: PLC0415 (needs flax; the constructed case does not)
   from sparge_jax.models.wan import AttentionConfig  # noqa: PLC0415
   from train.configs import Config, from_dict  # noqa: PLC0415
+
   with open(os.path.join(workdir, "config.json")) as f:
     config = from_dict(Config, json.load(f))
   _, graphdef, params = evaluation.load_model(config, workdir, AttentionConfig(kind="dense"))
@@ -131,11 +133,14 @@ def teacher_sources(workdir: str, *, times=(0.1, 0.5, 0.9), num_videos: int = 2)
   last = config.model.num_layers - 1
   for t in times:
     x_t = (1 - t) * data["x0"] + t * data["noise"]
-    _, _, (q, k, v) = evaluation.forward(graphdef, params, x_t, np.full(num_videos, t, np.float32), data["context"],
-                                         lambda q, k, v: (q, k, v))
+    _, _, (q, k, v) = evaluation.forward(
+      graphdef, params, x_t, np.full(num_videos, t, np.float32), data["context"], lambda q, k, v: (q, k, v)
+    )
     for layer in sorted({0, last // 2, last}):
-      yield ({"distribution": "teacher", "t": t, "layer": layer},
-             *(jnp.asarray(a[layer], jnp.float32) for a in (q, k, v)))
+      yield (
+        {"distribution": "teacher", "t": t, "layer": layer},
+        *(jnp.asarray(a[layer], jnp.float32) for a in (q, k, v)),
+      )
 
 
 def run(sources, *, sparsities, block_q: int, block_kv: int, heatmap_target: float = 0.9):
@@ -157,12 +162,23 @@ def run(sources, *, sparsities, block_q: int, block_kv: int, heatmap_target: flo
         if rule == "topk":
           matched = realized_sparsity(mask)
         out = attention.block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv, backend="xla")
-        rows.append(dict(**labels, target_sparsity=target, rule=rule, **params,
-                         sparsity=realized_sparsity(mask), rel_l1=relative_l1(out, dense)))
+        rows.append(
+          dict(
+            **labels,
+            target_sparsity=target,
+            rule=rule,
+            **params,
+            sparsity=realized_sparsity(mask),
+            rel_l1=relative_l1(out, dense),
+          )
+        )
         if target == shown_target:
           heatmap["masks"][rule] = (np.asarray(mask[0, 0]), rows[-1]["sparsity"])
-        print(f"{labels} s={target:.2f} {rule:>6}: sparsity {rows[-1]['sparsity']:.3f} "
-              f"L1 {rows[-1]['rel_l1']:.4f}  {params}", flush=True)
+        print(
+          f"{labels} s={target:.2f} {rule:>6}: sparsity {rows[-1]['sparsity']:.3f} "
+          f"L1 {rows[-1]['rel_l1']:.4f}  {params}",
+          flush=True,
+        )
   return rows, heatmaps
 
 
@@ -177,13 +193,16 @@ def plot_masks(heatmaps, path, *, max_rows: int = 3):
   """Mask heat maps: per source (row), log10 P̄ of the first head, then each rule's kept blocks at the
   shown target (teacher sources: the middle layer only)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   layers = sorted({h["labels"]["layer"] for h in heatmaps if "layer" in h["labels"]})
   middle = layers[len(layers) // 2] if layers else None  # constructed sources have no layer
   shown = [h for h in heatmaps if h["labels"].get("layer") == middle][:max_rows]
-  fig, axes = plt.subplots(len(shown), 1 + len(RULES), figsize=(3.2 * (1 + len(RULES)), 2.6 * len(shown)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(shown), 1 + len(RULES), figsize=(3.2 * (1 + len(RULES)), 2.6 * len(shown)), squeeze=False
+  )
   for row, h in zip(axes, shown):
     name = ", ".join(f"{k} {v}" for k, v in h["labels"].items())
     row[0].imshow(np.log10(h["probs"] + 1e-9), aspect="auto", cmap="magma", interpolation="nearest")
@@ -191,8 +210,9 @@ def plot_masks(heatmaps, path, *, max_rows: int = 3):
     for ax, rule in zip(row[1:], RULES):
       mask, sparsity = h["masks"][rule]
       ax.imshow(mask, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-      ax.set_title(f"{rule} at {h['target']:.2f}: head 0 keeps {mask.mean():.1%}\n(all heads: sparsity {sparsity:.3f})",
-                   fontsize=7)
+      ax.set_title(
+        f"{rule} at {h['target']:.2f}: head 0 keeps {mask.mean():.1%}\n(all heads: sparsity {sparsity:.3f})", fontsize=7
+      )
     for ax in row:
       ax.set_xlabel("kv block", fontsize=7)
       ax.set_ylabel("query block", fontsize=7)
@@ -205,16 +225,23 @@ def plot_masks(heatmaps, path, *, max_rows: int = 3):
 def plot(rows, path):
   """One panel per distribution (teacher rows: one per t, averaged over layers at each target)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   panels = sorted({(r["distribution"], r.get("t")) for r in rows}, key=lambda p: (p[0], p[1] or 0))
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
   for ax, (kind, t) in zip(axes[0], panels):
     for rule in RULES:
       mine = [r for r in rows if r["distribution"] == kind and r.get("t") == t and r["rule"] == rule]
       targets = sorted({r["target_sparsity"] for r in mine})
-      pts = [(np.mean([r["sparsity"] for r in mine if r["target_sparsity"] == s]),
-              np.mean([r["rel_l1"] for r in mine if r["target_sparsity"] == s])) for s in targets]
+      pts = [
+        (
+          np.mean([r["sparsity"] for r in mine if r["target_sparsity"] == s]),
+          np.mean([r["rel_l1"] for r in mine if r["target_sparsity"] == s]),
+        )
+        for s in targets
+      ]
       ax.plot(*zip(*pts), marker="o", label=rule)
     ax.set_title(f"{kind} attention" + ("" if t is None else f", t = {t} (mean over layers)"))
     ax.set_xlabel("realized block sparsity")
@@ -228,7 +255,9 @@ def plot(rows, path):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--seq-len", type=int, default=5120, help="5,120 = 80 kv blocks: Top-k counts are exact at 0.8, 0.9, 0.95")
+  parser.add_argument(
+    "--seq-len", type=int, default=5120, help="5,120 = 80 kv blocks: Top-k counts are exact at 0.8, 0.9, 0.95"
+  )
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--sparsity", type=float, nargs="+", default=[0.8, 0.9, 0.95])
   parser.add_argument("--block-q", type=int, default=128)
@@ -252,8 +281,12 @@ def main(argv=None):
   args.figure = args.figure or f"docs/figures/mask_rules{suffix}.png"
   if args.teacher is None:
     sources = constructed_sources(seq_len=args.seq_len, heads=args.heads, seed=args.seed)
-    setup = {"command": "python -m experiments.mask_rules", "seq_len": args.seq_len, "heads": args.heads,
-             "head_dim": HEAD_DIM}
+    setup = {
+      "command": "python -m experiments.mask_rules",
+      "seq_len": args.seq_len,
+      "heads": args.heads,
+      "head_dim": HEAD_DIM,
+    }
   else:
     sources = teacher_sources(args.teacher, times=tuple(args.times))
     setup = {"command": f"python -m experiments.mask_rules --teacher {args.teacher}", "times": args.times}

@@ -26,71 +26,80 @@ from train import checkpoint, distill
 from train.configs import cli, validate
 from train.sample import write_gif
 
-FLAGS = {"workdir": "runs/experiments/teacher", "data_dir": configs.DATA_DIR, "minutes": 10.0,
-         "num_examples": 2048, "num_videos": 4, "num_steps": 30}
+FLAGS = {
+  "workdir": "runs/experiments/teacher",
+  "data_dir": configs.DATA_DIR,
+  "minutes": 10.0,
+  "num_examples": 2048,
+  "num_videos": 4,
+  "num_steps": 30,
+}
 # Start-up, compilation and evaluation of a piece, kept out of the step budget.
 OVERHEAD_S = 90.0
 
 
 def measured_step_seconds(workdir: str) -> float | None:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        times = [r["step_time_s"] for r in map(json.loads, f) if "step_time_s" in r]
-    return float(np.median(times)) if times else None
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    times = [r["step_time_s"] for r in map(json.loads, f) if "step_time_s" in r]
+  return float(np.median(times)) if times else None
 
 
 def steps_this_piece(config, workdir: str, done: int, minutes: float) -> int:
-    step_s = measured_step_seconds(workdir) or configs.estimate_step_seconds(config, teacher_forward=False)
-    return min(config.steps, done + max(1, int((60 * minutes - OVERHEAD_S) / step_s)))
+  step_s = measured_step_seconds(workdir) or configs.estimate_step_seconds(config, teacher_forward=False)
+  return min(config.steps, done + max(1, int((60 * minutes - OVERHEAD_S) / step_s)))
 
 
 def write_samples(config, workdir: str, num_videos: int, num_steps: int) -> dict:
-    model_config, graphdef, params = evaluation.load_model(config, workdir, AttentionConfig(kind="dense"))
-    data = evaluation.held_out(config, num_videos)
-    videos = evaluation.sample(graphdef, params, data["noise"], data["context"], num_steps=num_steps)
-    write_gif(os.path.join(workdir, "samples.gif"), data["x0"], videos, scale=8)
-    return {"samples": os.path.join(workdir, "samples.gif"), "num_videos": num_videos, "num_steps": num_steps}
+  model_config, graphdef, params = evaluation.load_model(config, workdir, AttentionConfig(kind="dense"))
+  data = evaluation.held_out(config, num_videos)
+  videos = evaluation.sample(graphdef, params, data["noise"], data["context"], num_steps=num_steps)
+  write_gif(os.path.join(workdir, "samples.gif"), data["x0"], videos, scale=8)
+  return {"samples": os.path.join(workdir, "samples.gif"), "num_videos": num_videos, "num_steps": num_steps}
 
 
 def _check(config, flags):
-    """Validates the flags; returns the config reading the teacher's data directory."""
-    if flags["minutes"] <= 0:
-        raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
-    if flags["num_examples"] < 1 or flags["num_videos"] < 1 or flags["num_steps"] < 1:
-        raise ValueError("--num_examples, --num_videos and --num_steps must be >= 1")
-    data_path = os.path.join(flags["data_dir"], configs.TEACHER_DATA)
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_path))
-    validate(config)
-    return config
+  """Validates the flags; returns the config reading the teacher's data directory."""
+  if flags["minutes"] <= 0:
+    raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
+  if flags["num_examples"] < 1 or flags["num_videos"] < 1 or flags["num_steps"] < 1:
+    raise ValueError("--num_examples, --num_videos and --num_steps must be >= 1")
+  data_path = os.path.join(flags["data_dir"], configs.TEACHER_DATA)
+  config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_path))
+  validate(config)
+  return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check,
-                                                 presets={"teacher": configs.teacher}, default="teacher")
-    if code is not None:
-        return code
-    start = time.time()
-    workdir = flags["workdir"]
-    configs.write_datasets(config, flags["num_examples"], flags["data_dir"])
-    existing = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    done = existing.latest_step() or 0
-    existing.close()
-    if done < config.steps:
-        target = steps_this_piece(config, workdir, done, flags["minutes"])
-        summary = distill.train(dataclasses.replace(config, steps=target), workdir)
-        distill.print_summary(summary)
-        done = target
-    if done < config.steps:
-        print(f"teacher at step {done} of {config.steps} after {time.time() - start:.0f} s; run again to continue")
-        return 0
-    result = write_samples(config, workdir, flags["num_videos"], flags["num_steps"])
-    evaluation.write_json(os.path.join(workdir, "teacher_done.json"), {
-        "steps": config.steps, "step_time_s": measured_step_seconds(workdir), **result})
-    print(f"teacher done ({config.steps} steps); wrote {result['samples']}")
+  config, flags, code = cli.parse_or_exit_code(
+    __doc__, argv, FLAGS, _check, presets={"teacher": configs.teacher}, default="teacher"
+  )
+  if code is not None:
+    return code
+  start = time.time()
+  workdir = flags["workdir"]
+  configs.write_datasets(config, flags["num_examples"], flags["data_dir"])
+  existing = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  done = existing.latest_step() or 0
+  existing.close()
+  if done < config.steps:
+    target = steps_this_piece(config, workdir, done, flags["minutes"])
+    summary = distill.train(dataclasses.replace(config, steps=target), workdir)
+    distill.print_summary(summary)
+    done = target
+  if done < config.steps:
+    print(f"teacher at step {done} of {config.steps} after {time.time() - start:.0f} s; run again to continue")
     return 0
+  result = write_samples(config, workdir, flags["num_videos"], flags["num_steps"])
+  evaluation.write_json(
+    os.path.join(workdir, "teacher_done.json"),
+    {"steps": config.steps, "step_time_s": measured_step_seconds(workdir), **result},
+  )
+  print(f"teacher done ({config.steps} steps); wrote {result['samples']}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

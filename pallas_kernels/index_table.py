@@ -47,15 +47,17 @@ def index_table(mask, interpret: bool = False):
   flat = mask.reshape(-1, n_rows, n_cols)  # bool is read as bytes: no conversion pass
   n_pad = pl.next_power_of_2(n_cols)
   index, count = pl.pallas_call(
-      functools.partial(_index_table_kernel, n_rows=n_rows, n_cols=n_cols, n_pad=n_pad),
-      grid=(pl.cdiv(n_rows, _ROWS), flat.shape[0]),
-      in_specs=[pl.BlockSpec((None, _ROWS, n_pad), lambda i, b: (b, i, 0))],
-      out_specs=[pl.BlockSpec((None, _ROWS, n_pad), lambda i, b: (b, i, 0)),
-                 pl.BlockSpec((None, _ROWS), lambda i, b: (b, i))],
-      out_shape=[jax.ShapeDtypeStruct(flat.shape, jnp.int32), jax.ShapeDtypeStruct(flat.shape[:2], jnp.int32)],
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-      name="index_table",
+    functools.partial(_index_table_kernel, n_rows=n_rows, n_cols=n_cols, n_pad=n_pad),
+    grid=(pl.cdiv(n_rows, _ROWS), flat.shape[0]),
+    in_specs=[pl.BlockSpec((None, _ROWS, n_pad), lambda i, b: (b, i, 0))],
+    out_specs=[
+      pl.BlockSpec((None, _ROWS, n_pad), lambda i, b: (b, i, 0)),
+      pl.BlockSpec((None, _ROWS), lambda i, b: (b, i)),
+    ],
+    out_shape=[jax.ShapeDtypeStruct(flat.shape, jnp.int32), jax.ShapeDtypeStruct(flat.shape[:2], jnp.int32)],
+    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+    interpret=interpret,
+    name="index_table",
   )(flat)
   return index.reshape(*lead, n_rows, n_cols), count.reshape(*lead, n_rows)
 

@@ -9,6 +9,7 @@ row softmax and the Top-k ∪ Top-p selection follow in `mask_select` (a kernel)
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -52,18 +53,25 @@ def block_means_pair(q, k, *, block_q, block_kv, interpret=False):
   q_block = lambda i: jnp.minimum(i, n_q - 1)
   k_block = lambda i: jnp.maximum(i - n_q, 0)
   return pl.pallas_call(
-      functools.partial(_block_means_pair_kernel, block_q=block_q, block_kv=block_kv, q_len=q_len,
-                        kv_len=kv_len, n_q=n_q),
-      grid=(heads, n_q + n_kv, batch),
-      in_specs=[pl.BlockSpec((None, block_q, None, dim), lambda h, i, b: (b, q_block(i), h, 0)),
-                pl.BlockSpec((None, block_kv, None, dim), lambda h, i, b: (b, k_block(i), h, 0))],
-      out_specs=[pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, h, q_block(i), 0)),
-                 pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, h, k_block(i), 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, heads, n_q, dim), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, n_kv, dim), jnp.float32)],
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-      name="block_means",
+    functools.partial(
+      _block_means_pair_kernel, block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len, n_q=n_q
+    ),
+    grid=(heads, n_q + n_kv, batch),
+    in_specs=[
+      pl.BlockSpec((None, block_q, None, dim), lambda h, i, b: (b, q_block(i), h, 0)),
+      pl.BlockSpec((None, block_kv, None, dim), lambda h, i, b: (b, k_block(i), h, 0)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, h, q_block(i), 0)),
+      pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, h, k_block(i), 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((batch, heads, n_q, dim), jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, n_kv, dim), jnp.float32),
+    ],
+    compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+    interpret=interpret,
+    name="block_means",
   )(q, k)
 
 
@@ -95,17 +103,20 @@ def pooled_logits(q_means, k_means, *, scale, interpret=False, q_tile=128, kv_ti
   batch, heads, n_q, dim = q_means.shape
   n_kv = k_means.shape[2]
   return pl.pallas_call(
-      functools.partial(_pooled_logits_kernel, scale=scale, n_q=n_q, n_kv=n_kv, q_tile=q_tile, kv_tile=kv_tile),
-      grid=(pl.cdiv(n_q, q_tile), pl.cdiv(n_kv, kv_tile), batch * heads),
-      in_specs=[pl.BlockSpec((None, q_tile, dim), lambda i, j, bh: (bh, i, 0)),
-                pl.BlockSpec((None, kv_tile, dim), lambda i, j, bh: (bh, j, 0))],
-      out_specs=pl.BlockSpec((None, q_tile, kv_tile), lambda i, j, bh: (bh, i, j)),
-      out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.float32),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret,
-      name="pooled_block_logits",
+    functools.partial(_pooled_logits_kernel, scale=scale, n_q=n_q, n_kv=n_kv, q_tile=q_tile, kv_tile=kv_tile),
+    grid=(pl.cdiv(n_q, q_tile), pl.cdiv(n_kv, kv_tile), batch * heads),
+    in_specs=[
+      pl.BlockSpec((None, q_tile, dim), lambda i, j, bh: (bh, i, 0)),
+      pl.BlockSpec((None, kv_tile, dim), lambda i, j, bh: (bh, j, 0)),
+    ],
+    out_specs=pl.BlockSpec((None, q_tile, kv_tile), lambda i, j, bh: (bh, i, j)),
+    out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.float32),
+    compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+    interpret=interpret,
+    name="pooled_block_logits",
   )(q_means.reshape(batch * heads, n_q, dim), k_means.reshape(batch * heads, n_kv, dim)).reshape(
-      batch, heads, n_q, n_kv)
+    batch, heads, n_q, n_kv
+  )
 
 
 def pooled_block_logits(q, k, *, block_q, block_kv, scale, interpret=False):
@@ -119,5 +130,6 @@ def pooled_block_logits(q, k, *, block_q, block_kv, scale, interpret=False):
 
 def pooled_block_probs(q, k, *, block_q, block_kv, scale, interpret=False):
   """P̄ = row softmax of `pooled_block_logits`."""
-  return jax.nn.softmax(pooled_block_logits(q, k, block_q=block_q, block_kv=block_kv, scale=scale,
-                                            interpret=interpret), axis=-1)
+  return jax.nn.softmax(
+    pooled_block_logits(q, k, block_q=block_q, block_kv=block_kv, scale=scale, interpret=interpret), axis=-1
+  )

@@ -35,12 +35,14 @@ _COUNT_SLACK = 1e-3  # as in sparge_jax.mask: topk·n_kv this close above an int
 def _smallest(predicate, low, high):
   """Per row, the smallest bit pattern t in [low, high] with predicate(t) (monotone False → True; high if
   none), by bisection: as many steps as the widest row's bracket has bits."""
+
   def step(bounds):
     low, high = bounds
     mid = low + (high - low) // 2
     ok = predicate(mid)
     open_ = low < high  # rows whose bracket has closed wait for the others unchanged
     return jnp.where(open_ & ~ok, mid + 1, low), jnp.where(open_ & ok, mid, high)
+
   low, _ = lax.while_loop(lambda bounds: jnp.max(bounds[1] - bounds[0]) > 0, step, (low, high))
   return low
 
@@ -66,12 +68,17 @@ def _nth_largest(bits, n, low, high):
     n_above = count_above(mid)
     open_ = still_open(state)  # closed rows wait for the others unchanged
     lower, raise_ = open_ & (n_above < n), open_ & (n_above >= n)
-    return (jnp.where(raise_, mid + 1, low), jnp.where(lower, mid, high),
-            jnp.where(raise_, n_above, n_from_low), jnp.where(lower, n_above, n_above_high))
+    return (
+      jnp.where(raise_, mid + 1, low),
+      jnp.where(lower, mid, high),
+      jnp.where(raise_, n_above, n_from_low),
+      jnp.where(lower, n_above, n_above_high),
+    )
 
   state = (low, high, (bits >= low[:, None]).astype(jnp.int32).sum(axis=1), count_above(high))
   low, _, n_from_low, n_above_high = lax.while_loop(
-      lambda state: jnp.max(still_open(state).astype(jnp.int32)) > 0, step, state)
+    lambda state: jnp.max(still_open(state).astype(jnp.int32)) > 0, step, state
+  )
   # Below low the count is ≥ n (low was raised past such a t, or is the row's minimum) and at high it is
   # < n, so it drops below n at the one entry in [low, high]: the smallest entry ≥ low.
   first = jnp.where(bits >= low[:, None], bits, _INF_BITS).min(axis=1)
@@ -133,10 +140,8 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
     # least n_topk entries exceed v, the n_topk largest hold mass > p; if fewer do but they hold p, Top-p's
     # boundary lies above v. Either way Top-p keeps at most n_topk, the hybrid keeps the Top-k set, and the
     # Top-p search (~20–30 steps) is skipped. (The 2⁻¹⁰ margin covers float rounding of the masses.)
-    probe = lax.bitcast_convert_type(topp * (1 + 2.0 ** -10) / jnp.maximum(n_topk, 1).astype(jnp.float32),
-                                     jnp.int32)
-    top_k_covers = ((n_topk >= 1) & (topp < 1.0)
-                    & ((count_above(probe) >= n_topk) | (mass_above(probe) >= topp)))
+    probe = lax.bitcast_convert_type(topp * (1 + 2.0**-10) / jnp.maximum(n_topk, 1).astype(jnp.float32), jnp.int32)
+    top_k_covers = (n_topk >= 1) & (topp < 1.0) & ((count_above(probe) >= n_topk) | (mass_above(probe) >= topp))
     n_keep, last = lax.cond(jnp.where(top_k_covers, 0, 1).max() == 0, top_k_alone, with_top_p)
   tied = bits == last[:, None]
   tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
@@ -153,8 +158,7 @@ def _launch(n_kv):
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "interpret", "rows_per_program", "num_warps"))
-def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_per_program=None,
-                  num_warps=None):
+def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_per_program=None, num_warps=None):
   """logits: float32 [batch, heads, n_q_blocks, n_kv_blocks] (pooled, scaled; softmax taken here).
 
   topk, topp: scalars or [heads] arrays. Returns the bool block mask of the same shape.
@@ -167,18 +171,19 @@ def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_p
   num_warps = num_warps or default_warps
   # A scalar stays one value and a [heads] array is read per head by the index map: no broadcast kernels.
   fractions = [jnp.asarray(a, jnp.float32).reshape(-1, 1) for a in (topk, topp)]
-  fraction_specs = [pl.BlockSpec((None, 1), (lambda i, bh: (bh % heads, 0)) if a.shape[0] > 1 else
-                                 (lambda i, bh: (0, 0))) for a in fractions]
+  fraction_specs = [
+    pl.BlockSpec((None, 1), (lambda i, bh: (bh % heads, 0)) if a.shape[0] > 1 else (lambda i, bh: (0, 0)))
+    for a in fractions
+  ]
   rows_spec = pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0))
   keep = pl.pallas_call(
-      functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode,
-                        rows_per_program=rows_per_program),
-      grid=(pl.cdiv(n_q, rows_per_program), batch * heads),
-      in_specs=[*fraction_specs, rows_spec],
-      out_specs=rows_spec,
-      out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.bool_),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret,
-      name="select_blocks",
+    functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode, rows_per_program=rows_per_program),
+    grid=(pl.cdiv(n_q, rows_per_program), batch * heads),
+    in_specs=[*fraction_specs, rows_spec],
+    out_specs=rows_spec,
+    out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.bool_),
+    compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+    interpret=interpret,
+    name="select_blocks",
   )(*fractions, logits.reshape(batch * heads, n_q, n_kv))
   return keep.reshape(batch, heads, n_q, n_kv)

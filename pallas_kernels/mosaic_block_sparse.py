@@ -57,8 +57,7 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a wgmma tile
 
 def _tiled_smem(shape, dtype):
   """Shared memory laid out for TMA and wgmma: (8, 64)-element tiles, 128-byte swizzle."""
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
-                                              plgpu.SwizzleTransform(128)))
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
 def _interpret_params(interpret):
@@ -74,11 +73,14 @@ def supported(dtype, head_dim, block_q, block_kv) -> bool:
 
 def _check_inputs(q, k, v, block_q, block_kv):
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"q, k, v: the mosaic backend needs bf16 or fp16 inputs (wgmma takes 16-bit "
-                     f"operands), got {q.dtype}, {k.dtype}, {v.dtype}; use backend='triton' for float32")
+    raise ValueError(
+      f"q, k, v: the mosaic backend needs bf16 or fp16 inputs (wgmma takes 16-bit "
+      f"operands), got {q.dtype}, {k.dtype}, {v.dtype}; use backend='triton' for float32"
+    )
   if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-    raise ValueError(f"q, k, v: the mosaic backend needs head_dim 64 or 128, got {q.shape}, {k.shape}, "
-                     f"{v.shape}; use backend='triton'")
+    raise ValueError(
+      f"q, k, v: the mosaic backend needs head_dim 64 or 128, got {q.shape}, {k.shape}, {v.shape}; use backend='triton'"
+    )
   if block_q not in (64, 128):
     raise ValueError(f"block_q: the mosaic backend needs 64 or 128, got {block_q}")
   if block_kv != 64:
@@ -102,10 +104,12 @@ def _mma(acc, a, b, *, a_smem=None, while_running=None):
   product of a fresh accumulator is added; the result is the same.
   """
   if a_smem is None:
+
     def accumulate(acc_ref):
       plgpu.wgmma(acc_ref, a, b)
       if while_running is not None:
         while_running()
+
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
   a_smem[...] = a
@@ -126,6 +130,7 @@ def _two_products(first, second, shape, *, before_second, while_second):
   all SMEM operands. Both products are issued back to back and while_second runs on the first while
   the second is still on the tensor cores (the softmax's exp under dP's wgmma, as FlashAttention-3
   does); before_second runs between the two issues (a wait for the second's operands)."""
+
   def products(first_ref, second_ref):
     plgpu.wgmma(first_ref, *first)
     before_second()
@@ -150,6 +155,7 @@ def _mma_then(acc, a, b, acc2, make_a2, b2, *, a_smem=None):
     ref, ref2 = refs
     plgpu.wgmma(ref, a, b)
     plgpu.wgmma(ref2, make_a2(), b2)
+
   return pl.run_state(accumulate)((plgpu.ACC.init(acc), plgpu.ACC.init(acc2)))
 
 
@@ -168,6 +174,7 @@ def _drain(count, num_stages, free_barriers):
   The loads only waited for the releases of steps before count - num_stages. Observing every phase
   of a barrier one waits on keeps its parity in step (and the interpreter checks it).
   """
+
   @pl.loop(jnp.maximum(count - num_stages, 0), count)
   def _(c):
     for barrier in free_barriers(c):
@@ -178,8 +185,23 @@ def _ceil_div(a, b):
   return lax.div(a + b - 1, b)
 
 
-def _stream_kv(kv_index, count, k_src, v_src, k_smem, v_smem, k_loaded, v_loaded, k_free, v_free,
-               *, block_kv, num_stages, kv_per_step=1, done=0):
+def _stream_kv(
+  kv_index,
+  count,
+  k_src,
+  v_src,
+  k_smem,
+  v_smem,
+  k_loaded,
+  v_loaded,
+  k_free,
+  v_free,
+  *,
+  block_kv,
+  num_stages,
+  kv_per_step=1,
+  done=0,
+):
   """Memory warpgroup of forward and dQ: TMA one row's kept K and V tiles into the ring of slots.
 
   k_src, v_src: [kv_len, dim] GMEM views. A step loads `kv_per_step` kept blocks into one slot of
@@ -189,6 +211,7 @@ def _stream_kv(kv_index, count, k_src, v_src, k_smem, v_smem, k_loaded, v_loaded
   loads its last block twice: the second copy is finite data that the compute side masks out.
   The caller drains the releases (`_drain`) after its last row.
   """
+
   def load(c, slot, wait_free):
     if kv_per_step == 1:
       blocks = [kv_index[c]]
@@ -209,16 +232,19 @@ def _stream_kv(kv_index, count, k_src, v_src, k_smem, v_smem, k_loaded, v_loaded
     def _(c):
       load(c, lax.rem(c, num_stages), plgpu.barrier_wait)
   else:
+
     @pl.loop(0, steps)
     def _(c):
       ring_step = done + c
-      load(c, lax.rem(ring_step, num_stages),
-           lambda barrier: pl.when(ring_step >= num_stages)(lambda: plgpu.barrier_wait(barrier)))
+      load(
+        c,
+        lax.rem(ring_step, num_stages),
+        lambda barrier: pl.when(ring_step >= num_stages)(lambda: plgpu.barrier_wait(barrier)),
+      )
 
 
 def _drain_kv(steps, num_stages, k_free, v_free):
-  _drain(steps, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)],
-                                       v_free.at[lax.rem(c, num_stages)]))
+  _drain(steps, num_stages, lambda c: (k_free.at[lax.rem(c, num_stages)], v_free.at[lax.rem(c, num_stages)]))
 
 
 def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
@@ -233,8 +259,7 @@ def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
     return lambda scores, c: scores
   steps = _ceil_div(count, kv_per_step)
   last = jnp.maximum(count - 1, 0)
-  last_valid = ((last - (steps - 1) * kv_per_step) * block_kv
-                + jnp.minimum(kv_len - kv_index[last] * block_kv, block_kv))
+  last_valid = (last - (steps - 1) * kv_per_step) * block_kv + jnp.minimum(kv_len - kv_index[last] * block_kv, block_kv)
 
   def mask_last(scores):
     cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -245,10 +270,36 @@ def _key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step=1):
 
 # ----------------------------------------------------------------------------------------- forward
 
-def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                    q_smem, k_smem, v_smem, lse_smem, q_loaded, q_free, k_loaded, v_loaded, k_free,
-                    v_free, schedule, p_smem, *, scale, block_kv, kv_per_step, num_stages,
-                    compute_wgs, kv_len, ctas):
+
+def _forward_kernel(
+  kv_index_ref,
+  kv_count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  out_ref,
+  lse_ref,
+  q_smem,
+  k_smem,
+  v_smem,
+  lse_smem,
+  q_loaded,
+  q_free,
+  k_loaded,
+  v_loaded,
+  k_free,
+  v_free,
+  schedule,
+  p_smem,
+  *,
+  scale,
+  block_kv,
+  kv_per_step,
+  num_stages,
+  compute_wgs,
+  kv_len,
+  ctas,
+):
   """One work item is one (q block, head, batch). ctas None: the grid has one CTA per item.
   ctas an int: the grid has `ctas` persistent CTAs; CTA j runs items j, j + ctas, ... (q blocks
   fastest, so the CTAs running at one time share a head's K/V in L2); its memory warpgroup loads each
@@ -273,8 +324,10 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
         w = i * ctas + cta
         rest = lax.div(w, n_q_blocks)
         return body(i, (lax.rem(w, n_q_blocks), lax.rem(rest, heads), lax.div(rest, heads)), done)
+
       return lax.fori_loop(0, n_items, item, 0)
   else:
+
     def work_items(body):
       return body(0, tuple(lax.axis_index(a) for a in ("q_blocks", "heads", "batch")), 0)
 
@@ -311,8 +364,7 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
       if p_smem is None and dim == 64 and step_keys == 128:
         q_operand = plgpu.load(q_tile, (), layout=plgpu.Layout.WGMMA)
 
-      mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
-                            kv_per_step=kv_per_step)
+      mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len, kv_per_step=kv_per_step)
 
       def ring_slot(c):
         return lax.rem(done + c, num_stages)
@@ -356,14 +408,17 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
           def _():
             plgpu.barrier_wait(k_loaded.at[ring_slot(c + 1)])
 
-        acc = _mma(acc, probs, v_smem.at[slot], a_smem=None if p_smem is None else p_smem.at[wg],
-                   while_running=wait_next_k)
+        acc = _mma(
+          acc, probs, v_smem.at[slot], a_smem=None if p_smem is None else p_smem.at[wg], while_running=wait_next_k
+        )
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, new_max, row_sum
 
-      init = (plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA),
-              plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), _ROW),
-              plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), _ROW))
+      init = (
+        plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), _ROW),
+        plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), _ROW),
+      )
       acc, row_max, row_sum = lax.fori_loop(0, steps, step, init)
       if schedule is not None:
         pl.when(wg == 0)(sync_schedule)
@@ -399,17 +454,28 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
           barrier = q_slot(i) * compute_wgs + w
           pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free.at[barrier]))  # item i - 2's
           rows = pl.ds(q_block * block_q + w * _WG_ROWS, _WG_ROWS)
-          plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[q_slot(i), w],
-                                  q_loaded.at[barrier])
-      _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
-                 k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages,
-                 kv_per_step=kv_per_step, done=done)
+          plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[q_slot(i), w], q_loaded.at[barrier])
+      _stream_kv(
+        kv_index,
+        count,
+        k_ref.at[batch, :, head],
+        v_ref.at[batch, :, head],
+        k_smem,
+        v_smem,
+        k_loaded,
+        v_loaded,
+        k_free,
+        v_free,
+        block_kv=block_kv,
+        num_stages=num_stages,
+        kv_per_step=kv_per_step,
+        done=done,
+      )
       return done + steps
 
     _drain_kv(work_items(stream), num_stages, k_free, v_free)
     if persistent:
-      _drain(n_items, 2, lambda i: [q_free.at[q_slot(i) * compute_wgs + w]
-                                    for w in range(compute_wgs)])
+      _drain(n_items, 2, lambda i: [q_free.at[q_slot(i) * compute_wgs + w] for w in range(compute_wgs)])
 
 
 _SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
@@ -431,8 +497,21 @@ def _persistent_ctas(persistent, name, max_ctas):
   return None if ctas is None else min(ctas, max_ctas)
 
 
-def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages=2,
-            kv_blocks_per_step=2, persistent=True, interpret=False):
+def forward(
+  q,
+  k,
+  v,
+  kv_block_index,
+  kv_block_count,
+  *,
+  block_q,
+  block_kv,
+  scale,
+  num_stages=2,
+  kv_blocks_per_step=2,
+  persistent=True,
+  interpret=False,
+):
   """Block-sparse attention forward.
 
   q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, heads, dim]; bf16 or fp16, dim 64 or 128.
@@ -451,62 +530,88 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
   q_slots = 1 if ctas is None else 2
   smem = (q_slots * block_q + 2 * num_stages * kv_blocks_per_step * block_kv) * q.shape[-1] * 2
   if not 1 <= num_stages or smem + _SMEM_OVERHEAD > _SMEM_BYTES:
-    raise ValueError(f"num_stages: {num_stages} with kv_blocks_per_step={kv_blocks_per_step}, "
-                     f"persistent={persistent}, head_dim {q.shape[-1]} needs {smem // 1024} KB of "
-                     f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB")
-  return _forward(q, k, v, kv_block_index, kv_block_count, block_q=block_q, block_kv=block_kv,
-                  scale=scale, num_stages=num_stages, kv_per_step=kv_blocks_per_step, ctas=ctas,
-                  interpret=interpret)
+    raise ValueError(
+      f"num_stages: {num_stages} with kv_blocks_per_step={kv_blocks_per_step}, "
+      f"persistent={persistent}, head_dim {q.shape[-1]} needs {smem // 1024} KB of "
+      f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB"
+    )
+  return _forward(
+    q,
+    k,
+    v,
+    kv_block_index,
+    kv_block_count,
+    block_q=block_q,
+    block_kv=block_kv,
+    scale=scale,
+    num_stages=num_stages,
+    kv_per_step=kv_blocks_per_step,
+    ctas=ctas,
+    interpret=interpret,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_stages",
-                                             "kv_per_step", "ctas", "interpret"))
-def _forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages,
-             kv_per_step, ctas, interpret):
+@functools.partial(
+  jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_stages", "kv_per_step", "ctas", "interpret")
+)
+def _forward(
+  q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_stages, kv_per_step, ctas, interpret
+):
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
   n_q_blocks = kv_block_index.shape[-2]
   compute_wgs = block_q // _WG_ROWS
   q_slots = 1 if ctas is None else 2
   step_keys = kv_per_step * block_kv
-  kernel = functools.partial(_forward_kernel, scale=scale, block_kv=block_kv, kv_per_step=kv_per_step,
-                             num_stages=num_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=ctas)
+  kernel = functools.partial(
+    _forward_kernel,
+    scale=scale,
+    block_kv=block_kv,
+    kv_per_step=kv_per_step,
+    num_stages=num_stages,
+    compute_wgs=compute_wgs,
+    kv_len=kv_len,
+    ctas=ctas,
+  )
   scratch = [
-      _tiled_smem((q_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
-      _tiled_smem((num_stages, step_keys, dim), k.dtype),
-      _tiled_smem((num_stages, step_keys, dim), v.dtype),
-      plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
-      plgpu.Barrier(num_barriers=q_slots * compute_wgs),
-      plgpu.Barrier(num_barriers=q_slots * compute_wgs) if ctas is not None else None,
-      plgpu.Barrier(num_arrivals=kv_per_step, num_barriers=num_stages),
-      plgpu.Barrier(num_arrivals=kv_per_step, num_barriers=num_stages),
-      plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
-      plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
-      plgpu.Barrier(num_arrivals=2) if compute_wgs == 2 else None,
-      _tiled_smem((compute_wgs, _WG_ROWS, step_keys), q.dtype) if interpret else None,
+    _tiled_smem((q_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
+    _tiled_smem((num_stages, step_keys, dim), k.dtype),
+    _tiled_smem((num_stages, step_keys, dim), v.dtype),
+    plgpu.SMEM((compute_wgs, _WG_ROWS), jnp.float32),
+    plgpu.Barrier(num_barriers=q_slots * compute_wgs),
+    plgpu.Barrier(num_barriers=q_slots * compute_wgs) if ctas is not None else None,
+    plgpu.Barrier(num_arrivals=kv_per_step, num_barriers=num_stages),
+    plgpu.Barrier(num_arrivals=kv_per_step, num_barriers=num_stages),
+    plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
+    plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=num_stages),
+    plgpu.Barrier(num_arrivals=2) if compute_wgs == 2 else None,
+    _tiled_smem((compute_wgs, _WG_ROWS, step_keys), q.dtype) if interpret else None,
   ]
   if ctas is None:
     grid, grid_names = (n_q_blocks, heads, batch), ("q_blocks", "heads", "batch")  # q blocks fastest:
-  else:                                                     # co-resident CTAs share a head's K/V in L2
+  else:  # co-resident CTAs share a head's K/V in L2
     grid, grid_names = (ctas,), ("ctas",)
   # lse is written whole tiles at a time; the padded tail is sliced off below.
   out, lse = plgpu.kernel(
-      kernel,
-      out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32)],
-      scratch_types=scratch,
-      grid=grid,
-      grid_names=grid_names,
-      num_threads=compute_wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
-      kernel_name="mosaic_block_sparse_forward",
+    kernel,
+    out_type=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32),
+    ],
+    scratch_types=scratch,
+    grid=grid,
+    grid_names=grid_names,
+    num_threads=compute_wgs + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=_interpret_params(interpret),
+    kernel_name="mosaic_block_sparse_forward",
   )(kv_block_index, kv_block_count, q, k, v)
   return out, lse[..., :q_len]
 
 
 # ---------------------------------------------------------------------------------------- backward
+
 
 def _work_items(lane, lanes, counts):
   """Persistent schedule: `lane` of `lanes` runs items lane, lane + lanes, ... of the
@@ -527,6 +632,7 @@ def _work_items(lane, lanes, counts):
 
   def run(body):
     return lax.fori_loop(0, n_items, lambda i, done: body(i, item_at(i), done), 0)
+
   return n_items, run, item_at
 
 
@@ -543,13 +649,46 @@ def _scheduled_work_items(lane, items_ref, count_ref, counts):
 
   def run(body):
     return lax.fori_loop(0, n_items, lambda i, done: body(i, item_at(i), done), 0)
+
   return n_items, run, item_at
 
 
-def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               delta_out_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, row_loaded, row_free,
-               k_loaded, v_loaded, k_free, v_free, ds_smem, o_smem, o_loaded, *, scale, block_kv,
-               kv_per_step, num_stages, compute_wgs, kv_len, ctas, row_slots):
+def _dq_kernel(
+  kv_index_ref,
+  kv_count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  delta_out_ref,
+  q_smem,
+  do_smem,
+  lse_smem,
+  delta_smem,
+  k_smem,
+  v_smem,
+  row_loaded,
+  row_free,
+  k_loaded,
+  v_loaded,
+  k_free,
+  v_free,
+  ds_smem,
+  o_smem,
+  o_loaded,
+  *,
+  scale,
+  block_kv,
+  kv_per_step,
+  num_stages,
+  compute_wgs,
+  kv_len,
+  ctas,
+  row_slots,
+):
   """One work item is one (q block, head, batch), as in the forward. ctas None: one CTA per item,
   whose compute warpgroups load their own Q, dO, lse and delta rows. ctas an int: `ctas` persistent
   CTAs; the memory warpgroup loads each item's rows into one of two slots (freed once the dQ store,
@@ -573,6 +712,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   if persistent:
     n_items, work_items, item_at = _work_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
   else:
+
     def work_items(body):
       return body(0, tuple(lax.axis_index(a) for a in ("q_blocks", "heads", "batch")), 0)
 
@@ -591,16 +731,19 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     """(source, destination) of warpgroup w's Q, dO, lse (and delta) rows; all arrive on one barrier."""
     _, head, batch = item
     rows = wg_rows(item, w)
-    copies = ((q_ref.at[batch, rows, head], q_smem.at[slot, w]),
-              (do_ref.at[batch, rows, head], do_smem.at[slot, w]),
-              (lse_ref.at[batch, head, rows], lse_smem.at[slot, w]))
+    copies = (
+      (q_ref.at[batch, rows, head], q_smem.at[slot, w]),
+      (do_ref.at[batch, rows, head], do_smem.at[slot, w]),
+      (lse_ref.at[batch, head, rows], lse_smem.at[slot, w]),
+    )
     return copies if delta_in_dq else copies + ((delta_ref.at[batch, head, rows], delta_smem.at[slot, w]),)
 
   def load_o_part(item, h):
     """TMA of columns [64·h, 64·h + 64) of this warpgroup's O rows of `item` into o_smem."""
     _, head, batch = item
-    plgpu.copy_gmem_to_smem(delta_ref.at[batch, wg_rows(item, wg), head, pl.ds(h * _O_PART, _O_PART)],
-                            o_smem.at[wg], o_loaded.at[wg])
+    plgpu.copy_gmem_to_smem(
+      delta_ref.at[batch, wg_rows(item, wg), head, pl.ds(h * _O_PART, _O_PART)], o_smem.at[wg], o_loaded.at[wg]
+    )
 
   def row_delta(i, item, slot):
     """rowsum(dO·O) of this warpgroup's rows of `item` (its first O part already requested), stored
@@ -647,8 +790,7 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       else:
         delta = plgpu.load(delta_smem.at[slot, wg], layout=_ROW)
 
-      mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len,
-                            kv_per_step=kv_per_step)
+      mask_keys = _key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len, kv_per_step=kv_per_step)
 
       def ring_slot(c):
         return lax.rem(done + c, num_stages)
@@ -684,13 +826,17 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
           def _():
             plgpu.barrier_wait(k_loaded.at[ring_slot(c + 1)])
 
-        dq = _mma(dq, d_scores.astype(dtype), k_smem.at[kv_slot],
-                  a_smem=None if ds_smem is None else ds_smem.at[wg], while_running=wait_next_k)
+        dq = _mma(
+          dq,
+          d_scores.astype(dtype),
+          k_smem.at[kv_slot],
+          a_smem=None if ds_smem is None else ds_smem.at[wg],
+          while_running=wait_next_k,
+        )
         plgpu.barrier_arrive(k_free.at[kv_slot])
         return dq
 
-      dq = lax.fori_loop(0, steps, step,
-                         plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA))
+      dq = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((_WG_ROWS, dim), jnp.float32), plgpu.Layout.WGMMA))
       q_tile[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       rows = pl.ds(q_block * (compute_wgs * _WG_ROWS) + wg * _WG_ROWS, _WG_ROWS)
@@ -720,21 +866,65 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
           pl.when(i >= row_slots)(lambda: plgpu.barrier_wait(row_free.at[barrier]))  # item i - row_slots's
           for src, dst in row_copies(item, slot, w):
             plgpu.copy_gmem_to_smem(src, dst, row_loaded.at[barrier])
-      _stream_kv(kv_index, count, k_ref.at[batch, :, head], v_ref.at[batch, :, head], k_smem, v_smem,
-                 k_loaded, v_loaded, k_free, v_free, block_kv=block_kv, num_stages=num_stages,
-                 kv_per_step=kv_per_step, done=done)
+      _stream_kv(
+        kv_index,
+        count,
+        k_ref.at[batch, :, head],
+        v_ref.at[batch, :, head],
+        k_smem,
+        v_smem,
+        k_loaded,
+        v_loaded,
+        k_free,
+        v_free,
+        block_kv=block_kv,
+        num_stages=num_stages,
+        kv_per_step=kv_per_step,
+        done=done,
+      )
       return done + steps
 
     _drain_kv(work_items(stream), num_stages, k_free, v_free)
     if persistent:
-      _drain(n_items, row_slots, lambda i: [row_free.at[row_slot(i) * compute_wgs + w]
-                                    for w in range(compute_wgs)])
+      _drain(n_items, row_slots, lambda i: [row_free.at[row_slot(i) * compute_wgs + w] for w in range(compute_wgs)])
 
 
-def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_loaded,
-                kv_free, q_loaded, do_loaded, lse_loaded, delta_loaded, q_free, ds_smem,
-                *, scale, block_q, block_kv, num_stages, pairs, kv_slots, ctas):
+def _dkv_kernel(
+  q_index_ref,
+  q_count_ref,
+  lane_items_ref,
+  lane_count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  k_smem,
+  v_smem,
+  q_smem,
+  do_smem,
+  lse_smem,
+  delta_smem,
+  kv_loaded,
+  kv_free,
+  q_loaded,
+  do_loaded,
+  lse_loaded,
+  delta_loaded,
+  q_free,
+  ds_smem,
+  *,
+  scale,
+  block_q,
+  block_kv,
+  num_stages,
+  pairs,
+  kv_slots,
+  ctas,
+):
   """One work item is one (kv block, head, batch), run by one (compute, memory) warpgroup pair.
 
   ctas None: the grid is (kv tiles of `pairs` blocks, heads, batch), one block per pair, and the
@@ -758,8 +948,9 @@ def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref,
     if lane_items_ref is None:
       n_items, work_items, _ = _work_items(lane, ctas * pairs, (n_kv_blocks, heads, batch_size))
     else:
-      n_items, work_items, _ = _scheduled_work_items(lane, lane_items_ref, lane_count_ref,
-                                                     (n_kv_blocks, heads, batch_size))
+      n_items, work_items, _ = _scheduled_work_items(
+        lane, lane_items_ref, lane_count_ref, (n_kv_blocks, heads, batch_size)
+      )
     active = True
   else:
     kv_tile, head, batch = (lax.axis_index(a) for a in ("kv_tiles", "heads", "batch"))
@@ -771,8 +962,11 @@ def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref,
 
   def column(item):
     kv_block, head, batch = item
-    return (q_index_ref.at[batch, head, kv_block], q_count_ref[batch, head, kv_block] * sub_tiles,
-            pl.ds(kv_block * block_kv, block_kv))
+    return (
+      q_index_ref.at[batch, head, kv_block],
+      q_count_ref[batch, head, kv_block] * sub_tiles,
+      pl.ds(kv_block * block_kv, block_kv),
+    )
 
   def stage(r):  # ring step r (counted over the pair's items) -> its Q/dO slot
     return pair * num_stages + lax.rem(r, num_stages)
@@ -810,8 +1004,12 @@ def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref,
 
         # Sᵀ = K Qᵀ and dPᵀ = V dOᵀ together, Pᵀ formed under dPᵀ's wgmma.
         probs_t, d_probs_t = _two_products(
-            (k_tile, q_tile.T), (v_tile, do_tile.T), (block_kv, _WG_ROWS),
-            before_second=lambda: plgpu.barrier_wait(do_loaded.at[s]), while_second=probs_of)
+          (k_tile, q_tile.T),
+          (v_tile, do_tile.T),
+          (block_kv, _WG_ROWS),
+          before_second=lambda: plgpu.barrier_wait(do_loaded.at[s]),
+          while_second=probs_of,
+        )
 
         def d_scores_t():
           plgpu.barrier_wait(delta_loaded.at[s])
@@ -852,8 +1050,7 @@ def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref,
 
       def load(t, wait_free):
         s = stage(done + t)
-        rows = pl.ds(q_index[lax.div(t, sub_tiles)] * block_q + lax.rem(t, sub_tiles) * _WG_ROWS,
-                     _WG_ROWS)
+        rows = pl.ds(q_index[lax.div(t, sub_tiles)] * block_q + lax.rem(t, sub_tiles) * _WG_ROWS, _WG_ROWS)
         wait_free(q_free.at[s])
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[s], q_loaded.at[s])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[s], lse_loaded.at[s])
@@ -867,18 +1064,17 @@ def _dkv_kernel(q_index_ref, q_count_ref, lane_items_ref, lane_count_ref, q_ref,
         @pl.loop(num_stages, steps)
         def _(t):
           load(t, plgpu.barrier_wait)
+
         return steps
 
       def load_kv():
         slot = kv_slot(i)
         pl.when(i >= kv_slots)(lambda: plgpu.barrier_wait(kv_free.at[slot]))  # item i - kv_slots's
         plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], kv_loaded.at[2 * slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot],
-                                kv_loaded.at[2 * slot + 1])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], kv_loaded.at[2 * slot + 1])
 
       def load_ring(t):
-        load(t, lambda barrier: pl.when(done + t >= num_stages)(
-            lambda: plgpu.barrier_wait(barrier)))
+        load(t, lambda barrier: pl.when(done + t >= num_stages)(lambda: plgpu.barrier_wait(barrier)))
 
       # One K/V slot: it is free only after this item's predecessor has stored its dK/dV, so
       # first fill the ring with this item's first sub-tiles (their slots are freed earlier).
@@ -904,24 +1100,60 @@ def _pad_rows(x, length):
 def _dkv_kv_slots(dkv_stages, persistent, dim, block_kv, pairs):
   """K/V slots per pair of the dK/dV kernel: two when persistent and they fit in SMEM with
   dkv_stages Q/dO sub-tiles, else one; ValueError (naming dkv_stages) if not even one fits."""
+
   def smem(kv_slots):
     return pairs * (kv_slots * 2 * block_kv * dim * 2 + dkv_stages * (2 * _WG_ROWS * dim * 2 + 2 * _WG_ROWS * 4))
 
   if persistent and smem(2) + _SMEM_OVERHEAD <= _SMEM_BYTES:
     return 2
   if dkv_stages < 1 or smem(1) + _SMEM_OVERHEAD > _SMEM_BYTES:
-    raise ValueError(f"dkv_stages: {dkv_stages} at head_dim {dim} needs {smem(1) // 1024} KB of shared "
-                     f"memory; Hopper has {_SMEM_BYTES // 1024} KB")
+    raise ValueError(
+      f"dkv_stages: {dkv_stages} at head_dim {dim} needs {smem(1) // 1024} KB of shared "
+      f"memory; Hopper has {_SMEM_BYTES // 1024} KB"
+    )
   return 1
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "dq_stages", "dkv_stages",
-                                             "dq_kv_blocks_per_step", "dq_persistent", "dkv_persistent",
-                                             "delta_in_dq", "dkv_balanced", "interpret"))
-def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale, dq_stages=2, dkv_stages=2, dq_kv_blocks_per_step=1,
-             dq_persistent=True, dkv_persistent=True, delta_in_dq=True, dkv_balanced=None,
-             interpret=False):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "block_q",
+    "block_kv",
+    "scale",
+    "dq_stages",
+    "dkv_stages",
+    "dq_kv_blocks_per_step",
+    "dq_persistent",
+    "dkv_persistent",
+    "delta_in_dq",
+    "dkv_balanced",
+    "interpret",
+  ),
+)
+def backward(
+  q,
+  k,
+  v,
+  out,
+  lse,
+  d_out,
+  kv_block_index,
+  kv_block_count,
+  q_block_index,
+  q_block_count,
+  *,
+  block_q,
+  block_kv,
+  scale,
+  dq_stages=2,
+  dkv_stages=2,
+  dq_kv_blocks_per_step=1,
+  dq_persistent=True,
+  dkv_persistent=True,
+  delta_in_dq=True,
+  dkv_balanced=None,
+  interpret=False,
+):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
@@ -946,6 +1178,7 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   pairs = 2  # dK/dV: two kv blocks per CTA, each with its own compute and memory warpgroup
   dq_ctas = _persistent_ctas(dq_persistent, "dq_persistent", batch * heads * n_q_blocks)
   dkv_ctas = _persistent_ctas(dkv_persistent, "dkv_persistent", pl.cdiv(batch * heads * n_kv_blocks, pairs))
+
   def dq_smem(row_slots):
     smem = (2 * row_slots * block_q + 2 * dq_stages * dq_kv_blocks_per_step * block_kv) * dim * 2
     return smem + (block_q * _O_PART * 2 if delta_in_dq else 0)  # one O column part per warpgroup
@@ -953,9 +1186,11 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   # Persistent: two Q/dO row slots (the next item's rows land during this item) where SMEM allows.
   row_slots = 2 if dq_ctas is not None and dq_smem(2) + _SMEM_OVERHEAD <= _SMEM_BYTES else 1
   if not 1 <= dq_stages or dq_smem(row_slots) + _SMEM_OVERHEAD > _SMEM_BYTES:
-    raise ValueError(f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
-                     f"dq_persistent={dq_persistent}, head_dim {dim} needs {dq_smem(row_slots) // 1024} KB of "
-                     f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB")
+    raise ValueError(
+      f"dq_stages: {dq_stages} with dq_kv_blocks_per_step={dq_kv_blocks_per_step}, "
+      f"dq_persistent={dq_persistent}, head_dim {dim} needs {dq_smem(row_slots) // 1024} KB of "
+      f"shared memory; Hopper has {_SMEM_BYTES // 1024} KB"
+    )
   kv_slots = _dkv_kv_slots(dkv_stages, dkv_ctas is not None, dim, block_kv, pairs)
   padded_len = n_q_blocks * block_q
   # delta_i = Σ_d dO_i·O_i = Σ_j P_ij dP_ij, the softmax-backward correction per query row. lse and
@@ -964,8 +1199,9 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   if delta_in_dq:
     delta_or_out = out  # the dQ kernel forms delta (zero for padded rows: TMA zero-fills their O)
   else:
-    delta_or_out = _pad_rows(jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32)),
-                             padded_len)
+    delta_or_out = _pad_rows(
+      jnp.einsum("bnhd,bnhd->bhn", d_out.astype(jnp.float32), out.astype(jnp.float32)), padded_len
+    )
   interpret_params = _interpret_params(interpret)
   compiler_params = plgpu.CompilerParams(approx_math=True)
 
@@ -974,43 +1210,55 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
     dq_grid, dq_grid_names = (n_q_blocks, heads, batch), ("q_blocks", "heads", "batch")
   else:
     dq_grid, dq_grid_names = (dq_ctas,), ("ctas",)
-  dq_body = functools.partial(_dq_kernel, scale=scale, block_kv=block_kv, kv_per_step=dq_kv_blocks_per_step,
-                              num_stages=dq_stages, compute_wgs=compute_wgs, kv_len=kv_len, ctas=dq_ctas,
-                              row_slots=row_slots)
+  dq_body = functools.partial(
+    _dq_kernel,
+    scale=scale,
+    block_kv=block_kv,
+    kv_per_step=dq_kv_blocks_per_step,
+    num_stages=dq_stages,
+    compute_wgs=compute_wgs,
+    kv_len=kv_len,
+    ctas=dq_ctas,
+    row_slots=row_slots,
+  )
   if delta_in_dq:
-    dq_out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, padded_len), jnp.float32)]
+    dq_out_type = [
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, padded_len), jnp.float32),
+    ]
   else:  # no delta output: the kernel's delta_out_ref is None
     dq_body = functools.partial(lambda body, *refs: body(*refs[:9], None, *refs[9:]), dq_body)
     dq_out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
   dq = plgpu.kernel(
-      dq_body,
-      out_type=dq_out_type,
-      scratch_types=[
-          _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
-          _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), d_out.dtype),
-          plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
-          plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
-          _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), k.dtype),
-          _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), v.dtype),
-          plgpu.Barrier(num_arrivals=3 if delta_in_dq else 4,  # Q, dO, lse (, delta)
-                        num_barriers=row_slots * compute_wgs),
-          plgpu.Barrier(num_barriers=row_slots * compute_wgs) if dq_ctas is not None else None,
-          plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
-          plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
-          plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
-          plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
-          _tiled_smem((compute_wgs, _WG_ROWS, dq_kv_blocks_per_step * block_kv), q.dtype)
-          if interpret_params else None,
-          _tiled_smem((compute_wgs, _WG_ROWS, _O_PART), out.dtype) if delta_in_dq else None,
-          plgpu.Barrier(num_barriers=compute_wgs) if delta_in_dq else None,
-      ],
-      grid=dq_grid,
-      grid_names=dq_grid_names,
-      num_threads=compute_wgs + 1,
-      thread_name="wg",
-      compiler_params=compiler_params,
-      interpret=interpret_params,
-      kernel_name="mosaic_block_sparse_dq",
+    dq_body,
+    out_type=dq_out_type,
+    scratch_types=[
+      _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), q.dtype),
+      _tiled_smem((row_slots, compute_wgs, _WG_ROWS, dim), d_out.dtype),
+      plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
+      plgpu.SMEM((row_slots, compute_wgs, _WG_ROWS), jnp.float32),
+      _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), k.dtype),
+      _tiled_smem((dq_stages, dq_kv_blocks_per_step * block_kv, dim), v.dtype),
+      plgpu.Barrier(
+        num_arrivals=3 if delta_in_dq else 4,  # Q, dO, lse (, delta)
+        num_barriers=row_slots * compute_wgs,
+      ),
+      plgpu.Barrier(num_barriers=row_slots * compute_wgs) if dq_ctas is not None else None,
+      plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
+      plgpu.Barrier(num_arrivals=dq_kv_blocks_per_step, num_barriers=dq_stages),
+      plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
+      plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=dq_stages),
+      _tiled_smem((compute_wgs, _WG_ROWS, dq_kv_blocks_per_step * block_kv), q.dtype) if interpret_params else None,
+      _tiled_smem((compute_wgs, _WG_ROWS, _O_PART), out.dtype) if delta_in_dq else None,
+      plgpu.Barrier(num_barriers=compute_wgs) if delta_in_dq else None,
+    ],
+    grid=dq_grid,
+    grid_names=dq_grid_names,
+    num_threads=compute_wgs + 1,
+    thread_name="wg",
+    compiler_params=compiler_params,
+    interpret=interpret_params,
+    kernel_name="mosaic_block_sparse_dq",
   )(kv_block_index, kv_block_count, q, k, v, d_out, lse, delta_or_out)
   if delta_in_dq:
     dq, delta = dq
@@ -1022,8 +1270,16 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
     dkv_grid, dkv_grid_names = (pl.cdiv(n_kv_blocks, pairs), heads, batch), ("kv_tiles", "heads", "batch")
   else:
     dkv_grid, dkv_grid_names = (dkv_ctas,), ("ctas",)
-  dkv_body = functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_kv=block_kv,
-                               num_stages=dkv_stages, pairs=pairs, kv_slots=kv_slots, ctas=dkv_ctas)
+  dkv_body = functools.partial(
+    _dkv_kernel,
+    scale=scale,
+    block_q=block_q,
+    block_kv=block_kv,
+    num_stages=dkv_stages,
+    pairs=pairs,
+    kv_slots=kv_slots,
+    ctas=dkv_ctas,
+  )
   if dkv_balanced is None:
     dkv_balanced = dim == 128
   if dkv_ctas is not None and dkv_balanced:
@@ -1033,30 +1289,30 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
     dkv_body = functools.partial(lambda body, *refs: body(*refs[:2], None, None, *refs[2:]), dkv_body)
     schedule = ()
   dk, dv = plgpu.kernel(
-      dkv_body,
-      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_types=[
-          _tiled_smem((pairs * kv_slots, block_kv, dim), k.dtype),
-          _tiled_smem((pairs * kv_slots, block_kv, dim), v.dtype),
-          _tiled_smem((stages, _WG_ROWS, dim), q.dtype),
-          _tiled_smem((stages, _WG_ROWS, dim), d_out.dtype),
-          plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
-          plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=2 * pairs * kv_slots),
-          plgpu.Barrier(num_barriers=pairs * kv_slots) if dkv_ctas is not None else None,
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          plgpu.Barrier(num_barriers=stages),
-          _tiled_smem((pairs, block_kv, _WG_ROWS), q.dtype) if interpret_params else None,
-      ],
-      grid=dkv_grid,
-      grid_names=dkv_grid_names,
-      num_threads=2 * pairs,
-      thread_name="wg",
-      compiler_params=compiler_params,
-      interpret=interpret_params,
-      kernel_name="mosaic_block_sparse_dkv",
+    dkv_body,
+    out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    scratch_types=[
+      _tiled_smem((pairs * kv_slots, block_kv, dim), k.dtype),
+      _tiled_smem((pairs * kv_slots, block_kv, dim), v.dtype),
+      _tiled_smem((stages, _WG_ROWS, dim), q.dtype),
+      _tiled_smem((stages, _WG_ROWS, dim), d_out.dtype),
+      plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
+      plgpu.SMEM((stages, _WG_ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * pairs * kv_slots),
+      plgpu.Barrier(num_barriers=pairs * kv_slots) if dkv_ctas is not None else None,
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      _tiled_smem((pairs, block_kv, _WG_ROWS), q.dtype) if interpret_params else None,
+    ],
+    grid=dkv_grid,
+    grid_names=dkv_grid_names,
+    num_threads=2 * pairs,
+    thread_name="wg",
+    compiler_params=compiler_params,
+    interpret=interpret_params,
+    kernel_name="mosaic_block_sparse_dkv",
   )(q_block_index, q_block_count, *schedule, q, k, v, d_out, lse, delta)
   return dq, dk, dv

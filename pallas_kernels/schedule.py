@@ -15,7 +15,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def balanced_schedule(work, lanes: int):

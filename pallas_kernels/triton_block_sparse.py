@@ -50,14 +50,17 @@ def _mask_partial_block(scores, kv_block, kv_valid, *, block_kv, kv_len):
   """
   if kv_len % block_kv == 0:
     return scores
-  return lax.cond(kv_block == kv_len // block_kv, lambda s: jnp.where(kv_valid[None, :], s, _MASKED),
-                  lambda s: s, scores)
+  return lax.cond(
+    kv_block == kv_len // block_kv, lambda s: jnp.where(kv_valid[None, :], s, _MASKED), lambda s: s, scores
+  )
 
 
 # ----------------------------------------------------------------------------------------- forward
 
-def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-                    *, scale, block_q, block_kv, q_len, kv_len):
+
+def _forward_kernel(
+  kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *, scale, block_q, block_kv, q_len, kv_len
+):
   q_block = pl.program_id(0)
   _, q_valid = _rows(q_block, block_q, q_len)
   q = pltriton.load(q_ref, mask=q_valid[:, None], other=0.0)
@@ -70,8 +73,7 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
     _, kv_valid = _rows(kv_block, block_kv, kv_len)
     k = pltriton.load(k_ref.at[pl.ds(start, block_kv)], mask=kv_valid[:, None], other=0.0)
     # The max is of unscaled scores, so the scale folds into exp2's argument (one multiply-add).
-    scores = _mask_partial_block(_dot(q, k, trans_b=True), kv_block, kv_valid, block_kv=block_kv,
-                                 kv_len=kv_len)
+    scores = _mask_partial_block(_dot(q, k, trans_b=True), kv_block, kv_valid, block_kv=block_kv, kv_len=kv_len)
     new_max = jnp.maximum(row_max, scores.max(axis=1))
     scaled_max = new_max * score_scale
     correction = jnp.exp2(row_max * score_scale - scaled_max)
@@ -80,8 +82,11 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
     acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
     return acc, new_max, row_sum * correction + probs.sum(axis=1)
 
-  init = (jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32),
-          jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  init = (
+    jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32),
+    jnp.full((block_q,), -jnp.inf, jnp.float32),
+    jnp.zeros((block_q,), jnp.float32),
+  )
   acc, row_max, row_sum = lax.fori_loop(0, kv_count_ref[0], body, init)
   empty = row_sum == 0.0
   safe_sum = jnp.where(empty, 1.0, row_sum)
@@ -90,10 +95,10 @@ def _forward_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, out_ref, ls
   pltriton.store(lse_ref, lse, mask=q_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_warps",
-                                             "num_stages", "interpret"))
-def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale,
-            num_warps=4, num_stages=2, interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_warps", "num_stages", "interpret"))
+def forward(
+  q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, num_warps=4, num_stages=2, interpret=False
+):
   """Block-sparse attention forward.
 
   q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, heads, dim] (dim a power of two ≥ 16).
@@ -104,31 +109,49 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
   batch, q_len, heads, dim = q.shape
   kv_len = k.shape[1]
   n_q_blocks, n_kv_blocks = kv_block_index.shape[-2:]
-  kernel = functools.partial(_forward_kernel, scale=scale, block_q=block_q, block_kv=block_kv,
-                             q_len=q_len, kv_len=kv_len)
+  kernel = functools.partial(
+    _forward_kernel, scale=scale, block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len
+  )
   q_tile = pl.BlockSpec((None, block_q, None, dim), lambda i, b, h: (b, i, h, 0))
   kv_full = pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h, 0))
   return pl.pallas_call(
-      kernel,
-      grid=(n_q_blocks, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, None, None, n_kv_blocks), lambda i, b, h: (b, h, i, 0)),
-          pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)),
-          q_tile, kv_full, kv_full,
-      ],
-      out_specs=[q_tile, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
-      compiler_params=_compiler_params(num_warps, num_stages),
-      interpret=interpret,
-      name="block_sparse_forward",
+    kernel,
+    grid=(n_q_blocks, batch, heads),
+    in_specs=[
+      pl.BlockSpec((None, None, None, n_kv_blocks), lambda i, b, h: (b, h, i, 0)),
+      pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)),
+      q_tile,
+      kv_full,
+      kv_full,
+    ],
+    out_specs=[q_tile, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+    compiler_params=_compiler_params(num_warps, num_stages),
+    interpret=interpret,
+    name="block_sparse_forward",
   )(kv_block_index, kv_block_count, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------- backward
 
-def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, scale, block_q, block_kv, q_len, kv_len):
+
+def _dq_kernel(
+  kv_index_ref,
+  kv_count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  *,
+  scale,
+  block_q,
+  block_kv,
+  q_len,
+  kv_len,
+):
   _, q_valid = _rows(pl.program_id(0), block_q, q_len)
   q = pltriton.load(q_ref, mask=q_valid[:, None], other=0.0)
   d_out = pltriton.load(do_ref, mask=q_valid[:, None], other=0.0)
@@ -154,8 +177,24 @@ def _dq_kernel(kv_index_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   pltriton.store(dq_ref, (dq * scale).astype(dq_ref.dtype), mask=q_valid[:, None])
 
 
-def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, scale, block_q, block_kv, q_len, kv_len):
+def _dkv_kernel(
+  q_index_ref,
+  q_count_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  scale,
+  block_q,
+  block_kv,
+  q_len,
+  kv_len,
+):
   _, kv_valid = _rows(pl.program_id(0), block_kv, kv_len)
   k = pltriton.load(k_ref, mask=kv_valid[:, None], other=0.0)
   v = pltriton.load(v_ref, mask=kv_valid[:, None], other=0.0)
@@ -184,10 +223,26 @@ def _dkv_kernel(q_index_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   pltriton.store(dv_ref, dv.astype(dv_ref.dtype), mask=kv_valid[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_warps",
-                                             "num_stages", "interpret"))
-def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale, num_warps=8, num_stages=None, interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "num_warps", "num_stages", "interpret"))
+def backward(
+  q,
+  k,
+  v,
+  out,
+  lse,
+  d_out,
+  kv_block_index,
+  kv_block_count,
+  q_block_index,
+  q_block_count,
+  *,
+  block_q,
+  block_kv,
+  scale,
+  num_warps=8,
+  num_stages=None,
+  interpret=False,
+):
   """Gradients (dq, dk, dv) of `forward`.
 
   num_stages defaults to 3 for 16-bit inputs and 1 for float32, whose tiles take twice the shared memory.
@@ -207,35 +262,45 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
   row_tile = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
   kv_full = pl.BlockSpec((None, kv_len, None, dim), lambda i, b, h: (b, 0, h, 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **statics),
-      grid=(n_q_blocks, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, None, None, n_kv_blocks), lambda i, b, h: (b, h, i, 0)),
-          pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)),
-          q_tile, kv_full, kv_full, q_tile, row_tile, row_tile,
-      ],
-      out_specs=q_tile,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
-      interpret=interpret,
-      name="block_sparse_dq",
+    functools.partial(_dq_kernel, **statics),
+    grid=(n_q_blocks, batch, heads),
+    in_specs=[
+      pl.BlockSpec((None, None, None, n_kv_blocks), lambda i, b, h: (b, h, i, 0)),
+      pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, i)),
+      q_tile,
+      kv_full,
+      kv_full,
+      q_tile,
+      row_tile,
+      row_tile,
+    ],
+    out_specs=q_tile,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=params,
+    interpret=interpret,
+    name="block_sparse_dq",
   )(kv_block_index, kv_block_count, q, k, v, d_out, lse, delta)
 
   kv_tile = pl.BlockSpec((None, block_kv, None, dim), lambda j, b, h: (b, j, h, 0))
   q_full = pl.BlockSpec((None, q_len, None, dim), lambda j, b, h: (b, 0, h, 0))
   rows_full = pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **statics),
-      grid=(n_kv_blocks, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, None, None, n_q_blocks), lambda j, b, h: (b, h, j, 0)),
-          pl.BlockSpec((None, None, 1), lambda j, b, h: (b, h, j)),
-          q_full, kv_tile, kv_tile, q_full, rows_full, rows_full,
-      ],
-      out_specs=[kv_tile, kv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
-      interpret=interpret,
-      name="block_sparse_dkv",
+    functools.partial(_dkv_kernel, **statics),
+    grid=(n_kv_blocks, batch, heads),
+    in_specs=[
+      pl.BlockSpec((None, None, None, n_q_blocks), lambda j, b, h: (b, h, j, 0)),
+      pl.BlockSpec((None, None, 1), lambda j, b, h: (b, h, j)),
+      q_full,
+      kv_tile,
+      kv_tile,
+      q_full,
+      rows_full,
+      rows_full,
+    ],
+    out_specs=[kv_tile, kv_tile],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=params,
+    interpret=interpret,
+    name="block_sparse_dkv",
   )(q_block_index, q_block_count, q, k, v, d_out, lse, delta)
   return dq, dk, dv

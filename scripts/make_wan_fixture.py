@@ -28,18 +28,48 @@ from diffusers import WanTransformer3DModel
 from safetensors.numpy import save_file
 
 CASES = {
-    # The published layout: patch (1, 2, 2), cross-attention norm on. Patch grid 3 x 5 x 7.
-    "wan_tiny": dict(
-        config=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                    out_channels=6, text_dim=24, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-        latent=(2, 4, 3, 10, 14), text_len=7, timesteps=(37.0, 841.5)),
-    # A temporal patch, no cross-attention norm, 2 heads of 12 (rotary split 4/4/4). Patch grid 2 x 3 x 4.
-    "wan_tiny_patch222": dict(
-        config=dict(patch_size=(2, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=5,
-                    out_channels=3, text_dim=20, freq_dim=32, ffn_dim=40, num_layers=2, cross_attn_norm=False,
-                    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-        latent=(1, 5, 4, 6, 8), text_len=4, timesteps=(603.25,)),
+  # The published layout: patch (1, 2, 2), cross-attention norm on. Patch grid 3 x 5 x 7.
+  "wan_tiny": dict(
+    config=dict(
+      patch_size=(1, 2, 2),
+      num_attention_heads=2,
+      attention_head_dim=16,
+      in_channels=4,
+      out_channels=6,
+      text_dim=24,
+      freq_dim=16,
+      ffn_dim=64,
+      num_layers=2,
+      cross_attn_norm=True,
+      qk_norm="rms_norm_across_heads",
+      eps=1e-6,
+      rope_max_seq_len=1024,
+    ),
+    latent=(2, 4, 3, 10, 14),
+    text_len=7,
+    timesteps=(37.0, 841.5),
+  ),
+  # A temporal patch, no cross-attention norm, 2 heads of 12 (rotary split 4/4/4). Patch grid 2 x 3 x 4.
+  "wan_tiny_patch222": dict(
+    config=dict(
+      patch_size=(2, 2, 2),
+      num_attention_heads=2,
+      attention_head_dim=12,
+      in_channels=5,
+      out_channels=3,
+      text_dim=20,
+      freq_dim=32,
+      ffn_dim=40,
+      num_layers=2,
+      cross_attn_norm=False,
+      qk_norm="rms_norm_across_heads",
+      eps=1e-6,
+      rope_max_seq_len=1024,
+    ),
+    latent=(1, 5, 4, 6, 8),
+    text_len=4,
+    timesteps=(603.25,),
+  ),
 }
 
 
@@ -70,8 +100,11 @@ def make_case(name: str, spec: dict, root: Path, seed: int) -> None:
   folder = root / name
   shutil.rmtree(folder, ignore_errors=True)
   model.save_pretrained(folder / "transformer", safe_serialization=True)
-  save_file({"x": x.numpy(), "t": t.numpy(), "context": context.numpy(), "out": out.numpy()},
-            folder / "io.safetensors", metadata={"diffusers": diffusers.__version__, "torch": torch.__version__})
+  save_file(
+    {"x": x.numpy(), "t": t.numpy(), "context": context.numpy(), "out": out.numpy()},
+    folder / "io.safetensors",
+    metadata={"diffusers": diffusers.__version__, "torch": torch.__version__},
+  )
   size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
   print(f"{name}: out {tuple(out.shape)}, |out| max {out.abs().max():.3f}, {size / 1024:.0f} KiB in {folder}")
 

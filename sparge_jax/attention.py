@@ -25,11 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import index_table
-from pallas_kernels import mask_pool
-from pallas_kernels import mask_select
-from pallas_kernels import mosaic_block_sparse
-from pallas_kernels import triton_block_sparse
+from pallas_kernels import index_table, mask_pool, mask_select, mosaic_block_sparse, triton_block_sparse
 from sparge_jax import mask as mask_lib
 from sparge_jax import xla_block_sparse
 
@@ -41,10 +37,13 @@ __all__ = ["block_mask", "block_sparse_attention", "sparse_attention", "dense_at
 
 # ----------------------------------------------------------------------------------------- checks
 
+
 def _check_qkv(q, k, v):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "shape") or x.ndim != 4:
-      raise ValueError(f"{name} must be a 4-D array [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', type(x))}")
+      raise ValueError(
+        f"{name} must be a 4-D array [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', type(x))}"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name} must have a floating dtype (bfloat16, float16 or float32), got {x.dtype}")
     if x.shape[1] == 0:
@@ -99,24 +98,27 @@ def _on_hopper():
 def _resolve_backend(backend, interpret, *, dtype, head_dim, block_q, block_kv, lengths):
   _check_choice("backend", backend, BACKENDS)
   # TMA descriptors need sequence lengths in whole 8-row tiles (Wan's 32,760 and 75,600 are).
-  mosaic_ok = (mosaic_block_sparse.supported(dtype, head_dim, block_q, block_kv)
-               and all(n % 8 == 0 for n in lengths))
+  mosaic_ok = mosaic_block_sparse.supported(dtype, head_dim, block_q, block_kv) and all(n % 8 == 0 for n in lengths)
   if backend == "auto":
     if interpret or not _on_gpu():
       return "triton" if interpret else "xla"
     return "mosaic" if (mosaic_ok and _on_hopper()) else "triton"
   if backend in ("triton", "mosaic") and not (interpret or _on_gpu()):
-    raise ValueError(f"backend={backend!r} needs a CUDA GPU; pass interpret=True to run the kernels on CPU, "
-                     "or use backend='xla'")
+    raise ValueError(
+      f"backend={backend!r} needs a CUDA GPU; pass interpret=True to run the kernels on CPU, or use backend='xla'"
+    )
   if backend == "mosaic" and not mosaic_ok:
-    raise ValueError(f"backend='mosaic' needs bf16/fp16 inputs, head_dim 64 or 128, block_q 64 or 128, "
-                     f"block_kv 64 and sequence lengths that are multiples of 8; got {jnp.dtype(dtype).name}, "
-                     f"head_dim {head_dim}, block_q {block_q}, block_kv {block_kv}, lengths {lengths}: "
-                     "use backend='triton'")
+    raise ValueError(
+      f"backend='mosaic' needs bf16/fp16 inputs, head_dim 64 or 128, block_q 64 or 128, "
+      f"block_kv 64 and sequence lengths that are multiples of 8; got {jnp.dtype(dtype).name}, "
+      f"head_dim {head_dim}, block_q {block_q}, block_kv {block_kv}, lengths {lengths}: "
+      "use backend='triton'"
+    )
   return backend
 
 
 # --------------------------------------------------------------------------------------- the vjp
+
 
 @dataclasses.dataclass(frozen=True)
 class _KernelConfig:
@@ -159,8 +161,7 @@ def _attention_bwd(config, residuals, d_out):
   q, k, v, out, lse, forward_table, mask = residuals
   # The dK/dV table (per kv block, its q blocks) is built here, so a forward-only call never pays for it.
   backward_table = _index_table(jnp.swapaxes(mask, -1, -2), config)
-  dq, dk, dv = config.module.backward(q, k, v, out, lse, d_out, *forward_table, *backward_table,
-                                      **config.kwargs())
+  dq, dk, dv = config.module.backward(q, k, v, out, lse, d_out, *forward_table, *backward_table, **config.kwargs())
   return dq, dk, dv, None, None
 
 
@@ -187,8 +188,10 @@ def _block_sparse_attention(q, k, v, mask, *, block_q, block_kv, scale, backend,
 
 # ------------------------------------------------------------------------------------ public API
 
-def block_mask(q, k, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128, block_kv=64, scale=None,
-               backend="auto", interpret=False):
+
+def block_mask(
+  q, k, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128, block_kv=64, scale=None, backend="auto", interpret=False
+):
   """SpargeAttention2's block mask.
 
   q: [batch, q_len, heads, head_dim], k: [batch, kv_len, heads, head_dim].
@@ -206,26 +209,40 @@ def block_mask(q, k, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128, block_k
   _check_fraction("topp", topp, q.shape[2])
   _check_choice("mode", mode, MODES)
   _check_scale(scale)
-  backend = _resolve_backend(backend, interpret, dtype=q.dtype, head_dim=q.shape[-1], block_q=block_q,
-                             block_kv=block_kv, lengths=(q.shape[1], k.shape[1]))
-  return _block_mask(q, k, jnp.asarray(topk, jnp.float32), jnp.asarray(topp, jnp.float32), mode=mode,
-                     block_q=block_q, block_kv=block_kv, scale=_default_scale(scale, q.shape[-1]),
-                     pallas=backend != "xla", interpret=interpret)
+  backend = _resolve_backend(
+    backend,
+    interpret,
+    dtype=q.dtype,
+    head_dim=q.shape[-1],
+    block_q=block_q,
+    block_kv=block_kv,
+    lengths=(q.shape[1], k.shape[1]),
+  )
+  return _block_mask(
+    q,
+    k,
+    jnp.asarray(topk, jnp.float32),
+    jnp.asarray(topp, jnp.float32),
+    mode=mode,
+    block_q=block_q,
+    block_kv=block_kv,
+    scale=_default_scale(scale, q.shape[-1]),
+    pallas=backend != "xla",
+    interpret=interpret,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "block_q", "block_kv", "scale", "pallas", "interpret"))
 def _block_mask(q, k, topk, topp, *, mode, block_q, block_kv, scale, pallas, interpret):
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   if pallas:
-    logits = mask_pool.pooled_block_logits(q, k, block_q=block_q, block_kv=block_kv, scale=scale,
-                                           interpret=interpret)
+    logits = mask_pool.pooled_block_logits(q, k, block_q=block_q, block_kv=block_kv, scale=scale, interpret=interpret)
     return mask_select.select_blocks(logits, topk, topp, mode, interpret=interpret)
   probs = mask_lib.pooled_block_probs_reference(q, k, block_q=block_q, block_kv=block_kv, scale=scale)
   return mask_lib.select_blocks(probs, topk, topp, mode)
 
 
-def block_sparse_attention(q, k, v, mask, *, block_q=128, block_kv=64, scale=None, backend="auto",
-                           interpret=False):
+def block_sparse_attention(q, k, v, mask, *, block_q=128, block_kv=64, scale=None, backend="auto", interpret=False):
   """Attention restricted to the kept blocks of `mask`.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim];
@@ -238,19 +255,49 @@ def block_sparse_attention(q, k, v, mask, *, block_q=128, block_kv=64, scale=Non
   _check_scale(scale)
   expected = (q.shape[0], q.shape[2], -(-q.shape[1] // block_q), -(-k.shape[1] // block_kv))
   if not hasattr(mask, "shape") or tuple(mask.shape) != expected:
-    raise ValueError(f"mask must have shape [batch, heads, ceil(q_len/block_q), ceil(kv_len/block_kv)] = "
-                     f"{expected}, got {getattr(mask, 'shape', type(mask))}")
+    raise ValueError(
+      f"mask must have shape [batch, heads, ceil(q_len/block_q), ceil(kv_len/block_kv)] = "
+      f"{expected}, got {getattr(mask, 'shape', type(mask))}"
+    )
   if mask.dtype != jnp.bool_:
     raise ValueError(f"mask must be a bool array, got dtype {mask.dtype}")
-  backend = _resolve_backend(backend, interpret, dtype=q.dtype, head_dim=q.shape[-1], block_q=block_q,
-                             block_kv=block_kv, lengths=(q.shape[1], k.shape[1]))
-  return _block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv,
-                                 scale=_default_scale(scale, q.shape[-1]), backend=backend,
-                                 interpret=interpret)
+  backend = _resolve_backend(
+    backend,
+    interpret,
+    dtype=q.dtype,
+    head_dim=q.shape[-1],
+    block_q=block_q,
+    block_kv=block_kv,
+    lengths=(q.shape[1], k.shape[1]),
+  )
+  return _block_sparse_attention(
+    q,
+    k,
+    v,
+    mask,
+    block_q=block_q,
+    block_kv=block_kv,
+    scale=_default_scale(scale, q.shape[-1]),
+    backend=backend,
+    interpret=interpret,
+  )
 
 
-def sparse_attention(q, k, v, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128, block_kv=64, scale=None,
-                     backend="auto", interpret=False, return_stats=False):
+def sparse_attention(
+  q,
+  k,
+  v,
+  *,
+  topk=0.03,
+  topp=0.2,
+  mode="hybrid",
+  block_q=128,
+  block_kv=64,
+  scale=None,
+  backend="auto",
+  interpret=False,
+  return_stats=False,
+):
   """`block_mask` then `block_sparse_attention`.
 
   Returns out [batch, q_len, heads, head_dim], or (out, stats) with return_stats=True, where
@@ -258,10 +305,21 @@ def sparse_attention(q, k, v, *, topk=0.03, topp=0.2, mode="hybrid", block_q=128
   is int32 [batch, heads].
   """
   _check_qkv(q, k, v)
-  mask = block_mask(q, k, topk=topk, topp=topp, mode=mode, block_q=block_q, block_kv=block_kv, scale=scale,
-                    backend=backend, interpret=interpret)
-  out = block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv, scale=scale,
-                               backend=backend, interpret=interpret)
+  mask = block_mask(
+    q,
+    k,
+    topk=topk,
+    topp=topp,
+    mode=mode,
+    block_q=block_q,
+    block_kv=block_kv,
+    scale=scale,
+    backend=backend,
+    interpret=interpret,
+  )
+  out = block_sparse_attention(
+    q, k, v, mask, block_q=block_q, block_kv=block_kv, scale=scale, backend=backend, interpret=interpret
+  )
   if not return_stats:
     return out
   kept = jnp.sum(mask, axis=(-2, -1), dtype=jnp.int32)
@@ -280,5 +338,6 @@ def dense_attention(q, k, v, *, scale=None):
   # cuDNN flash attention needs Ampere or newer (a T4 falls back to XLA).
   ampere = _on_gpu() and float(getattr(jax.devices()[0], "compute_capability", "0")) >= 8.0
   cudnn = ampere and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-  return jax.nn.dot_product_attention(q, k, v, scale=_default_scale(scale, head_dim),
-                                      implementation="cudnn" if cudnn else "xla")
+  return jax.nn.dot_product_attention(
+    q, k, v, scale=_default_scale(scale, head_dim), implementation="cudnn" if cudnn else "xla"
+  )

@@ -54,7 +54,9 @@ def select_blocks(probs, topk, topp, mode: str):
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   n_kv = probs.shape[-1]
-  per_head = lambda a: jnp.asarray(a, jnp.float32).reshape((1, -1, 1, 1)) if jnp.ndim(a) else jnp.asarray(a, jnp.float32)
+  per_head = lambda a: (
+    jnp.asarray(a, jnp.float32).reshape((1, -1, 1, 1)) if jnp.ndim(a) else jnp.asarray(a, jnp.float32)
+  )
   topk, topp = per_head(topk), per_head(topp)
 
   # Stable sort of -P: descending probabilities, equal ones in ascending index order.

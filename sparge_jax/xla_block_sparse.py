@@ -11,7 +11,6 @@ token, float32 [batch, heads, q_len]; a query row with no kept block outputs zer
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -65,19 +64,22 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
     acc, row_max, row_sum = carry
     kv_index = kv_block_index[..., c]
     active = c < kv_block_count
-    scores = jnp.einsum("bhiqd,bhikd->bhiqk", qb, _gather(kb, kv_index),
-                        precision=lax.Precision.HIGHEST) * scale
+    scores = jnp.einsum("bhiqd,bhikd->bhiqk", qb, _gather(kb, kv_index), precision=lax.Precision.HIGHEST) * scale
     keep = (_token_valid(kv_index, block_kv, kv_len) & active[..., None])[..., None, :]
     scores = jnp.where(keep, scores, _MASKED)
     new_max = jnp.maximum(row_max, scores.max(-1))
     correction = jnp.exp(row_max - new_max)
     probs = jnp.where(keep, jnp.exp(scores - new_max[..., None]), 0.0)
     acc = acc * correction[..., None] + jnp.einsum(
-        "bhiqk,bhikd->bhiqd", probs, _gather(vb, kv_index), precision=lax.Precision.HIGHEST)
+      "bhiqk,bhikd->bhiqd", probs, _gather(vb, kv_index), precision=lax.Precision.HIGHEST
+    )
     return acc, new_max, row_sum * correction + probs.sum(-1)
 
-  init = (jnp.zeros(rows_shape + (v.shape[-1],), jnp.float32),
-          jnp.full(rows_shape, -jnp.inf, jnp.float32), jnp.zeros(rows_shape, jnp.float32))
+  init = (
+    jnp.zeros(rows_shape + (v.shape[-1],), jnp.float32),
+    jnp.full(rows_shape, -jnp.inf, jnp.float32),
+    jnp.zeros(rows_shape, jnp.float32),
+  )
   acc, row_max, row_sum = lax.fori_loop(0, jnp.max(kv_block_count, initial=0), step, init)
   empty = row_sum == 0
   out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
@@ -86,8 +88,9 @@ def forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale
   return _from_blocks(out, q_len).astype(q.dtype), lse
 
 
-def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count,
-             *, block_q, block_kv, scale):
+def backward(
+  q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_index, q_block_count, *, block_q, block_kv, scale
+):
   """Gradients of `forward`: dQ over the forward table, dK and dV over the transposed one.
 
   q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks], q_block_count: int32 [batch, heads, n_kv_blocks].
@@ -125,8 +128,14 @@ def backward(q, k, v, out, lse, d_out, kv_block_index, kv_block_count, q_block_i
     return dk + jnp.einsum("bhjkq,bhjqd->bhjkd", d_scores_t, q_tile, precision=hi), dv
 
   dq = lax.fori_loop(0, jnp.max(kv_block_count, initial=0), dq_step, jnp.zeros_like(qb))
-  dk, dv = lax.fori_loop(0, jnp.max(q_block_count, initial=0), dkv_step,
-                         (jnp.zeros_like(kb), jnp.zeros(vb.shape[:-1] + (v.shape[-1],), jnp.float32)))
-  return (_from_blocks(dq * scale, q_len).astype(q.dtype),
-          _from_blocks(dk * scale, kv_len).astype(k.dtype),
-          _from_blocks(dv, kv_len).astype(v.dtype))
+  dk, dv = lax.fori_loop(
+    0,
+    jnp.max(q_block_count, initial=0),
+    dkv_step,
+    (jnp.zeros_like(kb), jnp.zeros(vb.shape[:-1] + (v.shape[-1],), jnp.float32)),
+  )
+  return (
+    _from_blocks(dq * scale, q_len).astype(q.dtype),
+    _from_blocks(dk * scale, kv_len).astype(k.dtype),
+    _from_blocks(dv, kv_len).astype(v.dtype),
+  )

@@ -16,10 +16,10 @@ from sparge_jax.reference import masked_attention_reference
 # (batch, q_len, kv_len, heads, head_dim, block_q, block_kv): lengths that are not block multiples,
 # q shorter and longer than kv, a single kv block, head dims 64 and 128.
 SHAPES = [
-    (1, 1000, 1000, 2, 64, 128, 64),
-    (2, 200, 333, 1, 128, 64, 32),
-    (1, 77, 300, 3, 64, 32, 16),
-    (1, 130, 40, 2, 64, 64, 64),
+  (1, 1000, 1000, 2, 64, 128, 64),
+  (2, 200, 333, 1, 128, 64, 32),
+  (1, 77, 300, 3, 64, 32, 16),
+  (1, 130, 40, 2, 64, 64, 64),
 ]
 
 
@@ -46,8 +46,7 @@ def rel_err(x, ref):
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def check_backend(backend, interpret, shape, *, seed, density=0.35, dtype=jnp.float32, tol=1e-5,
-                  full_mask=False):
+def check_backend(backend, interpret, shape, *, seed, density=0.35, dtype=jnp.float32, tol=1e-5, full_mask=False):
   """Forward and gradients of one backend against the reference on fresh random inputs."""
   batch, q_len, kv_len, heads, head_dim, block_q, block_kv = shape
   q, k, v, d_out = random_qkv(seed, batch, q_len, kv_len, heads, head_dim, dtype)
@@ -58,8 +57,9 @@ def check_backend(backend, interpret, shape, *, seed, density=0.35, dtype=jnp.fl
     mask = random_mask(seed, batch, heads, n_q, n_kv, density)
 
   def ours(q, k, v):
-    return attention.block_sparse_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv,
-                                            backend=backend, interpret=interpret)
+    return attention.block_sparse_attention(
+      q, k, v, mask, block_q=block_q, block_kv=block_kv, backend=backend, interpret=interpret
+    )
 
   def reference(q, k, v):
     return masked_attention_reference(q, k, v, mask, block_q=block_q, block_kv=block_kv)

@@ -3,14 +3,15 @@ the float32 reference, plus transformations, NaN handling and input validation."
 
 import functools
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import attention_cases as cases
 from pallas_kernels import mask_pool
-from sparge_jax import attention, mask as mask_lib
+from sparge_jax import attention
+from sparge_jax import mask as mask_lib
 
 BACKENDS = [("xla", False), ("triton", True)]
 backend_ids = ["xla", "triton-interpret"]
@@ -44,8 +45,7 @@ def test_empty_rows_output_zero_and_finite_grads(backend, interpret):
   mask = jnp.array([[[[True, False], [False, False]]]])
 
   def loss(q, k, v):
-    out = attention.block_sparse_attention(q, k, v, mask, block_q=32, block_kv=32, backend=backend,
-                                           interpret=interpret)
+    out = attention.block_sparse_attention(q, k, v, mask, block_q=32, block_kv=32, backend=backend, interpret=interpret)
     return jnp.sum(out * d_out), out
 
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -62,9 +62,11 @@ def test_mosaic_interpret_through_public_api():
 
 # -------------------------------------------------------------------------------- transformations
 
+
 def _sparse(q, k, v, backend="xla", interpret=False):
-  return attention.sparse_attention(q, k, v, topk=0.3, topp=0.3, block_q=32, block_kv=16, backend=backend,
-                                    interpret=interpret)
+  return attention.sparse_attention(
+    q, k, v, topk=0.3, topp=0.3, block_q=32, block_kv=16, backend=backend, interpret=interpret
+  )
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS, ids=backend_ids)
@@ -78,6 +80,7 @@ def test_jit_grad_vmap_scan(backend, interpret):
 
   def body(carry, qkv):
     return carry + jnp.sum(f(*qkv)), f(*qkv)
+
   total, scanned = jax.lax.scan(body, 0.0, (qs, ks, vs))
   np.testing.assert_allclose(scanned, eager, rtol=1e-5, atol=1e-6)
 
@@ -116,8 +119,9 @@ def test_nan_inputs_give_nan_outputs(backend, interpret):
 def test_stats_report_realized_sparsity():
   q, k, v, _ = cases.random_qkv(10, 2, 128, 256, 3, 32)
   topk = jnp.array([0.0, 0.25, 1.0])
-  out, stats = attention.sparse_attention(q, k, v, topk=topk, topp=0.0, mode="topk", block_q=32, block_kv=16,
-                                          return_stats=True)
+  out, stats = attention.sparse_attention(
+    q, k, v, topk=topk, topp=0.0, mode="topk", block_q=32, block_kv=16, return_stats=True
+  )
   assert out.shape == q.shape
   assert stats["sparsity"].shape == (2, 3) and stats["kept_blocks"].shape == (2, 3)
   np.testing.assert_allclose(stats["sparsity"], np.broadcast_to([1 - 1 / 16, 0.75, 0.0], (2, 3)))
@@ -132,6 +136,7 @@ def test_topk_one_equals_dense_attention():
 
 # ----------------------------------------------------------------------------------- mask pooling
 
+
 def test_pallas_pooling_matches_reference():
   q, k, _, _ = cases.random_qkv(17, 2, 300, 200, 2, 64)
   scale = 0.3
@@ -145,8 +150,9 @@ def test_pooling_uses_only_real_tokens_of_partial_blocks():
   x = jax.random.normal(jax.random.PRNGKey(18), (1, 40, 1, 16))
   means = mask_lib.block_means_reference(x, 16)
   np.testing.assert_allclose(means[0, 0, 2], x[0, 32:, 0].mean(0), rtol=1e-6)
-  np.testing.assert_allclose(mask_pool.block_means_pair(x, x, block_q=16, block_kv=16, interpret=True)[1], means,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    mask_pool.block_means_pair(x, x, block_q=16, block_kv=16, interpret=True)[1], means, rtol=1e-6
+  )
 
 
 def test_block_means_pair_matches_reference():
@@ -170,17 +176,21 @@ def test_pooled_logits_tiles_agree(q_tile, kv_tile):
 def test_block_mask_same_with_pallas_and_xla_pooling():
   q, k, _, _ = cases.random_qkv(19, 1, 260, 333, 2, 64)
   kw = dict(topk=0.1, topp=0.4, block_q=64, block_kv=32)
-  np.testing.assert_array_equal(attention.block_mask(q, k, **kw, backend="xla"),
-                                attention.block_mask(q, k, **kw, interpret=True))
+  np.testing.assert_array_equal(
+    attention.block_mask(q, k, **kw, backend="xla"), attention.block_mask(q, k, **kw, interpret=True)
+  )
 
 
 # --------------------------------------------------------------------------------- input checking
+
 
 def _qkv(batch=1, q_len=64, kv_len=64, heads=2, dim=32, dtype=jnp.float32):
   return cases.random_qkv(20, batch, q_len, kv_len, heads, dim, dtype)[:3]
 
 
-@pytest.mark.parametrize("call,match", [
+@pytest.mark.parametrize(
+  "call,match",
+  [
     (lambda q, k, v: attention.sparse_attention(q[0], k, v), "q must be a 4-D"),
     (lambda q, k, v: attention.sparse_attention(q, k[..., None], v), "k must be a 4-D"),
     (lambda q, k, v: attention.sparse_attention(q, k, v[:, :, :1]), "heads"),
@@ -191,18 +201,28 @@ def _qkv(batch=1, q_len=64, kv_len=64, heads=2, dim=32, dtype=jnp.float32):
     (lambda q, k, v: attention.sparse_attention(q, k, v.astype(jnp.bfloat16)), "share a dtype"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, topk=1.5), "topk must lie in"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, topp=-0.1), "topp must lie in"),
-    (lambda q, k, v: attention.sparse_attention(q, k, v, topk=jnp.array([0.1, 0.2, 0.3])), "topk must be a float or an array of shape"),
+    (
+      lambda q, k, v: attention.sparse_attention(q, k, v, topk=jnp.array([0.1, 0.2, 0.3])),
+      "topk must be a float or an array of shape",
+    ),
     (lambda q, k, v: attention.sparse_attention(q, k, v, block_q=48), "block_q must be a power of two"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, block_kv=8), "block_kv must be a power of two"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, mode="top"), "mode must be one of"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, backend="cuda"), "backend must be one of"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, backend="triton"), "backend='triton' needs a CUDA GPU"),
     (lambda q, k, v: attention.sparse_attention(q, k, v, scale=-1.0), "scale must be"),
-    (lambda q, k, v: attention.sparse_attention(q, k, v, backend="mosaic", interpret=True), "backend='mosaic' needs bf16"),
+    (
+      lambda q, k, v: attention.sparse_attention(q, k, v, backend="mosaic", interpret=True),
+      "backend='mosaic' needs bf16",
+    ),
     (lambda q, k, v: attention.block_sparse_attention(q, k, v, jnp.ones((1, 2, 1, 2), bool)), "mask must have shape"),
-    (lambda q, k, v: attention.block_sparse_attention(q, k, v, jnp.ones((1, 2, 1, 1), jnp.int32)), "mask must be a bool"),
+    (
+      lambda q, k, v: attention.block_sparse_attention(q, k, v, jnp.ones((1, 2, 1, 1), jnp.int32)),
+      "mask must be a bool",
+    ),
     (lambda q, k, v: attention.dense_attention(q, k, v[:, :3]), "same sequence length"),
-])
+  ],
+)
 def test_bad_input_raises_value_error(call, match):
   q, k, v = _qkv()
   with pytest.raises(ValueError, match=match):

@@ -1,13 +1,14 @@
 """The compiled Pallas kernels on a GPU against the float32 reference (skipped on CPU)."""
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import attention_cases as cases
 from pallas_kernels import index_table, mask_pool
-from sparge_jax import attention, mask as mask_lib
+from sparge_jax import attention
+from sparge_jax import mask as mask_lib
 
 pytestmark = pytest.mark.gpu
 
@@ -49,13 +50,14 @@ def test_triton_full_mask_is_dense():
 
 def test_mask_pooling_kernel_matches_reference():
   q, k, _, _ = cases.random_qkv(13, 2, 4100, 3000, 3, 128, jnp.bfloat16)
-  ours = mask_pool.pooled_block_probs(q, k, block_q=128, block_kv=64, scale=128 ** -0.5)
-  ref = mask_lib.pooled_block_probs_reference(q, k, block_q=128, block_kv=64, scale=128 ** -0.5)
+  ours = mask_pool.pooled_block_probs(q, k, block_q=128, block_kv=64, scale=128**-0.5)
+  ref = mask_lib.pooled_block_probs_reference(q, k, block_q=128, block_kv=64, scale=128**-0.5)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,density", [((1, 12, 256, 512), 0.05), ((2, 3, 591, 1182), 0.3),
-                                           ((1, 2, 9, 37), 1.0), ((1, 2, 9, 37), 0.0)])
+@pytest.mark.parametrize(
+  "shape,density", [((1, 12, 256, 512), 0.05), ((2, 3, 591, 1182), 0.3), ((1, 2, 9, 37), 1.0), ((1, 2, 9, 37), 0.0)]
+)
 def test_index_table_kernel_matches_xla(shape, density):
   mask = jax.random.bernoulli(jax.random.PRNGKey(3), density, shape)
   for ours, ref in zip(jax.tree.leaves(index_table.index_tables(mask)), jax.tree.leaves(mask_lib.index_tables(mask))):

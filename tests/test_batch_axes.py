@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -23,36 +22,38 @@ SPARSE = AttentionConfig(kind="sparse", topk=0.3, topp=0.5, mode="hybrid", block
 
 
 def inputs(config, batch, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(keys[0], (batch, 2, 8, 8, config.in_channels)),
-            jax.random.uniform(keys[1], (batch,), maxval=1000.0),
-            jax.random.normal(keys[2], (batch, 5, config.text_dim)))
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return (
+    jax.random.normal(keys[0], (batch, 2, 8, 8, config.in_channels)),
+    jax.random.uniform(keys[1], (batch,), maxval=1000.0),
+    jax.random.normal(keys[2], (batch, 5, config.text_dim)),
+  )
 
 
 def test_batch_axes_need_a_context_mesh_and_a_divisible_batch():
-    config = dataclasses.replace(tiny(), attention=SPARSE, batch_axes=("data",))
-    model = WanModel(config, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"batch_axes \('data',\): the context mesh .* has no axes \['data'\]"):
-        model(*inputs(config, 2))
-    with pytest.raises(ValueError, match="batch_axes must be a tuple of mesh axis names"):
-        dataclasses.replace(config, batch_axes="data")
+  config = dataclasses.replace(tiny(), attention=SPARSE, batch_axes=("data",))
+  model = WanModel(config, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"batch_axes \('data',\): the context mesh .* has no axes \['data'\]"):
+    model(*inputs(config, 2))
+  with pytest.raises(ValueError, match="batch_axes must be a tuple of mesh axis names"):
+    dataclasses.replace(config, batch_axes="data")
 
 
 def test_one_device_mesh_changes_nothing():
-    config = dataclasses.replace(tiny(), attention=SPARSE)
-    model = WanModel(config, rngs=nnx.Rngs(0))
-    x, t, context = inputs(config, 2)
-    forward = nnx.jit(lambda m, *a: m(*a, return_sparsity=True))
-    expected = forward(model, x, t, context)
-    model.config = dataclasses.replace(config, batch_axes=("data", "fsdp"))
-    graphdef, state = nnx.split(model)
-    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        got = forward(model, x, t, context)
-        lowered = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a)).lower(state, x, t, context)
-    assert "manual_computation" not in lowered.as_text()
-    for a, b in zip(got, expected):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config = dataclasses.replace(tiny(), attention=SPARSE)
+  model = WanModel(config, rngs=nnx.Rngs(0))
+  x, t, context = inputs(config, 2)
+  forward = nnx.jit(lambda m, *a: m(*a, return_sparsity=True))
+  expected = forward(model, x, t, context)
+  model.config = dataclasses.replace(config, batch_axes=("data", "fsdp"))
+  graphdef, state = nnx.split(model)
+  mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    got = forward(model, x, t, context)
+    lowered = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a)).lower(state, x, t, context)
+  assert "manual_computation" not in lowered.as_text()
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 EIGHT_DEVICES = r"""
@@ -119,8 +120,13 @@ print("ok")
 
 
 def test_eight_devices_sharded_outputs_and_manual_attention_in_the_step():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
-    result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-5000:]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": ROOT,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", EIGHT_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-5000:]

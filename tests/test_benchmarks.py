@@ -8,8 +8,9 @@ from benchmarks import plot, timing
 
 
 def _record(backend, sparsity, fwd, fwd_bwd):
-  return dict(backend=backend, seq_len=32760, heads=12, head_dim=128, sparsity=sparsity,
-              fwd_speedup=fwd, fwd_bwd_speedup=fwd_bwd)
+  return dict(
+    backend=backend, seq_len=32760, heads=12, head_dim=128, sparsity=sparsity, fwd_speedup=fwd, fwd_bwd_speedup=fwd_bwd
+  )
 
 
 def test_results_file_is_written_whole_with_provenance(tmp_path):
@@ -22,8 +23,9 @@ def test_results_file_is_written_whole_with_provenance(tmp_path):
 
 def test_plot_writes_a_figure(tmp_path):
   results = tmp_path / "r.json"
-  timing.write_results(str(results), {"records": [_record("mosaic", s, 1 / (1.1 - s), 0.8 / (1.1 - s))
-                                                  for s in (0.0, 0.8, 0.9, 0.95)]})
+  timing.write_results(
+    str(results), {"records": [_record("mosaic", s, 1 / (1.1 - s), 0.8 / (1.1 - s)) for s in (0.0, 0.8, 0.9, 0.95)]}
+  )
   out = tmp_path / "speedup.png"
   plot.main([str(results), "--out", str(out)])
   assert out.stat().st_size > 10_000
@@ -33,7 +35,9 @@ def test_plot_writes_a_figure(tmp_path):
 
 def test_index_table_variants_agree_with_the_library(tmp_path):
   import json
+
   from benchmarks import index_tables
+
   out = tmp_path / "tables.json"
   index_tables.main(["--heads", "2", "--rows", "9", "--cols", "37", "--sparsity", "0.9", "0.0", "--out", str(out)])
   rows = json.loads(out.read_text())["results"]
@@ -43,12 +47,12 @@ def test_index_table_variants_agree_with_the_library(tmp_path):
 
 def test_device_busy_periods_are_split_at_idle_gaps():
   events = [
-      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
-      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
-      {"ph": "X", "pid": 1, "ts": 12.0, "dur": 5.0, "name": "b"},  # out of order: sorted by start
-      {"ph": "X", "pid": 1, "ts": 0.0, "dur": 10.0, "name": "a"},
-      {"ph": "X", "pid": 2, "ts": 500.0, "dur": 900.0, "name": "host work, not device time"},
-      {"ph": "X", "pid": 1, "ts": 1000.0, "dur": 3.0, "name": "c"},
+    {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    {"ph": "X", "pid": 1, "ts": 12.0, "dur": 5.0, "name": "b"},  # out of order: sorted by start
+    {"ph": "X", "pid": 1, "ts": 0.0, "dur": 10.0, "name": "a"},
+    {"ph": "X", "pid": 2, "ts": 500.0, "dur": 900.0, "name": "host work, not device time"},
+    {"ph": "X", "pid": 1, "ts": 1000.0, "dur": 3.0, "name": "c"},
   ]
   assert timing.busy_periods_us(events, device="/device:GPU:0", min_idle_us=100.0) == [(17.0, 15.0), (3.0, 3.0)]
   assert timing.busy_periods_us(events, device="/device:GPU:0", min_idle_us=2000.0) == [(1003.0, 18.0)]
@@ -59,6 +63,7 @@ def test_device_busy_periods_are_split_at_idle_gaps():
 def test_trace_events_come_from_a_real_profiler_trace():
   import jax
   import jax.numpy as jnp
+
   f = jax.jit(lambda x: jnp.sin(x) @ x)
   x = jnp.ones((64, 64))
   f(x).block_until_ready()
@@ -69,8 +74,11 @@ def test_trace_events_come_from_a_real_profiler_trace():
 
 def test_mask_stages_are_the_librarys_mask():
   import math
+
   import jax.numpy as jnp
+
   from benchmarks import mask as mask_benchmark
+
   kept = {}
   for kind in ("random", "structured"):
     q, k = mask_benchmark.inputs(kind, (1, 4000, 2, 64))
@@ -90,14 +98,30 @@ def test_mask_stages_are_the_librarys_mask():
 
 
 def test_plot_draws_the_mask_stages(tmp_path):
-  stages = {"read floor (XLA sum of Q and K)": 70.0, "pooling": 70.0, "pooled logits": 8.0, "selection": 12.0,
-            "forward table": 4.0, "dK/dV table": 6.0, "mask + both tables": 101.0}
+  stages = {
+    "read floor (XLA sum of Q and K)": 70.0,
+    "pooling": 70.0,
+    "pooled logits": 8.0,
+    "selection": 12.0,
+    "forward table": 4.0,
+    "dK/dV table": 6.0,
+    "mask + both tables": 101.0,
+  }
   results = tmp_path / "mask.json"
-  timing.write_results(str(results), {"command": "python -m benchmarks.mask", "seq_len": 32760, "heads": 12,
-                                      "head_dim": 128, "forward_us": 560.0,
-                                      "results": {kind: {"kept_fraction": 0.05, "kernel_us": stages,
-                                                         "share_of_forward": 0.18}
-                                                  for kind in ("random", "structured")}})
+  timing.write_results(
+    str(results),
+    {
+      "command": "python -m benchmarks.mask",
+      "seq_len": 32760,
+      "heads": 12,
+      "head_dim": 128,
+      "forward_us": 560.0,
+      "results": {
+        kind: {"kept_fraction": 0.05, "kernel_us": stages, "share_of_forward": 0.18}
+        for kind in ("random", "structured")
+      },
+    },
+  )
   out = tmp_path / "mask.png"
   plot.main([str(results), "--out", str(out)])
   assert out.stat().st_size > 10_000

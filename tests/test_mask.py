@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pallas_kernels import index_table as index_table_kernel
 from pallas_kernels import mask_select
-from sparge_jax import attention, mask as mask_lib
+from sparge_jax import attention
+from sparge_jax import mask as mask_lib
 
 
 def _select(rows, topk, topp, mode="hybrid"):
@@ -31,7 +33,7 @@ def _brute_force(row, topk, topp, mode):
       p_count += 1
       mass += row[j]
   count = {"hybrid": max(k_count, p_count), "topk": k_count, "topp": p_count}[mode]
-  kept = set(order[:max(1, min(n, count))])
+  kept = set(order[: max(1, min(n, count))])
   return np.array([j in kept for j in range(n)])
 
 
@@ -98,14 +100,17 @@ def test_per_head_values():
 
 
 @settings(max_examples=30, deadline=None)
-@given(rows=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 33)),
-                       elements=st.floats(0.0, 10.0)),
-       topk=st.floats(0.0, 1.0), topp=st.floats(0.0, 1.0), mode=st.sampled_from(mask_lib.MODES),
-       quantize=st.booleans())
+@given(
+  rows=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 33)), elements=st.floats(0.0, 10.0)),
+  topk=st.floats(0.0, 1.0),
+  topp=st.floats(0.0, 1.0),
+  mode=st.sampled_from(mask_lib.MODES),
+  quantize=st.booleans(),
+)
 def test_matches_brute_force(rows, topk, topp, mode, quantize):
   rows = rows + 1e-3
   if quantize:
-    rows = np.round(rows)  + 1.0  # many exact ties
+    rows = np.round(rows) + 1.0  # many exact ties
   rows = (rows / rows.sum(-1, keepdims=True)).astype(np.float32)
   kept = _select(rows, topk, topp, mode)
   # The brute force sums in float32 in the same order as the cumulative sum, so p boundaries agree.
@@ -121,7 +126,7 @@ def _brute_force_f32(row, topk, topp, mode):
   k_count = math.ceil(np.float32(topk) * np.float32(n) - np.float32(1e-3))
   count = {"hybrid": max(k_count, p_count), "topk": k_count, "topp": p_count}[mode]
   order = sorted(range(n), key=lambda j: (-row[j], j))
-  kept = set(order[:max(1, min(n, count))])
+  kept = set(order[: max(1, min(n, count))])
   return np.array([j in kept for j in range(n)])
 
 
@@ -130,13 +135,14 @@ def test_block_mask_end_to_end_matches_numpy():
   q = rng.standard_normal((2, 150, 2, 16)).astype(np.float32)
   k = rng.standard_normal((2, 90, 2, 16)).astype(np.float32)
   k[:, :16] += 3 * q[:, :1]  # a sink-like block so rows are skewed
-  mask = np.asarray(attention.block_mask(jnp.asarray(q), jnp.asarray(k), topk=0.2, topp=0.5, block_q=32,
-                                         block_kv=16, scale=0.5))
+  mask = np.asarray(
+    attention.block_mask(jnp.asarray(q), jnp.asarray(k), topk=0.2, topp=0.5, block_q=32, block_kv=16, scale=0.5)
+  )
   assert mask.shape == (2, 2, 5, 6)
   for b in range(2):
     for h in range(2):
-      q_means = np.stack([q[b, i:i + 32, h].mean(0) for i in range(0, 150, 32)])
-      k_means = np.stack([k[b, j:j + 16, h].mean(0) for j in range(0, 90, 16)])
+      q_means = np.stack([q[b, i : i + 32, h].mean(0) for i in range(0, 150, 32)])
+      k_means = np.stack([k[b, j : j + 16, h].mean(0) for j in range(0, 90, 16)])
       logits = 0.5 * q_means @ k_means.T
       probs = np.exp(logits - logits.max(-1, keepdims=True))
       probs /= probs.sum(-1, keepdims=True)
@@ -144,8 +150,10 @@ def test_block_mask_end_to_end_matches_numpy():
         np.testing.assert_array_equal(mask[b, h, i], _brute_force(probs[i], 0.2, 0.5, "hybrid"))
 
 
-INDEX_TABLES = {"xla": mask_lib.index_tables,
-                "pallas": functools.partial(index_table_kernel.index_tables, interpret=True)}
+INDEX_TABLES = {
+  "xla": mask_lib.index_tables,
+  "pallas": functools.partial(index_table_kernel.index_tables, interpret=True),
+}
 
 
 @pytest.mark.parametrize("implementation", INDEX_TABLES)
@@ -160,13 +168,13 @@ def test_index_tables(implementation, density):
       for i in range(7):
         kept = np.flatnonzero(mask[b, h, i])
         assert kv_count[b, h, i] == len(kept)
-        np.testing.assert_array_equal(kv_index[b, h, i, :len(kept)], kept)
-        assert np.all(kv_index[b, h, i, len(kept):] == 0)  # padding is a valid id
+        np.testing.assert_array_equal(kv_index[b, h, i, : len(kept)], kept)
+        assert np.all(kv_index[b, h, i, len(kept) :] == 0)  # padding is a valid id
       for j in range(11):
         kept = np.flatnonzero(mask[b, h, :, j])
         assert q_count[b, h, j] == len(kept)
-        np.testing.assert_array_equal(q_index[b, h, j, :len(kept)], kept)
-        assert np.all(q_index[b, h, j, len(kept):] == 0)
+        np.testing.assert_array_equal(q_index[b, h, j, : len(kept)], kept)
+        assert np.all(q_index[b, h, j, len(kept) :] == 0)
 
 
 @pytest.mark.parametrize("mode", mask_lib.MODES)
@@ -177,8 +185,10 @@ def test_selection_kernel_matches_sorting_selection(mode):
   logits = jnp.asarray(logits, jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   for topk, topp in [(0.1, 0.3), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), ([0.05, 0.2, 0.4], [0.9, 0.5, 0.1])]:
-    np.testing.assert_array_equal(mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
-                                  mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode))
+    np.testing.assert_array_equal(
+      mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+      mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode),
+    )
 
 
 @pytest.mark.parametrize("rows_per_program, num_warps", [(1, 1), (4, 4), (16, 2)])
@@ -186,8 +196,9 @@ def test_selection_kernel_launch_shapes_agree(rows_per_program, num_warps):
   # 9 rows: neither 4 nor 16 divides them, so the last program of each has rows past the end.
   logits = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 9, 40)) * 2.0
   probs = jax.nn.softmax(logits, axis=-1)
-  ours = mask_select.select_blocks(logits, 0.1, 0.6, "hybrid", interpret=True,
-                                   rows_per_program=rows_per_program, num_warps=num_warps)
+  ours = mask_select.select_blocks(
+    logits, 0.1, 0.6, "hybrid", interpret=True, rows_per_program=rows_per_program, num_warps=num_warps
+  )
   np.testing.assert_array_equal(ours, mask_lib.select_blocks(probs, 0.1, 0.6, "hybrid"))
 
 
@@ -202,13 +213,15 @@ def test_selection_kernel_long_rows(mode):
   probs = jax.nn.softmax(logits, axis=-1)
   for topk, topp in [(0.03, 0.2), (0.3, 0.9), ([0.0, 0.01, 0.5], [0.05, 0.0, 1.0])]:
     np.testing.assert_array_equal(
-        mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
-        mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode))
+      mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+      mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode),
+    )
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 0.3, 5.0]), ties=st.booleans(),
-       topk=st.floats(0.0, 1.0))
+@given(
+  seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 0.3, 5.0]), ties=st.booleans(), topk=st.floats(0.0, 1.0)
+)
 def test_selection_kernel_topk_matches_brute_force(seed, scale, ties, topk):
   # Top-k alone sums no masses, so the kernel must agree exactly with the rule, ties included.
   logits = np.random.default_rng(seed).standard_normal((3, 200)) * scale

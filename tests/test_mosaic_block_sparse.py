@@ -6,6 +6,7 @@ loads, dropped out-of-range stores) of the compiled kernels, and can detect race
 
 from __future__ import annotations
 
+import attention_cases as cases
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import mosaic_block_sparse
 from sparge_jax import mask as mask_lib
 from sparge_jax.reference import masked_attention_reference, token_mask
-import attention_cases as cases
 
 # (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
 # that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs
@@ -23,26 +23,62 @@ import attention_cases as cases
 # persistent CTAs running 2 or 3 work items each; v1 (one CTA per tile, no persistence); persistent dK/dV with one K/V slot per pair (head_dim
 # 128: 6 items on 4 pairs) and with two (head_dim 64), persistent dQ with one compute warpgroup.
 CASES = [
-    (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
-    (1, 136, 200, 1, 64, 128, jnp.bfloat16, dict(persistent=False, kv_blocks_per_step=1, num_stages=4),
-     dict(dq_persistent=False, dkv_persistent=False, dq_stages=3)),  # v1: one CTA per tile
-    (2, 130, 180, 1, 128, 128, jnp.float16, dict(kv_blocks_per_step=2, num_stages=2, persistent=False),
-     dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2)),
-    (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(persistent=3, num_stages=2),
-     dict(dq_persistent=3, dkv_persistent=True, delta_in_dq=False)),
-    # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them).
-    (1, 264, 320, 1, 64, 128, jnp.bfloat16, dict(persistent=2, num_stages=4, kv_blocks_per_step=2),
-     dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True, delta_in_dq=False)),
-    # delta = rowsum(dO·O) formed inside the dQ kernel (the default): persistent CTAs carrying O loads
-    # across items, and one CTA per tile; head_dim 128 (two O parts per row tile) and 64 (one). The
-    # precomputed delta (delta_in_dq=False) runs in the two cases above.
-    (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(dq_persistent=3)),
-    (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(dq_persistent=False)),
-    # persistent dQ with two kv blocks per step: one Q/dO row slot at head_dim 128 (two do not fit)
-    (1, 264, 300, 2, 128, 128, jnp.bfloat16, {}, dict(dq_kv_blocks_per_step=2, dq_persistent=2)),
-    # head_dim 64 with one kv block per step (Q stays in shared memory) and dK/dV pairs dealt by
-    # balanced_schedule (the default only at head_dim 128)
-    (1, 296, 328, 2, 64, 128, jnp.bfloat16, dict(kv_blocks_per_step=1), dict(dkv_balanced=True)),
+  (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
+  (
+    1,
+    136,
+    200,
+    1,
+    64,
+    128,
+    jnp.bfloat16,
+    dict(persistent=False, kv_blocks_per_step=1, num_stages=4),
+    dict(dq_persistent=False, dkv_persistent=False, dq_stages=3),
+  ),  # v1: one CTA per tile
+  (
+    2,
+    130,
+    180,
+    1,
+    128,
+    128,
+    jnp.float16,
+    dict(kv_blocks_per_step=2, num_stages=2, persistent=False),
+    dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2),
+  ),
+  (
+    1,
+    200,
+    128,
+    2,
+    64,
+    64,
+    jnp.bfloat16,
+    dict(persistent=3, num_stages=2),
+    dict(dq_persistent=3, dkv_persistent=True, delta_in_dq=False),
+  ),
+  # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them).
+  (
+    1,
+    264,
+    320,
+    1,
+    64,
+    128,
+    jnp.bfloat16,
+    dict(persistent=2, num_stages=4, kv_blocks_per_step=2),
+    dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True, delta_in_dq=False),
+  ),
+  # delta = rowsum(dO·O) formed inside the dQ kernel (the default): persistent CTAs carrying O loads
+  # across items, and one CTA per tile; head_dim 128 (two O parts per row tile) and 64 (one). The
+  # precomputed delta (delta_in_dq=False) runs in the two cases above.
+  (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(dq_persistent=3)),
+  (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(dq_persistent=False)),
+  # persistent dQ with two kv blocks per step: one Q/dO row slot at head_dim 128 (two do not fit)
+  (1, 264, 300, 2, 128, 128, jnp.bfloat16, {}, dict(dq_kv_blocks_per_step=2, dq_persistent=2)),
+  # head_dim 64 with one kv block per step (Q stays in shared memory) and dK/dV pairs dealt by
+  # balanced_schedule (the default only at head_dim 128)
+  (1, 296, 328, 2, 64, 128, jnp.bfloat16, dict(kv_blocks_per_step=1), dict(dkv_balanced=True)),
 ]
 # Compiled, the TMA copies need lengths in whole 8-row tiles (the public API sends others to triton).
 COMPILED_CASES = [case for case in CASES if case[1] % 8 == 0 and case[2] % 8 == 0]
@@ -67,15 +103,39 @@ def _reference_lse(q, k, mask, block_q, scale):
 
 def _forward(q, k, v, mask, block_q, interpret=True, **tuning):
   (kv_index, kv_count), _ = mask_lib.index_tables(mask)
-  return mosaic_block_sparse.forward(q, k, v, kv_index, kv_count, block_q=block_q, block_kv=BLOCK_KV,
-                                     scale=q.shape[-1] ** -0.5, interpret=interpret, **tuning)
+  return mosaic_block_sparse.forward(
+    q,
+    k,
+    v,
+    kv_index,
+    kv_count,
+    block_q=block_q,
+    block_kv=BLOCK_KV,
+    scale=q.shape[-1] ** -0.5,
+    interpret=interpret,
+    **tuning,
+  )
 
 
 def _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=True, **tuning):
   (kv_index, kv_count), (q_index, q_count) = mask_lib.index_tables(mask)
-  return mosaic_block_sparse.backward(q, k, v, out, lse, d_out, kv_index, kv_count, q_index, q_count,
-                                      block_q=block_q, block_kv=BLOCK_KV, scale=q.shape[-1] ** -0.5,
-                                      interpret=interpret, **tuning)
+  return mosaic_block_sparse.backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    d_out,
+    kv_index,
+    kv_count,
+    q_index,
+    q_count,
+    block_q=block_q,
+    block_kv=BLOCK_KV,
+    scale=q.shape[-1] ** -0.5,
+    interpret=interpret,
+    **tuning,
+  )
 
 
 def _check_forward(out, lse, q, k, v, mask, block_q):
@@ -141,15 +201,16 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
 
   out, lse = _forward(q, k, v, mask, block_q, interpret=races, num_stages=2)
   assert not get_races().races_found
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2,
-                    dkv_stages=2)
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2, dkv_stages=2)
   assert not get_races().races_found  # the dK/dV kernel, the last one run
-  grads_precomputed_delta = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races,
-                                      dq_stages=2, delta_in_dq=False, dq_persistent=2)
+  grads_precomputed_delta = _backward(
+    q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2, delta_in_dq=False, dq_persistent=2
+  )
   assert not get_races().races_found
   # persistent dQ with one row slot (two do not fit beside 5 stages of 128 keys), 2 items per CTA
-  grads_one_row_slot = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=5,
-                                 dq_kv_blocks_per_step=2, dq_persistent=2)
+  grads_one_row_slot = _backward(
+    q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=5, dq_kv_blocks_per_step=2, dq_persistent=2
+  )
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
 
@@ -175,8 +236,17 @@ def test_forward_variants_match_reference_without_races(capsys):
   counts = set(np.asarray(kv_count).ravel().tolist())
   assert {0, 7} <= counts and any(c % 2 == 0 and c > 2 for c in counts), counts
 
-  out, lse = _forward(q, k, v, mask, block_q, interpret=plgpu.InterpretGPUParams(detect_races=True),
-                      persistent=2, kv_blocks_per_step=2, num_stages=2)
+  out, lse = _forward(
+    q,
+    k,
+    v,
+    mask,
+    block_q,
+    interpret=plgpu.InterpretGPUParams(detect_races=True),
+    persistent=2,
+    kv_blocks_per_step=2,
+    num_stages=2,
+  )
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out
   _check_forward(out, lse, q, k, v, mask, block_q)
@@ -198,17 +268,29 @@ def test_persistent_backward_matches_reference_without_races(capsys):
   assert int(kv_count.max()) > 2 and int(q_count.max()) * (block_q // 64) > 2  # rings wrap around
   out, lse = _forward(q, k, v, mask, block_q)
 
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q,
-                    interpret=plgpu.InterpretGPUParams(detect_races=True), dq_persistent=2,
-                    dq_stages=2, dkv_persistent=3, dkv_balanced=True)
+  grads = _backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    d_out,
+    mask,
+    block_q,
+    interpret=plgpu.InterpretGPUParams(detect_races=True),
+    dq_persistent=2,
+    dq_stages=2,
+    dkv_persistent=3,
+    dkv_balanced=True,
+  )
   assert not get_races().races_found  # the dK/dV kernel, the last one run
   assert "RACE DETECTED" not in capsys.readouterr().out  # both kernels
 
   _check_backward(grads, q, k, v, d_out, mask, block_q)
   dq, dk, dv = (np.asarray(g, np.float32) for g in grads)
-  np.testing.assert_array_equal(dq[0, block_q:2 * block_q, 0], 0.0)
-  np.testing.assert_array_equal(dk[0, 2 * BLOCK_KV:3 * BLOCK_KV, 1], 0.0)
-  np.testing.assert_array_equal(dv[0, 2 * BLOCK_KV:3 * BLOCK_KV, 1], 0.0)
+  np.testing.assert_array_equal(dq[0, block_q : 2 * block_q, 0], 0.0)
+  np.testing.assert_array_equal(dk[0, 2 * BLOCK_KV : 3 * BLOCK_KV, 1], 0.0)
+  np.testing.assert_array_equal(dv[0, 2 * BLOCK_KV : 3 * BLOCK_KV, 1], 0.0)
 
 
 @pytest.mark.parametrize("block_q,head_dim", [(128, 128), (64, 64)])
@@ -220,37 +302,66 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
   table = lambda rows, cols: jax.ShapeDtypeStruct((batch, heads, rows, cols), jnp.int32)
   count = lambda rows: jax.ShapeDtypeStruct((batch, heads, rows), jnp.int32)
   lse = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
-  blocks = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim ** -0.5)
+  blocks = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim**-0.5)
   export = lambda f, *args: jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
-  forward = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks),
-                   x, x, x, table(n_q, n_kv), count(n_q))
-  backward = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks),
-                    x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+  forward = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks), x, x, x, table(n_q, n_kv), count(n_q))
+  backward = export(
+    lambda *a: mosaic_block_sparse.backward(*a, **blocks),
+    x,
+    x,
+    x,
+    x,
+    lse,
+    x,
+    table(n_q, n_kv),
+    count(n_q),
+    table(n_kv, n_q),
+    count(n_kv),
+  )
   assert forward.count("mosaic_gpu") >= 1 and backward.count("mosaic_gpu") >= 2
   deep = head_dim == 64  # deeper pipelines fit in shared memory only at head_dim 64
-  for tuning in (dict(kv_blocks_per_step=2, num_stages=2), dict(persistent=True),
-                 dict(persistent=True, kv_blocks_per_step=2, num_stages=4 if deep else 2)):
-    variant = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning),
-                     x, x, x, table(n_q, n_kv), count(n_q))
+  for tuning in (
+    dict(kv_blocks_per_step=2, num_stages=2),
+    dict(persistent=True),
+    dict(persistent=True, kv_blocks_per_step=2, num_stages=4 if deep else 2),
+  ):
+    variant = export(
+      lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning), x, x, x, table(n_q, n_kv), count(n_q)
+    )
     assert variant.count("mosaic_gpu") >= 1, tuning
-  for tuning in (dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
-                 dict(dq_stages=3, dq_persistent=False, dkv_persistent=False),  # v1
-                 dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
-                 dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1,
-                      dkv_persistent=True),  # two K/V slots
-                 dict(dq_stages=4 if deep else 2, dq_persistent=True, dkv_stages=3 if deep else 2,
-                      dkv_persistent=True),
-                 dict(delta_in_dq=False), dict(delta_in_dq=False, dq_persistent=False)):
-    variant = export(lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
-                     x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+  for tuning in (
+    dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
+    dict(dq_stages=3, dq_persistent=False, dkv_persistent=False),  # v1
+    dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
+    dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),  # two K/V slots
+    dict(dq_stages=4 if deep else 2, dq_persistent=True, dkv_stages=3 if deep else 2, dkv_persistent=True),
+    dict(delta_in_dq=False),
+    dict(delta_in_dq=False, dq_persistent=False),
+  ):
+    variant = export(
+      lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
+      x,
+      x,
+      x,
+      x,
+      lse,
+      x,
+      table(n_q, n_kv),
+      count(n_q),
+      table(n_kv, n_q),
+      count(n_kv),
+    )
     assert variant.count("mosaic_gpu") >= 2, tuning
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize(
+  "change,message",
+  [
     (dict(dtype=jnp.float32), "triton"),
     (dict(head_dim=96), "head_dim"),
     (dict(block_q=256), "block_q"),
-])
+  ],
+)
 def test_rejects_what_the_kernels_do_not_cover(change, message):
   args = dict(dtype=jnp.bfloat16, head_dim=64, block_q=128) | change
   q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, args["head_dim"], args["dtype"])
@@ -259,23 +370,29 @@ def test_rejects_what_the_kernels_do_not_cover(change, message):
     _forward(q, k, v, mask, args["block_q"])
 
 
-@pytest.mark.parametrize("tuning,message", [
+@pytest.mark.parametrize(
+  "tuning,message",
+  [
     (dict(kv_blocks_per_step=3), "kv_blocks_per_step"),
     (dict(kv_blocks_per_step=2, num_stages=3, persistent=True), "num_stages"),  # 288 KB of SMEM
     (dict(persistent=0), "persistent"),
-])
+  ],
+)
 def test_rejects_forward_variants_that_do_not_exist(tuning, message):
   q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   with pytest.raises(ValueError, match=message):
     _forward(q, k, v, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
 
 
-@pytest.mark.parametrize("tuning,message", [
+@pytest.mark.parametrize(
+  "tuning,message",
+  [
     (dict(dkv_persistent=0), "dkv_persistent"),
     (dict(dq_persistent=-1), "dq_persistent"),
     (dict(dkv_stages=3), "dkv_stages"),  # 256 KB of SMEM at head_dim 128
     (dict(dq_stages=4, dq_kv_blocks_per_step=2), "dq_stages"),  # even one row slot: 336 KB
-])
+  ],
+)
 def test_rejects_backward_variants_that_do_not_exist(tuning, message):
   q, k, v, d_out = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   lse = jnp.zeros((1, 1, 128), jnp.float32)

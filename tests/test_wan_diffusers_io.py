@@ -30,8 +30,11 @@ def _assert_same_params(a, b):
 
 def _inputs(config, seed=0):
   kx, kc = jax.random.split(jax.random.key(seed))
-  return (jax.random.normal(kx, (1, 2, 4, 6, config.in_channels)), jnp.array([321.0]),
-          jax.random.normal(kc, (1, 3, config.text_dim)))
+  return (
+    jax.random.normal(kx, (1, 2, 4, 6, config.in_channels)),
+    jnp.array([321.0]),
+    jax.random.normal(kc, (1, 3, config.text_dim)),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,9 @@ def test_diffusers_layout(saved):
   assert (config["num_layers"], config["patch_size"], config["text_dim"]) == (2, [1, 2, 2], 24)
   tensors = load_file(folder / WEIGHTS_NAME)
   assert tensors["patch_embedding.weight"].shape == (32, 4, 1, 2, 2)
-  np.testing.assert_array_equal(tensors["blocks.1.attn1.to_q.weight"], np.asarray(model.blocks.self_attn.query.kernel[1]).T)
+  np.testing.assert_array_equal(
+    tensors["blocks.1.attn1.to_q.weight"], np.asarray(model.blocks.self_attn.query.kernel[1]).T
+  )
   np.testing.assert_array_equal(tensors["blocks.0.scale_shift_table"][0], model.blocks.modulation[0])
   np.testing.assert_array_equal(tensors["blocks.0.ffn.net.2.bias"], model.blocks.ffn_out.bias[0])
   assert len(tensors) == 2 * 27 + 15
@@ -111,17 +116,22 @@ def _copy(folder, tmp_path, *, config=None, tensors=None):
   return target
 
 
-@pytest.mark.parametrize("edit, message", [
+@pytest.mark.parametrize(
+  "edit, message",
+  [
     (dict(config={"window_size": [-1, -1]}), r"unknown fields \['window_size'\]"),
     (dict(config={"image_dim": 1280}), "image-to-video"),
     (dict(config={"_class_name": "UNet3DConditionModel"}), "not a WanTransformer3DModel"),
     (dict(tensors={"blocks.1.attn2.norm_k.weight": None}), r"missing keys \['blocks.1.attn2.norm_k.weight'\]"),
     (dict(tensors={"blocks.2.norm2.weight": np.ones(32, np.float32)}), r"unexpected keys \['blocks.2.norm2.weight'\]"),
-    (dict(tensors={"proj_out.weight": np.ones((16, 31), np.float32)}),
-     r"proj_out.weight: expected shape \(16, 32\), found \(16, 31\)"),
+    (
+      dict(tensors={"proj_out.weight": np.ones((16, 31), np.float32)}),
+      r"proj_out.weight: expected shape \(16, 32\), found \(16, 31\)",
+    ),
     (dict(config={"ffn_dim": 48}), r"blocks.0.ffn.net.0.proj.weight: expected shape \(48, 32\), found \(64, 32\)"),
     (dict(config={"cross_attn_norm": False}), r"unexpected keys \['blocks.0.norm2.bias'"),
-])
+  ],
+)
 def test_bad_checkpoints_raise(saved, tmp_path, edit, message):
   _, folder = saved
   with pytest.raises(ValueError, match=message):
@@ -138,7 +148,9 @@ def test_bad_paths_and_options_raise(saved, tmp_path):
   (tmp_path / "config_only" / "config.json").write_text((folder / "config.json").read_text())
   with pytest.raises(ValueError, match="neither"):
     load_diffusers(tmp_path / "config_only")
-  (tmp_path / "config_only" / INDEX_NAME).write_text(json.dumps({"weight_map": {"proj_out.bias": "shard-1.safetensors"}}))
+  (tmp_path / "config_only" / INDEX_NAME).write_text(
+    json.dumps({"weight_map": {"proj_out.bias": "shard-1.safetensors"}})
+  )
   with pytest.raises(ValueError, match=r"shard files that are not in .*shard-1.safetensors"):
     load_diffusers(tmp_path / "config_only")
   with pytest.raises(ValueError, match=r"overrides \['num_layers'\]"):

@@ -72,8 +72,11 @@ def test_every_parameter_gets_a_gradient():
   plain = nnx.merge(*nnx.split(model))
   plain.config = dataclasses.replace(plain.config, remat=False)
   plain_grads = nnx.jit(nnx.grad(loss))(plain)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               nnx.state(grads, nnx.Param), nnx.state(plain_grads, nnx.Param))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    nnx.state(grads, nnx.Param),
+    nnx.state(plain_grads, nnx.Param),
+  )
 
   # Saved intermediates: the same numbers, fewer recomputed matmuls.
   def matmuls(config):
@@ -86,8 +89,11 @@ def test_every_parameter_gets_a_gradient():
   for saves, fewer in ((("qkv",), 3), (("ffn_hidden",), 1), (("qkv", "ffn_hidden"), 4)):
     count, saved_grads = matmuls(dataclasses.replace(model.config, remat_saves=saves))
     assert count == full_count - fewer, (saves, count, full_count)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 nnx.state(saved_grads, nnx.Param), nnx.state(plain_grads, nnx.Param))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      nnx.state(saved_grads, nnx.Param),
+      nnx.state(plain_grads, nnx.Param),
+    )
   with pytest.raises(ValueError, match="remat_saves"):
     dataclasses.replace(model.config, remat_saves=("ffn",))
 
@@ -122,7 +128,9 @@ def test_bf16_compute():
   assert float(jnp.abs(out.astype(jnp.float32) - reference).max()) < 0.1 * float(jnp.abs(reference).max())
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (lambda x, t, c: (x[0], t, c), "x must be"),
     (lambda x, t, c: (x[..., :3], t, c), "channels"),
     (lambda x, t, c: (x[:, :, :5], t, c), "patch_size"),
@@ -131,7 +139,8 @@ def test_bf16_compute():
     (lambda x, t, c: (x, t, c[..., :7]), "context must be"),
     (lambda x, t, c: (x, t, c[0]), "context must be"),
     (lambda x, t, c: (x, t, c[:1]), "context must be"),
-])
+  ],
+)
 def test_bad_inputs_raise(model, change, message):
   with pytest.raises(ValueError, match=message):
     model(*change(*_inputs(model.config)))

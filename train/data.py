@@ -27,7 +27,8 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import numpy as np
 import safetensors
@@ -39,267 +40,273 @@ MANIFEST = "manifest.json"
 
 
 class Source(Protocol):
-    """Random access to examples; ``get(i)`` returns ``{"latents": [F, H, W, C], "context": [L, D]}``."""
+  """Random access to examples; ``get(i)`` returns ``{"latents": [F, H, W, C], "context": [L, D]}``."""
 
-    latent_shape: tuple[int, ...]
-    text_shape: tuple[int, ...]
+  latent_shape: tuple[int, ...]
+  text_shape: tuple[int, ...]
 
-    def __len__(self) -> int: ...
+  def __len__(self) -> int: ...
 
-    def get(self, index: int) -> dict[str, np.ndarray]: ...
+  def get(self, index: int) -> dict[str, np.ndarray]: ...
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
-def write_dataset(path: str, examples: Iterable[dict[str, np.ndarray]], *,
-                  examples_per_shard: int = 64) -> dict:
-    """Write ``examples`` (dicts with "latents" and "context") as a shard directory at ``path``.
+def write_dataset(path: str, examples: Iterable[dict[str, np.ndarray]], *, examples_per_shard: int = 64) -> dict:
+  """Write ``examples`` (dicts with "latents" and "context") as a shard directory at ``path``.
 
-    Everything goes to a temporary sibling directory that is renamed at the end, so ``path``
-    either does not exist or holds a complete dataset. Returns the manifest.
-    """
-    if examples_per_shard < 1:
-        raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
-    if os.path.exists(path):
-        raise ValueError(f"path {path!r} already exists; choose a new dataset directory")
-    tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
+  Everything goes to a temporary sibling directory that is renamed at the end, so ``path``
+  either does not exist or holds a complete dataset. Returns the manifest.
+  """
+  if examples_per_shard < 1:
+    raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+  if os.path.exists(path):
+    raise ValueError(f"path {path!r} already exists; choose a new dataset directory")
+  tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  shards, pending = [], []
+  latent_shape = text_shape = dtype = None
+
+  def flush():
+    name = f"shard-{len(shards):05d}.safetensors"
+    file = os.path.join(tmp, name)
+    safetensors.numpy.save_file(
+      {
+        "latents": np.stack([e["latents"] for e in pending]),
+        "context": np.stack([e["context"] for e in pending]),
+      },
+      file,
+    )
+    shards.append({"file": name, "num_examples": len(pending), "bytes": os.path.getsize(file), "sha256": _sha256(file)})
+    pending.clear()
+
+  try:
+    for i, example in enumerate(examples):
+      latents = np.asarray(example["latents"])
+      context = np.asarray(example["context"])
+      if latent_shape is None:
+        latent_shape, text_shape, dtype = latents.shape, context.shape, latents.dtype
+      if latents.shape != latent_shape or context.shape != text_shape or latents.dtype != dtype:
+        raise ValueError(
+          f"example {i}: latents {latents.shape} {latents.dtype} / context {context.shape} do not "
+          f"match the first example's {latent_shape} {dtype} / {text_shape}"
+        )
+      pending.append({"latents": latents, "context": context.astype(dtype)})
+      if len(pending) == examples_per_shard:
+        flush()
+    if pending:
+      flush()
+    if not shards:
+      raise ValueError("examples is empty; a dataset needs at least one example")
+    manifest = {
+      "format": FORMAT,
+      "version": VERSION,
+      "num_examples": sum(s["num_examples"] for s in shards),
+      "latent_shape": list(latent_shape),
+      "text_shape": list(text_shape),
+      "dtype": str(dtype),
+      "shards": shards,
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1)
+    os.rename(tmp, path)
+  except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    shards, pending = [], []
-    latent_shape = text_shape = dtype = None
-
-    def flush():
-        name = f"shard-{len(shards):05d}.safetensors"
-        file = os.path.join(tmp, name)
-        safetensors.numpy.save_file({
-            "latents": np.stack([e["latents"] for e in pending]),
-            "context": np.stack([e["context"] for e in pending]),
-        }, file)
-        shards.append({"file": name, "num_examples": len(pending),
-                       "bytes": os.path.getsize(file), "sha256": _sha256(file)})
-        pending.clear()
-
-    try:
-        for i, example in enumerate(examples):
-            latents = np.asarray(example["latents"])
-            context = np.asarray(example["context"])
-            if latent_shape is None:
-                latent_shape, text_shape, dtype = latents.shape, context.shape, latents.dtype
-            if latents.shape != latent_shape or context.shape != text_shape or latents.dtype != dtype:
-                raise ValueError(
-                    f"example {i}: latents {latents.shape} {latents.dtype} / context {context.shape} do not "
-                    f"match the first example's {latent_shape} {dtype} / {text_shape}")
-            pending.append({"latents": latents, "context": context.astype(dtype)})
-            if len(pending) == examples_per_shard:
-                flush()
-        if pending:
-            flush()
-        if not shards:
-            raise ValueError("examples is empty; a dataset needs at least one example")
-        manifest = {
-            "format": FORMAT, "version": VERSION,
-            "num_examples": sum(s["num_examples"] for s in shards),
-            "latent_shape": list(latent_shape), "text_shape": list(text_shape),
-            "dtype": str(dtype), "shards": shards,
-        }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    raise
+  return manifest
 
 
 class ShardedDataset:
-    """A shard directory written by ``write_dataset``.
+  """A shard directory written by ``write_dataset``.
 
-    Opening checks the manifest and that every shard exists with the recorded size and tensor
-    shapes; the first read of a shard checks its sha256. Problems raise ``FileNotFoundError``
-    (missing) or ``ValueError`` (corrupt) naming the file.
-    """
+  Opening checks the manifest and that every shard exists with the recorded size and tensor
+  shapes; the first read of a shard checks its sha256. Problems raise ``FileNotFoundError``
+  (missing) or ``ValueError`` (corrupt) naming the file.
+  """
 
-    def __init__(self, path: str):
-        manifest_path = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(f"no dataset at {path!r}: {MANIFEST} is missing "
-                                    "(create one with `python -m train.make_dataset`)")
-        try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-            if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-                raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
-            self.latent_shape = tuple(manifest["latent_shape"])
-            self.text_shape = tuple(manifest["text_shape"])
-            shards = manifest["shards"]
-            counts = [int(s["num_examples"]) for s in shards]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"corrupt manifest {manifest_path}: {e}") from None
-        if sum(counts) != manifest["num_examples"] or not shards:
-            raise ValueError(f"corrupt manifest {manifest_path}: shard sizes do not add up to num_examples")
-        self.path = path
-        self._shards = shards
-        self._starts = np.cumsum([0] + counts)
-        self._verified: set[int] = set()
-        self._open: dict[int, safetensors.safe_open] = {}
-        for shard in shards:
-            self._check_header(shard)
+  def __init__(self, path: str):
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+      raise FileNotFoundError(
+        f"no dataset at {path!r}: {MANIFEST} is missing (create one with `python -m train.make_dataset`)"
+      )
+    try:
+      with open(manifest_path) as f:
+        manifest = json.load(f)
+      if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
+      self.latent_shape = tuple(manifest["latent_shape"])
+      self.text_shape = tuple(manifest["text_shape"])
+      shards = manifest["shards"]
+      counts = [int(s["num_examples"]) for s in shards]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"corrupt manifest {manifest_path}: {e}") from None
+    if sum(counts) != manifest["num_examples"] or not shards:
+      raise ValueError(f"corrupt manifest {manifest_path}: shard sizes do not add up to num_examples")
+    self.path = path
+    self._shards = shards
+    self._starts = np.cumsum([0] + counts)
+    self._verified: set[int] = set()
+    self._open: dict[int, safetensors.safe_open] = {}
+    for shard in shards:
+      self._check_header(shard)
 
-    def _check_header(self, shard: dict) -> None:
-        file = os.path.join(self.path, shard["file"])
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"dataset shard {file} is missing")
-        if os.path.getsize(file) != shard["bytes"]:
-            raise ValueError(f"corrupt dataset shard {file}: {os.path.getsize(file)} bytes, "
-                             f"manifest says {shard['bytes']}")
-        try:
-            with safetensors.safe_open(file, framework="numpy") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # safetensors raises several types for a damaged header
-            raise ValueError(f"corrupt dataset shard {file}: {e}") from None
-        n = shard["num_examples"]
-        want = {"latents": (n, *self.latent_shape), "context": (n, *self.text_shape)}
-        if shapes != want:
-            raise ValueError(f"corrupt dataset shard {file}: tensors {shapes}, expected {want}")
+  def _check_header(self, shard: dict) -> None:
+    file = os.path.join(self.path, shard["file"])
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"dataset shard {file} is missing")
+    if os.path.getsize(file) != shard["bytes"]:
+      raise ValueError(f"corrupt dataset shard {file}: {os.path.getsize(file)} bytes, manifest says {shard['bytes']}")
+    try:
+      with safetensors.safe_open(file, framework="numpy") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged header
+      raise ValueError(f"corrupt dataset shard {file}: {e}") from None
+    n = shard["num_examples"]
+    want = {"latents": (n, *self.latent_shape), "context": (n, *self.text_shape)}
+    if shapes != want:
+      raise ValueError(f"corrupt dataset shard {file}: tensors {shapes}, expected {want}")
 
-    def __len__(self) -> int:
-        return int(self._starts[-1])
+  def __len__(self) -> int:
+    return int(self._starts[-1])
 
-    def _shard(self, index: int) -> safetensors.safe_open:
-        if index not in self._verified:
-            file = os.path.join(self.path, self._shards[index]["file"])
-            if _sha256(file) != self._shards[index]["sha256"]:
-                raise ValueError(f"corrupt dataset shard {file}: sha256 does not match the manifest")
-            self._verified.add(index)
-            self._open[index] = safetensors.safe_open(file, framework="numpy")
-        return self._open[index]
+  def _shard(self, index: int) -> safetensors.safe_open:
+    if index not in self._verified:
+      file = os.path.join(self.path, self._shards[index]["file"])
+      if _sha256(file) != self._shards[index]["sha256"]:
+        raise ValueError(f"corrupt dataset shard {file}: sha256 does not match the manifest")
+      self._verified.add(index)
+      self._open[index] = safetensors.safe_open(file, framework="numpy")
+    return self._open[index]
 
-    def get(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"example {index} out of range for {len(self)} examples")
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        row = index - int(self._starts[shard])
-        f = self._shard(shard)
-        return {k: f.get_slice(k)[row:row + 1][0] for k in ("latents", "context")}
+  def get(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"example {index} out of range for {len(self)} examples")
+    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+    row = index - int(self._starts[shard])
+    f = self._shard(shard)
+    return {k: f.get_slice(k)[row : row + 1][0] for k in ("latents", "context")}
 
 
 class MovingShapes:
-    """Procedural latent videos of 1–3 shapes moving in straight lines, with a matching "caption".
+  """Procedural latent videos of 1–3 shapes moving in straight lines, with a matching "caption".
 
-    Each shape (disk, square or ring) has one of 8 palette colours (a vector over the latent
-    channels) and one of 8 directions; it wraps around the frame edges. The context has one
-    token per shape, the sum of fixed random embeddings of its kind, colour and direction, and
-    zeros after (like Wan's zero-padded text), so text and motion are correlated and attention
-    has real spatial/temporal structure to find. ``get(i)`` depends only on ``(seed, i)``.
-    """
+  Each shape (disk, square or ring) has one of 8 palette colours (a vector over the latent
+  channels) and one of 8 directions; it wraps around the frame edges. The context has one
+  token per shape, the sum of fixed random embeddings of its kind, colour and direction, and
+  zeros after (like Wan's zero-padded text), so text and motion are correlated and attention
+  has real spatial/temporal structure to find. ``get(i)`` depends only on ``(seed, i)``.
+  """
 
-    KINDS, COLOURS, DIRECTIONS = 3, 8, 8
+  KINDS, COLOURS, DIRECTIONS = 3, 8, 8
 
-    def __init__(self, num_examples: int, latent_shape: tuple[int, int, int, int],
-                 text_shape: tuple[int, int], seed: int = 0):
-        if num_examples < 1:
-            raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-        if len(latent_shape) != 4 or min(latent_shape) < 1:
-            raise ValueError(f"latent_shape must be (frames, height, width, channels), got {latent_shape}")
-        if len(text_shape) != 2 or text_shape[0] < 3 or text_shape[1] < 1:
-            raise ValueError(f"text_shape must be (text_len >= 3, text_dim), got {text_shape}")
-        self.latent_shape, self.text_shape = tuple(latent_shape), tuple(text_shape)
-        self.num_examples, self.seed = num_examples, seed
-        tables = np.random.default_rng([seed, 0x5EED])
-        channels, text_dim = latent_shape[-1], text_shape[-1]
-        self._palette = tables.normal(size=(self.COLOURS, channels)).astype(np.float32)
-        n_attributes = self.KINDS + self.COLOURS + self.DIRECTIONS
-        self._attribute_embeddings = (tables.normal(size=(n_attributes, text_dim))
-                                      / np.sqrt(3.0)).astype(np.float32)
+  def __init__(
+    self, num_examples: int, latent_shape: tuple[int, int, int, int], text_shape: tuple[int, int], seed: int = 0
+  ):
+    if num_examples < 1:
+      raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if len(latent_shape) != 4 or min(latent_shape) < 1:
+      raise ValueError(f"latent_shape must be (frames, height, width, channels), got {latent_shape}")
+    if len(text_shape) != 2 or text_shape[0] < 3 or text_shape[1] < 1:
+      raise ValueError(f"text_shape must be (text_len >= 3, text_dim), got {text_shape}")
+    self.latent_shape, self.text_shape = tuple(latent_shape), tuple(text_shape)
+    self.num_examples, self.seed = num_examples, seed
+    tables = np.random.default_rng([seed, 0x5EED])
+    channels, text_dim = latent_shape[-1], text_shape[-1]
+    self._palette = tables.normal(size=(self.COLOURS, channels)).astype(np.float32)
+    n_attributes = self.KINDS + self.COLOURS + self.DIRECTIONS
+    self._attribute_embeddings = (tables.normal(size=(n_attributes, text_dim)) / np.sqrt(3.0)).astype(np.float32)
 
-    def __len__(self) -> int:
-        return self.num_examples
+  def __len__(self) -> int:
+    return self.num_examples
 
-    def get(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"example {index} out of range for {self.num_examples} examples")
-        frames, height, width, channels = self.latent_shape
-        rng = np.random.default_rng([self.seed, index])
-        y = (np.arange(height, dtype=np.float32) + 0.5) / height
-        x = (np.arange(width, dtype=np.float32) + 0.5) / width
-        f = np.arange(frames, dtype=np.float32)[:, None, None]
-        # A dim smooth background so empty regions are not constant.
-        ramp = 0.6 * (np.cos(2 * np.pi * (y[:, None] * rng.uniform(0.5, 1.5) + x[None, :] * rng.uniform(0.5, 1.5)
-                                          + rng.uniform())))
-        video = ramp[None, :, :, None] * rng.normal(size=channels).astype(np.float32)
-        context = np.zeros(self.text_shape, np.float32)
-        for token in range(rng.integers(1, 4)):
-            kind, colour, direction = (rng.integers(self.KINDS), rng.integers(self.COLOURS),
-                                       rng.integers(self.DIRECTIONS))
-            radius = rng.uniform(0.12, 0.25)
-            angle = 2 * np.pi * direction / self.DIRECTIONS
-            speed = rng.uniform(0.03, 0.08)  # frame-widths per frame
-            cy = rng.uniform() + speed * np.sin(angle) * f
-            cx = rng.uniform() + speed * np.cos(angle) * f
-            # Wrapped distances: shapes leave one edge and come back at the other.
-            dy = (y[None, :, None] - cy + 0.5) % 1.0 - 0.5
-            dx = (x[None, None, :] - cx + 0.5) % 1.0 - 0.5
-            if kind == 0:
-                inside = np.hypot(dy, dx) < radius
-            elif kind == 1:
-                inside = np.maximum(abs(dy), abs(dx)) < radius * 0.8
-            else:
-                inside = abs(np.hypot(dy, dx) - radius * 0.75) < radius * 0.25
-            video = np.where(inside[..., None], self._palette[colour], video)
-            context[token] = self._attribute_embeddings[
-                [kind, self.KINDS + colour, self.KINDS + self.COLOURS + direction]].sum(0)
-        return {"latents": video.astype(np.float32), "context": context}
+  def get(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"example {index} out of range for {self.num_examples} examples")
+    frames, height, width, channels = self.latent_shape
+    rng = np.random.default_rng([self.seed, index])
+    y = (np.arange(height, dtype=np.float32) + 0.5) / height
+    x = (np.arange(width, dtype=np.float32) + 0.5) / width
+    f = np.arange(frames, dtype=np.float32)[:, None, None]
+    # A dim smooth background so empty regions are not constant.
+    ramp = 0.6 * (
+      np.cos(2 * np.pi * (y[:, None] * rng.uniform(0.5, 1.5) + x[None, :] * rng.uniform(0.5, 1.5) + rng.uniform()))
+    )
+    video = ramp[None, :, :, None] * rng.normal(size=channels).astype(np.float32)
+    context = np.zeros(self.text_shape, np.float32)
+    for token in range(rng.integers(1, 4)):
+      kind, colour, direction = (rng.integers(self.KINDS), rng.integers(self.COLOURS), rng.integers(self.DIRECTIONS))
+      radius = rng.uniform(0.12, 0.25)
+      angle = 2 * np.pi * direction / self.DIRECTIONS
+      speed = rng.uniform(0.03, 0.08)  # frame-widths per frame
+      cy = rng.uniform() + speed * np.sin(angle) * f
+      cx = rng.uniform() + speed * np.cos(angle) * f
+      # Wrapped distances: shapes leave one edge and come back at the other.
+      dy = (y[None, :, None] - cy + 0.5) % 1.0 - 0.5
+      dx = (x[None, None, :] - cx + 0.5) % 1.0 - 0.5
+      if kind == 0:
+        inside = np.hypot(dy, dx) < radius
+      elif kind == 1:
+        inside = np.maximum(abs(dy), abs(dx)) < radius * 0.8
+      else:
+        inside = abs(np.hypot(dy, dx) - radius * 0.75) < radius * 0.25
+      video = np.where(inside[..., None], self._palette[colour], video)
+      context[token] = self._attribute_embeddings[
+        [kind, self.KINDS + colour, self.KINDS + self.COLOURS + direction]
+      ].sum(0)
+    return {"latents": video.astype(np.float32), "context": context}
 
 
 class Loader:
-    """Deterministic shuffled batches from a ``Source``, addressed by position.
+  """Deterministic shuffled batches from a ``Source``, addressed by position.
 
-    ``batch(position)`` returns rows ``rows = (start, stop)`` (this process's share; default all)
-    of the global batch of examples ``position .. position + batch_size - 1`` (epochs roll over
-    seamlessly) as ``{"latents": [stop - start, F, H, W, C], "context": [stop - start, L, D]}``.
-    """
+  ``batch(position)`` returns rows ``rows = (start, stop)`` (this process's share; default all)
+  of the global batch of examples ``position .. position + batch_size - 1`` (epochs roll over
+  seamlessly) as ``{"latents": [stop - start, F, H, W, C], "context": [stop - start, L, D]}``.
+  """
 
-    def __init__(self, source: Source, *, batch_size: int, seed: int, shuffle: bool = True,
-                 rows: tuple[int, int] | None = None):
-        start, stop = (0, batch_size) if rows is None else rows
-        if batch_size < 1 or not 0 <= start < stop <= batch_size:
-            raise ValueError(f"rows {rows} must be a non-empty range within batch_size {batch_size}")
-        self.source, self.batch_size, self.seed, self.shuffle = source, batch_size, seed, shuffle
-        self.rows = (start, stop)
-        self._epoch_order: tuple[int, np.ndarray] | None = None
+  def __init__(
+    self, source: Source, *, batch_size: int, seed: int, shuffle: bool = True, rows: tuple[int, int] | None = None
+  ):
+    start, stop = (0, batch_size) if rows is None else rows
+    if batch_size < 1 or not 0 <= start < stop <= batch_size:
+      raise ValueError(f"rows {rows} must be a non-empty range within batch_size {batch_size}")
+    self.source, self.batch_size, self.seed, self.shuffle = source, batch_size, seed, shuffle
+    self.rows = (start, stop)
+    self._epoch_order: tuple[int, np.ndarray] | None = None
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            n = len(self.source)
-            order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                     else np.arange(n))
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._epoch_order is None or self._epoch_order[0] != epoch:
+      n = len(self.source)
+      order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+      self._epoch_order = (epoch, order)
+    return self._epoch_order[1]
 
-    def indices(self, position: int) -> list[int]:
-        """Source indices of this process's rows of the batch starting at ``position``."""
-        n = len(self.source)
-        start, stop = self.rows
-        return [int(self._order(p // n)[p % n]) for p in range(position + start, position + stop)]
+  def indices(self, position: int) -> list[int]:
+    """Source indices of this process's rows of the batch starting at ``position``."""
+    n = len(self.source)
+    start, stop = self.rows
+    return [int(self._order(p // n)[p % n]) for p in range(position + start, position + stop)]
 
-    def batch(self, position: int) -> dict[str, np.ndarray]:
-        if position < 0:
-            raise ValueError(f"position must be >= 0, got {position}")
-        examples = [self.source.get(i) for i in self.indices(position)]
-        return {k: np.stack([e[k] for e in examples]) for k in ("latents", "context")}
+  def batch(self, position: int) -> dict[str, np.ndarray]:
+    if position < 0:
+      raise ValueError(f"position must be >= 0, got {position}")
+    examples = [self.source.get(i) for i in self.indices(position)]
+    return {k: np.stack([e[k] for e in examples]) for k in ("latents", "context")}
 
-    def iterate(self, position: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Yields ``(position, batch)`` from ``position`` on, reading the next batch in a thread."""
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(self.batch, position)
-            while True:
-                batch = future.result()
-                future = pool.submit(self.batch, position + self.batch_size)
-                yield position, batch
-                position += self.batch_size
+  def iterate(self, position: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yields ``(position, batch)`` from ``position`` on, reading the next batch in a thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      future = pool.submit(self.batch, position)
+      while True:
+        batch = future.result()
+        future = pool.submit(self.batch, position + self.batch_size)
+        yield position, batch
+        position += self.batch_size

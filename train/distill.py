@@ -22,7 +22,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,390 +41,468 @@ FLAGS = {"workdir": None, "coordinator_address": None, "num_processes": None, "p
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Raised when a step produces a NaN or inf loss or gradient; nothing after it was saved."""
+  """Raised when a step produces a NaN or inf loss or gradient; nothing after it was saved."""
 
 
 # ----------------------------------------------------------------------------- model setup
 
 
 def model_configs(config: Config, *, batch_axes: tuple[str, ...] = ()) -> tuple[WanConfig, WanConfig]:
-    """(teacher, student) model configs: same architecture, dense vs ``config.attention``.
+  """(teacher, student) model configs: same architecture, dense vs ``config.attention``.
 
-    batch_axes: the mesh axes that split the batch (``WanConfig.batch_axes``); the models must then
-    be traced under ``jax.set_mesh``. The trainer passes ``sharding.BATCH_AXES``.
-    """
-    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-    base = dataclasses.replace(config.model, compute_dtype=dtype, param_dtype=jnp.float32, batch_axes=batch_axes)
-    return (dataclasses.replace(base, attention=AttentionConfig(kind="dense")),
-            dataclasses.replace(base, attention=config.attention))
+  batch_axes: the mesh axes that split the batch (``WanConfig.batch_axes``); the models must then
+  be traced under ``jax.set_mesh``. The trainer passes ``sharding.BATCH_AXES``.
+  """
+  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  base = dataclasses.replace(config.model, compute_dtype=dtype, param_dtype=jnp.float32, batch_axes=batch_axes)
+  return (
+    dataclasses.replace(base, attention=AttentionConfig(kind="dense")),
+    dataclasses.replace(base, attention=config.attention),
+  )
 
 
 def init_params(model_config: WanConfig, seed: int, shardings: Any) -> Any:
-    """Randomly initialised parameters (a pure dict), created directly with their shardings."""
+  """Randomly initialised parameters (a pure dict), created directly with their shardings."""
 
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init():
-        return nnx.state(WanModel(model_config, rngs=nnx.Rngs(seed))).to_pure_dict()
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.state(WanModel(model_config, rngs=nnx.Rngs(seed))).to_pure_dict()
 
-    return init()
+  return init()
 
 
-def load_teacher(spec: str, model_config: WanConfig, abstract_params: Any, shardings: Any,
-                 seed: int, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, str]:
-    """Teacher params and a description of where they came from (see ``Config.teacher``)."""
-    if spec == "random":
-        return init_params(model_config, seed, shardings), f"randomly initialised (seed {seed})"
-    if not os.path.exists(spec):
-        raise ValueError(f"--config.teacher={spec!r}: no such file or directory (use 'random', a diffusers "
-                         "Wan transformer folder, or a workdir of ours)")
-    if os.path.isfile(os.path.join(spec, "config.json")) and any(
-            f.endswith(".safetensors") for f in os.listdir(spec)):
-        from sparge_jax.models.wan import load_diffusers  # noqa: PLC0415 (optional path)
-        model = load_diffusers(spec, dtype=jnp.float32, mesh=mesh, rules=list(sharding.LOGICAL_RULES.items()),
-                               attention=model_config.attention, remat=model_config.remat,
-                               remat_saves=model_config.remat_saves,
-                               compute_dtype=model_config.compute_dtype, batch_axes=model_config.batch_axes)
-        params = nnx.state(model).to_pure_dict()
-        expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params)
-        if jax.tree.map(lambda x: (x.shape, x.dtype), params) != expected:
-            differ = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model_config)
-                      if getattr(model.config, f.name) != getattr(model_config, f.name)}
-            raise ValueError(f"--config.teacher={spec!r}: the checkpoint has {differ}, unlike --config.model; "
-                             "pick the matching preset or set model.*")
-        return jax.device_put(params, shardings), f"diffusers weights from {spec}"
-    target = checkpoint.abstract(abstract_params, shardings)
-    return checkpoint.load_params(spec, target), f"student of checkpoint {checkpoint.find_params(spec)}"
+def load_teacher(
+  spec: str,
+  model_config: WanConfig,
+  abstract_params: Any,
+  shardings: Any,
+  seed: int,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[Any, str]:
+  """Teacher params and a description of where they came from (see ``Config.teacher``)."""
+  if spec == "random":
+    return init_params(model_config, seed, shardings), f"randomly initialised (seed {seed})"
+  if not os.path.exists(spec):
+    raise ValueError(
+      f"--config.teacher={spec!r}: no such file or directory (use 'random', a diffusers "
+      "Wan transformer folder, or a workdir of ours)"
+    )
+  if os.path.isfile(os.path.join(spec, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(spec)):
+    from sparge_jax.models.wan import load_diffusers  # noqa: PLC0415 (optional path)
+
+    model = load_diffusers(
+      spec,
+      dtype=jnp.float32,
+      mesh=mesh,
+      rules=list(sharding.LOGICAL_RULES.items()),
+      attention=model_config.attention,
+      remat=model_config.remat,
+      remat_saves=model_config.remat_saves,
+      compute_dtype=model_config.compute_dtype,
+      batch_axes=model_config.batch_axes,
+    )
+    params = nnx.state(model).to_pure_dict()
+    expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params)
+    if jax.tree.map(lambda x: (x.shape, x.dtype), params) != expected:
+      differ = {
+        f.name: getattr(model.config, f.name)
+        for f in dataclasses.fields(model_config)
+        if getattr(model.config, f.name) != getattr(model_config, f.name)
+      }
+      raise ValueError(
+        f"--config.teacher={spec!r}: the checkpoint has {differ}, unlike --config.model; "
+        "pick the matching preset or set model.*"
+      )
+    return jax.device_put(params, shardings), f"diffusers weights from {spec}"
+  target = checkpoint.abstract(abstract_params, shardings)
+  return checkpoint.load_params(spec, target), f"student of checkpoint {checkpoint.find_params(spec)}"
 
 
 def make_source(config: Config, model_config: WanConfig) -> Source:
-    if config.data.path:
-        source = ShardedDataset(config.data.path)
-    else:
-        d = config.data
-        source = MovingShapes(d.synthetic_examples, (d.frames, d.height, d.width, model_config.in_channels),
-                              (d.text_len, model_config.text_dim), seed=config.seed)
-    if source.latent_shape[-1] != model_config.in_channels or source.text_shape[-1] != model_config.text_dim:
-        raise ValueError(f"--config.data.path={config.data.path!r}: latents {source.latent_shape} / text "
-                         f"{source.text_shape} do not fit the model (in_channels {model_config.in_channels}, "
-                         f"text_dim {model_config.text_dim})")
-    return source
+  if config.data.path:
+    source = ShardedDataset(config.data.path)
+  else:
+    d = config.data
+    source = MovingShapes(
+      d.synthetic_examples,
+      (d.frames, d.height, d.width, model_config.in_channels),
+      (d.text_len, model_config.text_dim),
+      seed=config.seed,
+    )
+  if source.latent_shape[-1] != model_config.in_channels or source.text_shape[-1] != model_config.text_dim:
+    raise ValueError(
+      f"--config.data.path={config.data.path!r}: latents {source.latent_shape} / text "
+      f"{source.text_shape} do not fit the model (in_channels {model_config.in_channels}, "
+      f"text_dim {model_config.text_dim})"
+    )
+  return source
 
 
 def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, Callable[[int], Any]]:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-         optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
-    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
-    return adamw, schedule
+  schedule = optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+      optax.constant_schedule(config.learning_rate),
+    ],
+    [config.warmup_steps],
+  )
+  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
+  return adamw, schedule
 
 
 # ----------------------------------------------------------------------------- the step
 
 
 def make_loss_fn(config: Config, teacher_graphdef, student_graphdef):
-    """loss(student_params, teacher_params, batch, key) -> (loss, sparsity [layers])."""
-    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  """loss(student_params, teacher_params, batch, key) -> (loss, sparsity [layers])."""
+  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
 
-    def loss_fn(params, teacher_params, batch, key):
-        x0, context = batch["latents"], batch["context"]
-        t_key, noise_key = jax.random.split(key)
-        t = flow.sample_t(t_key, x0.shape[:1], mean=config.time.mean, std=config.time.std,
-                          shift=config.time.shift)
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        x_t = flow.noisy(x0, noise, t).astype(dtype)
-        timestep, context = flow.model_timestep(t), context.astype(dtype)
-        if config.loss == "distill":
-            teacher = nnx.merge(teacher_graphdef, teacher_params)
-            target = jax.lax.stop_gradient(teacher(x_t, timestep, context))
-        else:
-            target = flow.velocity(x0, noise)
-        student = nnx.merge(student_graphdef, params)
-        prediction, sparsity = student(x_t, timestep, context, return_sparsity=True)
-        loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
-        return loss, sparsity.mean(axis=(1, 2))
+  def loss_fn(params, teacher_params, batch, key):
+    x0, context = batch["latents"], batch["context"]
+    t_key, noise_key = jax.random.split(key)
+    t = flow.sample_t(t_key, x0.shape[:1], mean=config.time.mean, std=config.time.std, shift=config.time.shift)
+    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+    x_t = flow.noisy(x0, noise, t).astype(dtype)
+    timestep, context = flow.model_timestep(t), context.astype(dtype)
+    if config.loss == "distill":
+      teacher = nnx.merge(teacher_graphdef, teacher_params)
+      target = jax.lax.stop_gradient(teacher(x_t, timestep, context))
+    else:
+      target = flow.velocity(x0, noise)
+    student = nnx.merge(student_graphdef, params)
+    prediction, sparsity = student(x_t, timestep, context, return_sparsity=True)
+    loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
+    return loss, sparsity.mean(axis=(1, 2))
 
-    return loss_fn
+  return loss_fn
 
 
-def make_train_step(loss_fn, optimizer, param_shardings, opt_shardings, teacher_shardings,
-                    batch_sharding, replicated):
-    """One jitted update; student params and optimizer state are donated, the teacher never is.
+def make_train_step(loss_fn, optimizer, param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated):
+  """One jitted update; student params and optimizer state are donated, the teacher never is.
 
-    step(params, opt_state, teacher_params, batch, key, step) -> (params, opt_state, metrics)
-    """
+  step(params, opt_state, teacher_params, batch, key, step) -> (params, opt_state, metrics)
+  """
 
-    def step(params, opt_state, teacher_params, batch, key, step_index):
-        key = jax.random.fold_in(key, step_index)
-        (loss, sparsity), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, teacher_params, batch, key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "sparsity": sparsity}
-        return params, opt_state, metrics
+  def step(params, opt_state, teacher_params, batch, key, step_index):
+    key = jax.random.fold_in(key, step_index)
+    (loss, sparsity), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, teacher_params, batch, key)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "sparsity": sparsity}
+    return params, opt_state, metrics
 
-    batch_shardings = {"latents": batch_sharding, "context": batch_sharding}
-    return jax.jit(
-        step,
-        in_shardings=(param_shardings, opt_shardings, teacher_shardings, batch_shardings, replicated, replicated),
-        out_shardings=(param_shardings, opt_shardings, replicated),
-        donate_argnums=(0, 1))
+  batch_shardings = {"latents": batch_sharding, "context": batch_sharding}
+  return jax.jit(
+    step,
+    in_shardings=(param_shardings, opt_shardings, teacher_shardings, batch_shardings, replicated, replicated),
+    out_shardings=(param_shardings, opt_shardings, replicated),
+    donate_argnums=(0, 1),
+  )
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def pretrain_teacher(config: Config, workdir: str, progress: bool) -> str:
-    """Trains a dense model from scratch with the diffusion loss into ``<workdir>/teacher``
-    (or finds it there, when resuming); returns that directory."""
-    directory = os.path.join(workdir, "teacher")
-    steps = config.pretrain_teacher.steps
-    existing = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1)
-    done, _ = existing.latest_step(), existing.close()
-    if done != steps:
-        if progress and jax.process_index() == 0:
-            print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
-        train(dataclasses.replace(
-            config, name=f"{config.name}-teacher", teacher="random", loss="diffusion",
-            attention=AttentionConfig(kind="dense"), pretrain_teacher=dataclasses.replace(config.pretrain_teacher, steps=0),
-            steps=steps, learning_rate=config.pretrain_teacher.learning_rate, warmup_steps=0,
-            checkpoint_every=steps, keep_checkpoints=1), directory, progress=progress)
-    return directory
+  """Trains a dense model from scratch with the diffusion loss into ``<workdir>/teacher``
+  (or finds it there, when resuming); returns that directory."""
+  directory = os.path.join(workdir, "teacher")
+  steps = config.pretrain_teacher.steps
+  existing = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1)
+  done, _ = existing.latest_step(), existing.close()
+  if done != steps:
+    if progress and jax.process_index() == 0:
+      print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
+    train(
+      dataclasses.replace(
+        config,
+        name=f"{config.name}-teacher",
+        teacher="random",
+        loss="diffusion",
+        attention=AttentionConfig(kind="dense"),
+        pretrain_teacher=dataclasses.replace(config.pretrain_teacher, steps=0),
+        steps=steps,
+        learning_rate=config.pretrain_teacher.learning_rate,
+        warmup_steps=0,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+      ),
+      directory,
+      progress=progress,
+    )
+  return directory
 
 
 def default_workdir(config: Config) -> str:
-    return os.path.join("runs", f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+  return os.path.join("runs", f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 
 def _write_json_atomically(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+  os.replace(tmp, path)
 
 
 def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
-    """Runs (or resumes) ``config`` in ``workdir``; returns the summary printed by ``main``."""
-    from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, only needed here)
-    from tqdm import tqdm  # noqa: PLC0415
+  """Runs (or resumes) ``config`` in ``workdir``; returns the summary printed by ``main``."""
+  from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, only needed here)
+  from tqdm import tqdm  # noqa: PLC0415
 
-    validate(config)
-    lead = jax.process_index() == 0
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    if config.batch_size % mesh.size:
-        raise ValueError(f"--config.batch_size={config.batch_size}: must be a multiple of the device count "
-                         f"({mesh.size}), the batch is split over all devices")
-    teacher_config, student_config = model_configs(config, batch_axes=sharding.BATCH_AXES)
-    source = make_source(config, student_config)
-    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    loader = Loader(source, batch_size=config.batch_size, seed=config.seed, shuffle=config.data.shuffle,
-                    rows=sharding.process_rows(batch_sharding, config.batch_size))
+  validate(config)
+  lead = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  if config.batch_size % mesh.size:
+    raise ValueError(
+      f"--config.batch_size={config.batch_size}: must be a multiple of the device count "
+      f"({mesh.size}), the batch is split over all devices"
+    )
+  teacher_config, student_config = model_configs(config, batch_axes=sharding.BATCH_AXES)
+  source = make_source(config, student_config)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  loader = Loader(
+    source,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    shuffle=config.data.shuffle,
+    rows=sharding.process_rows(batch_sharding, config.batch_size),
+  )
 
-    abstract_model = nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0)))
-    teacher_graphdef, abstract_state = nnx.split(abstract_model)
-    student_graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(student_config, rngs=nnx.Rngs(0))))[0]
-    abstract_params = abstract_state.to_pure_dict()
-    param_shardings = sharding.param_shardings(abstract_state, mesh)
+  abstract_model = nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0)))
+  teacher_graphdef, abstract_state = nnx.split(abstract_model)
+  student_graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(student_config, rngs=nnx.Rngs(0))))[0]
+  abstract_params = abstract_state.to_pure_dict()
+  param_shardings = sharding.param_shardings(abstract_state, mesh)
 
-    os.makedirs(workdir, exist_ok=True)
-    teacher = config.teacher
-    if config.pretrains_teacher:
-        teacher = pretrain_teacher(config, workdir, progress)
-    checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    teacher_params, teacher_source = load_teacher(teacher, teacher_config, abstract_params,
-                                                  param_shardings, config.seed, mesh)
-    if config.pretrains_teacher:
-        teacher_source = (f"randomly initialised, then pretrained for {config.pretrain_teacher.steps} steps "
-                          f"with the diffusion loss ({teacher})")
-    # The student is a separate copy: its buffers are donated every step, the teacher's never are.
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), teacher_params)
-    if config.compute_dtype == "bfloat16":
-        teacher_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), teacher_params)
-    if config.loss == "diffusion":
-        teacher_params, teacher_source = None, f"none (loss=diffusion; student initialised from {teacher_source})"
-    teacher_shardings = None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
+  os.makedirs(workdir, exist_ok=True)
+  teacher = config.teacher
+  if config.pretrains_teacher:
+    teacher = pretrain_teacher(config, workdir, progress)
+  checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  teacher_params, teacher_source = load_teacher(
+    teacher, teacher_config, abstract_params, param_shardings, config.seed, mesh
+  )
+  if config.pretrains_teacher:
+    teacher_source = (
+      f"randomly initialised, then pretrained for {config.pretrain_teacher.steps} steps "
+      f"with the diffusion loss ({teacher})"
+    )
+  # The student is a separate copy: its buffers are donated every step, the teacher's never are.
+  params = jax.tree.map(lambda x: jnp.array(x, copy=True), teacher_params)
+  if config.compute_dtype == "bfloat16":
+    teacher_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), teacher_params)
+  if config.loss == "diffusion":
+    teacher_params, teacher_source = None, f"none (loss=diffusion; student initialised from {teacher_source})"
+  teacher_shardings = None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
 
-    optimizer, schedule = make_optimizer(config)
-    # Moments are sharded like their parameters; counters are replicated.
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), param_shardings,
-        transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  optimizer, schedule = make_optimizer(config)
+  # Moments are sharded like their parameters; counters are replicated.
+  opt_shardings = optax.tree_map_params(
+    optimizer,
+    lambda _, s: s,
+    jax.eval_shape(optimizer.init, params),
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
-    key = jax.random.key(config.seed)
-    start_step, position = 0, 0
-    resumed_from = checkpoints.latest_step()
-    if resumed_from is not None:
-        params, opt_state, meta = checkpoints.restore(
-            resumed_from, checkpoint.abstract(params, param_shardings),
-            checkpoint.abstract(opt_state, opt_shardings))
-        start_step, position = meta["step"], meta["data_position"]
-        key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
-    train_key, eval_key = jax.random.split(key)
-    if lead:
-        _write_json_atomically(os.path.join(workdir, "config.json"), to_dict(config))
+  key = jax.random.key(config.seed)
+  start_step, position = 0, 0
+  resumed_from = checkpoints.latest_step()
+  if resumed_from is not None:
+    params, opt_state, meta = checkpoints.restore(
+      resumed_from, checkpoint.abstract(params, param_shardings), checkpoint.abstract(opt_state, opt_shardings)
+    )
+    start_step, position = meta["step"], meta["data_position"]
+    key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+  train_key, eval_key = jax.random.split(key)
+  if lead:
+    _write_json_atomically(os.path.join(workdir, "config.json"), to_dict(config))
 
-    loss_fn = make_loss_fn(config, teacher_graphdef, student_graphdef)
-    # The models split attention over the batch axes of the context mesh (WanConfig.batch_axes).
-    train_step = sharding.on_mesh(make_train_step(loss_fn, optimizer, param_shardings, opt_shardings,
-                                                  teacher_shardings, batch_sharding, replicated), mesh)
-    global_batch = functools.partial(sharding.global_batch, sharding=batch_sharding, batch_size=config.batch_size)
-    # Fixed batches, t and noise, so "before" and "after" compare the same thing.
-    eval_batches = [global_batch(loader.batch(i * config.batch_size)) for i in range(EVAL_BATCHES)]
-    eval_loss = sharding.on_mesh(jax.jit(lambda p, tp, b, k: loss_fn(p, tp, b, k)[0]), mesh)
+  loss_fn = make_loss_fn(config, teacher_graphdef, student_graphdef)
+  # The models split attention over the batch axes of the context mesh (WanConfig.batch_axes).
+  train_step = sharding.on_mesh(
+    make_train_step(loss_fn, optimizer, param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated),
+    mesh,
+  )
+  global_batch = functools.partial(sharding.global_batch, sharding=batch_sharding, batch_size=config.batch_size)
+  # Fixed batches, t and noise, so "before" and "after" compare the same thing.
+  eval_batches = [global_batch(loader.batch(i * config.batch_size)) for i in range(EVAL_BATCHES)]
+  eval_loss = sharding.on_mesh(jax.jit(lambda p, tp, b, k: loss_fn(p, tp, b, k)[0]), mesh)
 
-    def evaluate(params):
-        return float(np.mean([eval_loss(params, teacher_params, b, jax.random.fold_in(eval_key, i))
-                              for i, b in enumerate(eval_batches)]))
+  def evaluate(params):
+    return float(
+      np.mean(
+        [eval_loss(params, teacher_params, b, jax.random.fold_in(eval_key, i)) for i, b in enumerate(eval_batches)]
+      )
+    )
 
-    eval_before = evaluate(params)
+  eval_before = evaluate(params)
 
-    tokens_per_example = math.prod(s // p for s, p in zip(source.latent_shape[:3], config.model.patch_size))
-    writer = SummaryWriter(workdir) if lead else None
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
-    bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and lead), unit="step",
-               dynamic_ncols=True)
-    losses, sparsities, step_times = [], [], []
-    batches = loader.iterate(position)
-    last_time = time.perf_counter()
-    try:
-        for step in range(start_step, config.steps):
-            position, local_batch = next(batches)
-            params, opt_state, metrics = train_step(params, opt_state, teacher_params, global_batch(local_batch),
-                                                    train_key, jnp.int32(step))
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            step_time, last_time = now - last_time, now
-            done = step + 1
-            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                checkpoints.wait()
-                last_good = checkpoints.latest_step()
-                raise NonFiniteLoss(
-                    f"step {done}: loss {metrics['loss']}, grad norm {metrics['grad_norm']} is not finite; "
-                    f"stopped without saving. Last good checkpoint: "
-                    f"{os.path.join(checkpoints.directory, str(last_good)) if last_good is not None else 'none'}."
-                    " Lower --config.learning_rate or set --config.grad_clip_norm.")
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                checkpoints.save(done, params, opt_state, {
-                    "step": done, "data_position": position + config.batch_size,
-                    "rng": np.asarray(jax.random.key_data(key)).tolist(), "config": to_dict(config)})
-            losses.append(float(metrics["loss"]))
-            sparsities.append(np.asarray(metrics["sparsity"], np.float64))
-            if step > start_step:  # the first step includes compilation
-                step_times.append(step_time)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", sparsity=f"{sparsities[-1].mean():.2f}")
-            if lead and (done % config.log_every == 0 or done == config.steps):
-                record = {"step": done, "loss": losses[-1], "grad_norm": float(metrics["grad_norm"]),
-                          "learning_rate": float(schedule(step)), "sparsity": float(sparsities[-1].mean())}
-                if step > start_step:
-                    record.update(step_time_s=step_time,
-                                  tokens_per_s=config.batch_size * tokens_per_example / step_time)
-                for name, value in record.items():
-                    if name != "step":
-                        writer.add_scalar(f"train/{name}", value, done)
-                for layer, value in enumerate(sparsities[-1]):
-                    writer.add_scalar(f"sparsity/layer_{layer:02d}", value, done)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+  tokens_per_example = math.prod(s // p for s, p in zip(source.latent_shape[:3], config.model.patch_size))
+  writer = SummaryWriter(workdir) if lead else None
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
+  bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and lead), unit="step", dynamic_ncols=True)
+  losses, sparsities, step_times = [], [], []
+  batches = loader.iterate(position)
+  last_time = time.perf_counter()
+  try:
+    for step in range(start_step, config.steps):
+      position, local_batch = next(batches)
+      params, opt_state, metrics = train_step(
+        params, opt_state, teacher_params, global_batch(local_batch), train_key, jnp.int32(step)
+      )
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      step_time, last_time = now - last_time, now
+      done = step + 1
+      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
         checkpoints.wait()
-    finally:
-        bar.close()
-        if lead:
-            writer.close()
-            metrics_file.close()
-        checkpoints.close()
-
-    eval_after = evaluate(params)
-    mean_sparsity = np.mean(sparsities, axis=0) if sparsities else np.zeros(config.model.num_layers)
-    summary = {
-        "workdir": os.path.abspath(workdir),
-        "checkpoints": checkpoints.directory,
-        "teacher": teacher_source,
-        "loss": config.loss,
-        "resumed_from_step": resumed_from,
-        "steps": config.steps,
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
-        "train_losses": losses,
-        "sparsity_per_layer": mean_sparsity.tolist(),
-        "sparsity": float(mean_sparsity.mean()),
-        "step_time_s": float(np.median(step_times)) if step_times else None,
-        "tokens_per_step": config.batch_size * tokens_per_example,
-        "devices": f"{mesh.size} x {jax.devices()[0].device_kind} (mesh data={mesh.shape['data']}, "
-                   f"fsdp={mesh.shape['fsdp']}), {jax.process_count()} process(es)",
-    }
+        last_good = checkpoints.latest_step()
+        raise NonFiniteLoss(
+          f"step {done}: loss {metrics['loss']}, grad norm {metrics['grad_norm']} is not finite; "
+          f"stopped without saving. Last good checkpoint: "
+          f"{os.path.join(checkpoints.directory, str(last_good)) if last_good is not None else 'none'}."
+          " Lower --config.learning_rate or set --config.grad_clip_norm."
+        )
+      if done % config.checkpoint_every == 0 or done == config.steps:
+        checkpoints.save(
+          done,
+          params,
+          opt_state,
+          {
+            "step": done,
+            "data_position": position + config.batch_size,
+            "rng": np.asarray(jax.random.key_data(key)).tolist(),
+            "config": to_dict(config),
+          },
+        )
+      losses.append(float(metrics["loss"]))
+      sparsities.append(np.asarray(metrics["sparsity"], np.float64))
+      if step > start_step:  # the first step includes compilation
+        step_times.append(step_time)
+      bar.update(1)
+      bar.set_postfix(loss=f"{losses[-1]:.4g}", sparsity=f"{sparsities[-1].mean():.2f}")
+      if lead and (done % config.log_every == 0 or done == config.steps):
+        record = {
+          "step": done,
+          "loss": losses[-1],
+          "grad_norm": float(metrics["grad_norm"]),
+          "learning_rate": float(schedule(step)),
+          "sparsity": float(sparsities[-1].mean()),
+        }
+        if step > start_step:
+          record.update(step_time_s=step_time, tokens_per_s=config.batch_size * tokens_per_example / step_time)
+        for name, value in record.items():
+          if name != "step":
+            writer.add_scalar(f"train/{name}", value, done)
+        for layer, value in enumerate(sparsities[-1]):
+          writer.add_scalar(f"sparsity/layer_{layer:02d}", value, done)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+    checkpoints.wait()
+  finally:
+    bar.close()
     if lead:
-        _write_json_atomically(os.path.join(workdir, "summary.json"), summary)
-    return summary
+      writer.close()
+      metrics_file.close()
+    checkpoints.close()
+
+  eval_after = evaluate(params)
+  mean_sparsity = np.mean(sparsities, axis=0) if sparsities else np.zeros(config.model.num_layers)
+  summary = {
+    "workdir": os.path.abspath(workdir),
+    "checkpoints": checkpoints.directory,
+    "teacher": teacher_source,
+    "loss": config.loss,
+    "resumed_from_step": resumed_from,
+    "steps": config.steps,
+    "eval_loss_before": eval_before,
+    "eval_loss_after": eval_after,
+    "train_losses": losses,
+    "sparsity_per_layer": mean_sparsity.tolist(),
+    "sparsity": float(mean_sparsity.mean()),
+    "step_time_s": float(np.median(step_times)) if step_times else None,
+    "tokens_per_step": config.batch_size * tokens_per_example,
+    "devices": f"{mesh.size} x {jax.devices()[0].device_kind} (mesh data={mesh.shape['data']}, "
+    f"fsdp={mesh.shape['fsdp']}), {jax.process_count()} process(es)",
+  }
+  if lead:
+    _write_json_atomically(os.path.join(workdir, "summary.json"), summary)
+  return summary
 
 
 def print_summary(summary: dict) -> None:
-    resumed = summary["resumed_from_step"]
-    start = f"step {resumed}" if resumed is not None else "start"
-    lines = [
-        "",
-        f"teacher:   {summary['teacher']}",
-        f"devices:   {summary['devices']}",
-        f"{summary['loss']} loss on {EVAL_BATCHES} fixed eval batches: {summary['eval_loss_before']:.5g} at {start} -> "
-        f"{summary['eval_loss_after']:.5g} after step {summary['steps']}",
-    ]
-    if summary["train_losses"]:
-        first, last = summary["train_losses"][:10], summary["train_losses"][-10:]
-        lines.append(f"train loss (mean of first / last 10 steps): {np.mean(first):.5g} -> {np.mean(last):.5g}")
-    lines.append(f"realized sparsity (fraction of attention blocks skipped): {summary['sparsity']:.3f}; "
-                 f"per layer {[round(s, 3) for s in summary['sparsity_per_layer']]}")
-    if summary["step_time_s"]:
-        lines.append(f"step time {summary['step_time_s'] * 1e3:.1f} ms (median), "
-                     f"{summary['tokens_per_step'] / summary['step_time_s']:.0f} tokens/s")
-    workdir = summary["workdir"]
-    lines += [
-        f"checkpoints:  {summary['checkpoints']}",
-        f"TensorBoard:  tensorboard --logdir {workdir}",
-        f"metrics:      {os.path.join(workdir, 'metrics.jsonl')} (per step), "
-        f"{os.path.join(workdir, 'summary.json')}",
-        f"samples:      python -m train.sample --workdir {workdir}",
-    ]
-    print("\n".join(lines))
+  resumed = summary["resumed_from_step"]
+  start = f"step {resumed}" if resumed is not None else "start"
+  lines = [
+    "",
+    f"teacher:   {summary['teacher']}",
+    f"devices:   {summary['devices']}",
+    f"{summary['loss']} loss on {EVAL_BATCHES} fixed eval batches: {summary['eval_loss_before']:.5g} at {start} -> "
+    f"{summary['eval_loss_after']:.5g} after step {summary['steps']}",
+  ]
+  if summary["train_losses"]:
+    first, last = summary["train_losses"][:10], summary["train_losses"][-10:]
+    lines.append(f"train loss (mean of first / last 10 steps): {np.mean(first):.5g} -> {np.mean(last):.5g}")
+  lines.append(
+    f"realized sparsity (fraction of attention blocks skipped): {summary['sparsity']:.3f}; "
+    f"per layer {[round(s, 3) for s in summary['sparsity_per_layer']]}"
+  )
+  if summary["step_time_s"]:
+    lines.append(
+      f"step time {summary['step_time_s'] * 1e3:.1f} ms (median), "
+      f"{summary['tokens_per_step'] / summary['step_time_s']:.0f} tokens/s"
+    )
+  workdir = summary["workdir"]
+  lines += [
+    f"checkpoints:  {summary['checkpoints']}",
+    f"TensorBoard:  tensorboard --logdir {workdir}",
+    f"metrics:      {os.path.join(workdir, 'metrics.jsonl')} (per step), {os.path.join(workdir, 'summary.json')}",
+    f"samples:      python -m train.sample --workdir {workdir}",
+  ]
+  print("\n".join(lines))
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: str | None,
-                           process_id: str | None) -> None:
-    """``jax.distributed.initialize`` from flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID; does nothing when no coordinator is given (single process)."""
-    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address:
-        return
-    count = num_processes or os.environ.get("JAX_NUM_PROCESSES")
-    index = process_id or os.environ.get("JAX_PROCESS_ID")
-    for name, value in (("num_processes", count), ("process_id", index)):
-        if value is None or not str(value).isdigit():
-            raise ValueError(f"--{name} (or JAX_{name.upper()}) must be a non-negative integer with a "
-                             f"coordinator address, got {value!r}")
-    jax.distributed.initialize(address, int(count), int(index))
+def initialize_distributed(coordinator_address: str | None, num_processes: str | None, process_id: str | None) -> None:
+  """``jax.distributed.initialize`` from flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID; does nothing when no coordinator is given (single process)."""
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  count = num_processes or os.environ.get("JAX_NUM_PROCESSES")
+  index = process_id or os.environ.get("JAX_PROCESS_ID")
+  for name, value in (("num_processes", count), ("process_id", index)):
+    if value is None or not str(value).isdigit():
+      raise ValueError(
+        f"--{name} (or JAX_{name.upper()}) must be a non-negative integer with a coordinator address, got {value!r}"
+      )
+  jax.distributed.initialize(address, int(count), int(index))
 
 
 def _check(config: Config, flags) -> None:
-    # Before validate(): it traces sparse_attention, which starts the XLA backend.
-    initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
-    validate(config)
-    if jax.process_count() > 1 and not flags["workdir"]:
-        raise ValueError("--workdir is required with several processes (they must share it)")
+  # Before validate(): it traces sparse_attention, which starts the XLA backend.
+  initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
+  validate(config)
+  if jax.process_count() > 1 and not flags["workdir"]:
+    raise ValueError("--workdir is required with several processes (they must share it)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
-    if code is not None:
-        return code
-    try:  # a teacher that cannot be loaded, bad data, or a loss that stops being finite
-        summary = train(config, flags["workdir"] or default_workdir(config))
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if jax.process_index() == 0:
-        print_summary(summary)
-    return 0
+  config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
+  if code is not None:
+    return code
+  try:  # a teacher that cannot be loaded, bad data, or a loss that stops being finite
+    summary = train(config, flags["workdir"] or default_workdir(config))
+  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if jax.process_index() == 0:
+    print_summary(summary)
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

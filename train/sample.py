@@ -28,116 +28,128 @@ FLAGS = {"workdir": None, "num_videos": 2, "num_steps": 30, "shift": 5.0, "seed"
 
 
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    """PSNR in dB, with the reference's value range as the peak."""
-    peak = float(reference.max() - reference.min())
-    mse = float(np.mean((reference.astype(np.float64) - other) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(peak ** 2 / mse)
+  """PSNR in dB, with the reference's value range as the peak."""
+  peak = float(reference.max() - reference.min())
+  mse = float(np.mean((reference.astype(np.float64) - other) ** 2))
+  return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
 def to_rgb(latents: np.ndarray, basis: np.ndarray, low: np.ndarray, high: np.ndarray, scale: int) -> np.ndarray:
-    """latents [..., frames, height, width, channels] -> uint8 [..., frames, height*scale, width*scale, 3]."""
-    rgb = np.clip((latents @ basis - low) / (high - low), 0, 1)
-    rgb = rgb.repeat(scale, axis=-2).repeat(scale, axis=-3)
-    return (rgb * 255).round().astype(np.uint8)
+  """latents [..., frames, height, width, channels] -> uint8 [..., frames, height*scale, width*scale, 3]."""
+  rgb = np.clip((latents @ basis - low) / (high - low), 0, 1)
+  rgb = rgb.repeat(scale, axis=-2).repeat(scale, axis=-3)
+  return (rgb * 255).round().astype(np.uint8)
 
 
-def sample_pair(config: Config, workdir: str, *, num_videos: int, num_steps: int, shift: float,
-                seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Teacher and student samples, float32 [num_videos, frames, height, width, channels] each."""
-    mesh = sharding.make_mesh(-1, 1) if jax.device_count() == 1 else sharding.make_mesh(1, jax.device_count())
-    teacher_config, student_config = distill.model_configs(config)
-    abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))[1]
-    shardings = sharding.param_shardings(abstract, mesh)
-    teacher_spec = os.path.join(workdir, "teacher") if config.pretrains_teacher else config.teacher
-    teacher_params, teacher_source = distill.load_teacher(teacher_spec, teacher_config, abstract.to_pure_dict(),
-                                                          shardings, config.seed)
-    student_params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
-    source = distill.make_source(config, student_config)
-    context = jnp.stack([source.get(i % len(source))["context"] for i in range(num_videos)])
-    noise = jax.random.normal(jax.random.key(seed), (num_videos, *source.latent_shape), jnp.float32)
+def sample_pair(
+  config: Config, workdir: str, *, num_videos: int, num_steps: int, shift: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+  """Teacher and student samples, float32 [num_videos, frames, height, width, channels] each."""
+  mesh = sharding.make_mesh(-1, 1) if jax.device_count() == 1 else sharding.make_mesh(1, jax.device_count())
+  teacher_config, student_config = distill.model_configs(config)
+  abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))[1]
+  shardings = sharding.param_shardings(abstract, mesh)
+  teacher_spec = os.path.join(workdir, "teacher") if config.pretrains_teacher else config.teacher
+  teacher_params, teacher_source = distill.load_teacher(
+    teacher_spec, teacher_config, abstract.to_pure_dict(), shardings, config.seed
+  )
+  student_params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
+  source = distill.make_source(config, student_config)
+  context = jnp.stack([source.get(i % len(source))["context"] for i in range(num_videos)])
+  noise = jax.random.normal(jax.random.key(seed), (num_videos, *source.latent_shape), jnp.float32)
 
-    def sampler(model_config):
-        graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(model_config, rngs=nnx.Rngs(0))))[0]
+  def sampler(model_config):
+    graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(model_config, rngs=nnx.Rngs(0))))[0]
 
-        @jax.jit
-        def run(params, noise, context):
-            dtype = model_config.compute_dtype
+    @jax.jit
+    def run(params, noise, context):
+      dtype = model_config.compute_dtype
 
-            def velocity(x, t):  # merged inside the sampler's scan, where nnx needs it
-                model = nnx.merge(graphdef, params)
-                return model(x.astype(dtype), t, context.astype(dtype)).astype(x.dtype)
+      def velocity(x, t):  # merged inside the sampler's scan, where nnx needs it
+        model = nnx.merge(graphdef, params)
+        return model(x.astype(dtype), t, context.astype(dtype)).astype(x.dtype)
 
-            return flow.euler_sample(velocity, noise, num_steps=num_steps, shift=shift)
-        return run
+      return flow.euler_sample(velocity, noise, num_steps=num_steps, shift=shift)
 
-    teacher = sampler(teacher_config)(teacher_params, noise, context)
-    student = sampler(student_config)(student_params, noise, context)
-    return np.asarray(teacher), np.asarray(student), teacher_source
+    return run
+
+  teacher = sampler(teacher_config)(teacher_params, noise, context)
+  student = sampler(student_config)(student_params, noise, context)
+  return np.asarray(teacher), np.asarray(student), teacher_source
 
 
 def rgb_projection(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(basis [channels, 3], low, high) for `to_rgb`: the reference latents' top 3 principal directions,
-    scaled to their 1st-99th percentiles, so every video shown beside it uses the same colours."""
-    pixels = reference.reshape(-1, reference.shape[-1])
-    centred = pixels - pixels.mean(0)
-    basis = np.linalg.svd(centred, full_matrices=False)[2][:3].T  # [channels, 3]
-    if basis.shape[1] < 3:
-        basis = np.pad(basis, ((0, 0), (0, 3 - basis.shape[1])))
-    projected = pixels @ basis
-    return basis, np.percentile(projected, 1, axis=0), np.percentile(projected, 99, axis=0) + 1e-6
+  """(basis [channels, 3], low, high) for `to_rgb`: the reference latents' top 3 principal directions,
+  scaled to their 1st-99th percentiles, so every video shown beside it uses the same colours."""
+  pixels = reference.reshape(-1, reference.shape[-1])
+  centred = pixels - pixels.mean(0)
+  basis = np.linalg.svd(centred, full_matrices=False)[2][:3].T  # [channels, 3]
+  if basis.shape[1] < 3:
+    basis = np.pad(basis, ((0, 0), (0, 3 - basis.shape[1])))
+  projected = pixels @ basis
+  return basis, np.percentile(projected, 1, axis=0), np.percentile(projected, 99, axis=0) + 1e-6
 
 
 def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -> None:
-    import imageio.v3 as iio  # noqa: PLC0415 (only needed here)
+  import imageio.v3 as iio  # noqa: PLC0415 (only needed here)
 
-    basis, low, high = rgb_projection(teacher)
-    # Grey level: 4 x the mean absolute difference over channels, relative to the teacher's value range.
-    difference = 4 * np.abs(teacher - student).mean(-1, keepdims=True) / (teacher.max() - teacher.min() + 1e-6)
-    grey = (np.clip(difference, 0, 1).repeat(3, -1).repeat(scale, -2).repeat(scale, -3) * 255).astype(np.uint8)
-    panels = [to_rgb(teacher, basis, low, high, scale), to_rgb(student, basis, low, high, scale), grey]
-    rows = np.concatenate(panels, axis=-2)  # [videos, frames, H, 3W, 3]
-    frames = np.concatenate(list(rows), axis=-3)  # [frames, videos*H, 3W, 3]
-    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
-    iio.imwrite(tmp, frames, duration=250, loop=0)
-    os.replace(tmp, path)
+  basis, low, high = rgb_projection(teacher)
+  # Grey level: 4 x the mean absolute difference over channels, relative to the teacher's value range.
+  difference = 4 * np.abs(teacher - student).mean(-1, keepdims=True) / (teacher.max() - teacher.min() + 1e-6)
+  grey = (np.clip(difference, 0, 1).repeat(3, -1).repeat(scale, -2).repeat(scale, -3) * 255).astype(np.uint8)
+  panels = [to_rgb(teacher, basis, low, high, scale), to_rgb(student, basis, low, high, scale), grey]
+  rows = np.concatenate(panels, axis=-2)  # [videos, frames, H, 3W, 3]
+  frames = np.concatenate(list(rows), axis=-3)  # [frames, videos*H, 3W, 3]
+  tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
+  iio.imwrite(tmp, frames, duration=250, loop=0)
+  os.replace(tmp, path)
 
 
 def _check(_, flags) -> None:
-    workdir = flags["workdir"]
-    if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
-        raise ValueError(f"--workdir {workdir!r}: expected a distillation workdir with config.json")
-    for name in ("num_videos", "num_steps", "scale"):
-        if flags[name] < 1:
-            raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-    if flags["shift"] <= 0:
-        raise ValueError(f"--shift must be > 0, got {flags['shift']}")
+  workdir = flags["workdir"]
+  if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise ValueError(f"--workdir {workdir!r}: expected a distillation workdir with config.json")
+  for name in ("num_videos", "num_steps", "scale"):
+    if flags[name] < 1:
+      raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
+  if flags["shift"] <= 0:
+    raise ValueError(f"--shift must be > 0, got {flags['shift']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
-    if code is not None:
-        return code
-    workdir = flags["workdir"]
-    out = flags["out"] or os.path.join(workdir, "samples.gif")
-    try:  # a config.json of another version, a workdir without a checkpoint, a teacher that cannot be loaded
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = from_dict(Config, json.load(f))
-        teacher, student, teacher_source = sample_pair(
-            config, workdir, num_videos=flags["num_videos"], num_steps=flags["num_steps"], shift=flags["shift"],
-            seed=flags["seed"])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    write_gif(out, teacher, student, flags["scale"])
-    print(f"teacher: {teacher_source}")
-    print(f"student: {checkpoint.find_params(workdir)} ({config.attention.kind} attention, "
-          f"topk {config.attention.topk}, topp {config.attention.topp})")
-    print(f"{flags['num_videos']} videos, {flags['num_steps']} Euler steps, shift {flags['shift']}")
-    print(f"PSNR student vs teacher: {psnr(teacher, student):.2f} dB "
-          f"(per video: {', '.join(f'{psnr(t, s):.2f}' for t, s in zip(teacher, student))})")
-    print(f"wrote {out} (rows: videos; columns: teacher | student | 4x |difference|)")
-    return 0
+  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+  if code is not None:
+    return code
+  workdir = flags["workdir"]
+  out = flags["out"] or os.path.join(workdir, "samples.gif")
+  try:  # a config.json of another version, a workdir without a checkpoint, a teacher that cannot be loaded
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = from_dict(Config, json.load(f))
+    teacher, student, teacher_source = sample_pair(
+      config,
+      workdir,
+      num_videos=flags["num_videos"],
+      num_steps=flags["num_steps"],
+      shift=flags["shift"],
+      seed=flags["seed"],
+    )
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  write_gif(out, teacher, student, flags["scale"])
+  print(f"teacher: {teacher_source}")
+  print(
+    f"student: {checkpoint.find_params(workdir)} ({config.attention.kind} attention, "
+    f"topk {config.attention.topk}, topp {config.attention.topp})"
+  )
+  print(f"{flags['num_videos']} videos, {flags['num_steps']} Euler steps, shift {flags['shift']}")
+  print(
+    f"PSNR student vs teacher: {psnr(teacher, student):.2f} dB "
+    f"(per video: {', '.join(f'{psnr(t, s):.2f}' for t, s in zip(teacher, student))})"
+  )
+  print(f"wrote {out} (rows: videos; columns: teacher | student | 4x |difference|)")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -12,91 +12,93 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axis. Names not listed are replicated. The model dimension ("embed")
 # appears in every large matrix, so sharding it alone shards all of them.
 LOGICAL_RULES: dict[str, str | None] = {
-    "embed": "fsdp",
+  "embed": "fsdp",
 }
 
 
 def make_mesh(data: int, fsdp: int) -> Mesh:
-    """A mesh over all devices (of all processes); one of the sizes may be -1 for "the rest"."""
-    n = jax.device_count()
-    if data == -1 and fsdp == -1:
-        raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
-    for name, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
-        if size != -1 and (size < 1 or n % size):
-            raise ValueError(f"{name} ({size}) must be >= 1 and divide the device count ({n})")
-    data, fsdp = (n // fsdp if data == -1 else data), (n // data if fsdp == -1 else fsdp)
-    if data * fsdp != n:
-        raise ValueError(f"mesh.data * mesh.fsdp ({data} * {fsdp}) must equal the device count ({n})")
-    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+  """A mesh over all devices (of all processes); one of the sizes may be -1 for "the rest"."""
+  n = jax.device_count()
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+  for name, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if size != -1 and (size < 1 or n % size):
+      raise ValueError(f"{name} ({size}) must be >= 1 and divide the device count ({n})")
+  data, fsdp = (n // fsdp if data == -1 else data), (n // data if fsdp == -1 else fsdp)
+  if data * fsdp != n:
+    raise ValueError(f"mesh.data * mesh.fsdp ({data} * {fsdp}) must equal the device count ({n})")
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def _spec(shape: tuple[int, ...], names: tuple | None, mesh: Mesh, rules: dict) -> P:
-    spec = [None] * len(shape)
-    if names:
-        for dim, (size, name) in enumerate(zip(shape, names)):
-            axis = rules.get(name) if isinstance(name, str) else None
-            if axis is not None and size % mesh.shape[axis] == 0:
-                spec[dim] = axis
-                break
-    return P(*spec)
+  spec = [None] * len(shape)
+  if names:
+    for dim, (size, name) in enumerate(zip(shape, names)):
+      axis = rules.get(name) if isinstance(name, str) else None
+      if axis is not None and size % mesh.shape[axis] == 0:
+        spec[dim] = axis
+        break
+  return P(*spec)
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict | None = None) -> dict:
-    """NamedShardings for ``abstract_state.to_pure_dict()``, from each Param's logical axis names."""
-    rules = LOGICAL_RULES if rules is None else rules
+  """NamedShardings for ``abstract_state.to_pure_dict()``, from each Param's logical axis names."""
+  rules = LOGICAL_RULES if rules is None else rules
 
-    def one(variable):
-        names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
-        value = variable.value if isinstance(variable, nnx.Variable) else variable
-        return NamedSharding(mesh, _spec(tuple(value.shape), names, mesh, rules))
+  def one(variable):
+    names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
+    value = variable.value if isinstance(variable, nnx.Variable) else variable
+    return NamedSharding(mesh, _spec(tuple(value.shape), names, mesh, rules))
 
-    shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+  shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P())
 
 
 def on_mesh(fn, mesh: Mesh):
-    """``fn`` (a jitted function) called, and so traced, with ``mesh`` as the context mesh, which the
-    models need for ``WanConfig.batch_axes``. Only around the step: under a context mesh nnx would
-    read the parameters' logical names as mesh axes when building a model."""
+  """``fn`` (a jitted function) called, and so traced, with ``mesh`` as the context mesh, which the
+  models need for ``WanConfig.batch_axes``. Only around the step: under a context mesh nnx would
+  read the parameters' logical names as mesh axes when building a model."""
 
-    def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
 
-    return call
+  return call
 
 
 def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
-    """The contiguous ``[start, stop)`` rows of a global batch that this process's devices hold."""
-    index_map = sharding.addressable_devices_indices_map((batch_size,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    start, stop = min(starts), max(stops)
-    rows = np.zeros(batch_size, bool)
-    for a, b in zip(starts, stops):
-        rows[a:b] = True
-    if rows.sum() != stop - start:
-        raise ValueError("this process's devices hold non-contiguous batch rows; the mesh must be "
-                         "ordered process by process (jax.make_mesh does this)")
-    return start, stop
+  """The contiguous ``[start, stop)`` rows of a global batch that this process's devices hold."""
+  index_map = sharding.addressable_devices_indices_map((batch_size,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  start, stop = min(starts), max(stops)
+  rows = np.zeros(batch_size, bool)
+  for a, b in zip(starts, stops):
+    rows[a:b] = True
+  if rows.sum() != stop - start:
+    raise ValueError(
+      "this process's devices hold non-contiguous batch rows; the mesh must be "
+      "ordered process by process (jax.make_mesh does this)"
+    )
+  return start, stop
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays sharded by ``sharding``."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
-            for k, v in local.items()}
+  """Assembles each process's rows into global arrays sharded by ``sharding``."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:])) for k, v in local.items()}

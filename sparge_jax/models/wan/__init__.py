@@ -2,13 +2,21 @@
 
 from sparge_jax.models.wan.diffusers_io import load_diffusers, save_diffusers
 from sparge_jax.models.wan.model import (
-    AttentionConfig,
-    WanConfig,
-    WanModel,
-    tiny,
-    wan2_1_1_3b,
-    wan2_1_14b,
+  AttentionConfig,
+  WanConfig,
+  WanModel,
+  tiny,
+  wan2_1_1_3b,
+  wan2_1_14b,
 )
 
-__all__ = ["AttentionConfig", "WanConfig", "WanModel", "tiny", "wan2_1_1_3b", "wan2_1_14b", "load_diffusers",
-           "save_diffusers"]
+__all__ = [
+  "AttentionConfig",
+  "WanConfig",
+  "WanModel",
+  "tiny",
+  "wan2_1_1_3b",
+  "wan2_1_14b",
+  "load_diffusers",
+  "save_diffusers",
+]

@@ -33,9 +33,20 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 
 # config.json fields that are WanConfig fields of the same name and meaning.
-_ARCHITECTURE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
-                        "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps",
-                        "rope_max_seq_len")
+_ARCHITECTURE_FIELDS = (
+  "patch_size",
+  "num_attention_heads",
+  "attention_head_dim",
+  "in_channels",
+  "out_channels",
+  "text_dim",
+  "freq_dim",
+  "ffn_dim",
+  "num_layers",
+  "cross_attn_norm",
+  "eps",
+  "rope_max_seq_len",
+)
 # Image-to-video fields: supported only when absent (null).
 _IMAGE_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 # diffusers builds the same RMS qk-norm whatever this says.
@@ -49,13 +60,21 @@ _RUN_OPTIONS = ("attention", "remat", "remat_saves", "compute_dtype", "batch_axe
 #   table:  modulation table [1, rows, dim] -> [rows, dim]
 #   same:   unchanged
 def _to_model(array: np.ndarray, layout: str) -> np.ndarray:
-  return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 4, 1, 0), "table": lambda a: a[0],
-          "same": lambda a: a}[layout](array)
+  return {
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 3, 4, 1, 0),
+    "table": lambda a: a[0],
+    "same": lambda a: a,
+  }[layout](array)
 
 
 def _to_diffusers(array: np.ndarray, layout: str) -> np.ndarray:
-  return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(4, 3, 0, 1, 2), "table": lambda a: a[None],
-          "same": lambda a: a}[layout](array)
+  return {
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(4, 3, 0, 1, 2),
+    "table": lambda a: a[None],
+    "same": lambda a: a,
+  }[layout](array)
 
 
 def _diffusers_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
@@ -63,40 +82,47 @@ def _diffusers_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def _linear_pair(model_name: str, diffusers_name: str) -> dict:
-  return {(model_name, "kernel"): (diffusers_name + ".weight", "linear"),
-          (model_name, "bias"): (diffusers_name + ".bias", "same")}
+  return {
+    (model_name, "kernel"): (diffusers_name + ".weight", "linear"),
+    (model_name, "bias"): (diffusers_name + ".bias", "same"),
+  }
 
 
 _TOP_LEVEL = {
-    ("patch_embed",): ("patch_embedding.weight", "conv"),
-    ("patch_embed_bias",): ("patch_embedding.bias", "same"),
-    **_linear_pair("time_in", "condition_embedder.time_embedder.linear_1"),
-    **_linear_pair("time_out", "condition_embedder.time_embedder.linear_2"),
-    **_linear_pair("time_modulation", "condition_embedder.time_proj"),
-    **_linear_pair("text_in", "condition_embedder.text_embedder.linear_1"),
-    **_linear_pair("text_out", "condition_embedder.text_embedder.linear_2"),
-    **_linear_pair("head", "proj_out"),
-    ("head_modulation",): ("scale_shift_table", "table"),
+  ("patch_embed",): ("patch_embedding.weight", "conv"),
+  ("patch_embed_bias",): ("patch_embedding.bias", "same"),
+  **_linear_pair("time_in", "condition_embedder.time_embedder.linear_1"),
+  **_linear_pair("time_out", "condition_embedder.time_embedder.linear_2"),
+  **_linear_pair("time_modulation", "condition_embedder.time_proj"),
+  **_linear_pair("text_in", "condition_embedder.text_embedder.linear_1"),
+  **_linear_pair("text_out", "condition_embedder.text_embedder.linear_2"),
+  **_linear_pair("head", "proj_out"),
+  ("head_modulation",): ("scale_shift_table", "table"),
 }
 _PER_BLOCK = {
-    **{(attn, *path): (f"{torch_attn}.{key}", layout)
-       for attn, torch_attn in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-       for proj, torch_proj in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("out", "to_out.0"))
-       for path, (key, layout) in _linear_pair(proj, torch_proj).items()},
-    **{(attn, norm, "scale"): (f"{torch_attn}.{torch_norm}.weight", "same")
-       for attn, torch_attn in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-       for norm, torch_norm in (("query_norm", "norm_q"), ("key_norm", "norm_k"))},
-    ("cross_norm", "scale"): ("norm2.weight", "same"),
-    ("cross_norm", "bias"): ("norm2.bias", "same"),
-    **_linear_pair("ffn_in", "ffn.net.0.proj"),
-    **_linear_pair("ffn_out", "ffn.net.2"),
-    ("modulation",): ("scale_shift_table", "table"),
+  **{
+    (attn, *path): (f"{torch_attn}.{key}", layout)
+    for attn, torch_attn in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+    for proj, torch_proj in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("out", "to_out.0"))
+    for path, (key, layout) in _linear_pair(proj, torch_proj).items()
+  },
+  **{
+    (attn, norm, "scale"): (f"{torch_attn}.{torch_norm}.weight", "same")
+    for attn, torch_attn in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+    for norm, torch_norm in (("query_norm", "norm_q"), ("key_norm", "norm_k"))
+  },
+  ("cross_norm", "scale"): ("norm2.weight", "same"),
+  ("cross_norm", "bias"): ("norm2.bias", "same"),
+  **_linear_pair("ffn_in", "ffn.net.0.proj"),
+  **_linear_pair("ffn_out", "ffn.net.2"),
+  ("modulation",): ("scale_shift_table", "table"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   """One model parameter and the diffusers tensors it is made of (one per layer for block parameters)."""
+
   path: tuple[str, ...]
   keys: tuple[str, ...]
   layout: str
@@ -124,8 +150,9 @@ def _plan(flat_state, num_layers: int) -> list[_Entry]:
 
 def config_from_diffusers(fields: dict, *, dtype=jnp.float32, **overrides) -> WanConfig:
   """A WanConfig from config.json's fields; `overrides` set run options (attention, remat, compute_dtype)."""
-  unknown = sorted(k for k in fields if not k.startswith("_")
-                   and k not in _ARCHITECTURE_FIELDS + _IMAGE_FIELDS + _IGNORED_FIELDS)
+  unknown = sorted(
+    k for k in fields if not k.startswith("_") and k not in _ARCHITECTURE_FIELDS + _IMAGE_FIELDS + _IGNORED_FIELDS
+  )
   if unknown:
     raise ValueError(f"config.json has unknown fields {unknown}")
   if fields.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
@@ -186,14 +213,23 @@ def _check_tensors(entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) ->
     problems.append(f"missing keys {missing}")
   if unexpected:
     problems.append(f"unexpected keys {unexpected}")
-  problems += [f"{key}: expected shape {expected[key]}, found {shapes[key]}"
-               for key in sorted(set(expected) & set(shapes)) if shapes[key] != expected[key]]
+  problems += [
+    f"{key}: expected shape {expected[key]}, found {shapes[key]}"
+    for key in sorted(set(expected) & set(shapes))
+    if shapes[key] != expected[key]
+  ]
   if problems:
     raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
 
 
-def load_diffusers(path: str | os.PathLike, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                   rules: Sequence[tuple[str, str | None]] = (), **overrides) -> WanModel:
+def load_diffusers(
+  path: str | os.PathLike,
+  *,
+  dtype=jnp.float32,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence[tuple[str, str | None]] = (),
+  **overrides,
+) -> WanModel:
   """Load a diffusers Wan transformer folder as a WanModel with parameters in `dtype`.
 
   mesh: place each parameter sharded over it, by the logical axis names of the model docstring
@@ -293,7 +329,8 @@ def save_diffusers(model: WanModel, path: str | os.PathLike, *, max_shard_bytes:
         weight_map.update({key: final for key in keys})
       total = sum(math.prod(v.shape) * v.dtype.itemsize for _, v in flat)
       (staging / INDEX_NAME).write_text(
-          json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+      )
     if folder.exists():
       folder.rmdir()
     os.replace(staging, folder)

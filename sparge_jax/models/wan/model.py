@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from sparge_jax import attention as sparge_attention
 
@@ -148,8 +148,15 @@ class WanConfig:
 def tiny() -> WanConfig:
   """A 2-layer toy with Wan's structure, for CPU tests (head_dim 16 splits into rotary dims 8/4/4)."""
   return WanConfig(
-      num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=24,
-      freq_dim=16, ffn_dim=64, num_layers=2)
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=16,
+    ffn_dim=64,
+    num_layers=2,
+  )
 
 
 def wan2_1_1_3b() -> WanConfig:
@@ -168,12 +175,23 @@ def _partitioned(initializer, axes):
   return nnx.with_partitioning(initializer, axes, eager_sharding=False)
 
 
-def _linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], config: WanConfig,
-            rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
+def _linear(
+  in_features: int,
+  out_features: int,
+  axes: tuple[str | None, str | None],
+  config: WanConfig,
+  rngs: nnx.Rngs,
+  dtype=None,
+) -> nnx.Linear:
   return nnx.Linear(
-      in_features, out_features, dtype=dtype or config.compute_dtype, param_dtype=config.param_dtype,
-      kernel_init=_partitioned(nnx.initializers.lecun_normal(), axes),
-      bias_init=_partitioned(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+    in_features,
+    out_features,
+    dtype=dtype or config.compute_dtype,
+    param_dtype=config.param_dtype,
+    kernel_init=_partitioned(nnx.initializers.lecun_normal(), axes),
+    bias_init=_partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+    rngs=rngs,
+  )
 
 
 def _layer_norm(x, eps: float):
@@ -207,11 +225,14 @@ def rope_tables(config: WanConfig, frames: int, height: int, width: int):
   def grid(tables):
     t, h, w = (jnp.asarray(a) for a in tables)
     shape = (frames, height, width)
-    full = jnp.concatenate([
+    full = jnp.concatenate(
+      [
         jnp.broadcast_to(t[:, None, None], shape + t.shape[-1:]),
         jnp.broadcast_to(h[None, :, None], shape + h.shape[-1:]),
         jnp.broadcast_to(w[None, None, :], shape + w.shape[-1:]),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
     return full.reshape(frames * height * width, -1)
 
   return grid([c for c, _ in per_axis]), grid([s for _, s in per_axis])
@@ -235,16 +256,28 @@ class Attention(nnx.Module):
     self.key = _linear(dim, heads_width, ("embed", "heads"), config, rngs)
     self.value = _linear(dim, heads_width, ("embed", "heads"), config, rngs)
     self.out = _linear(heads_width, dim, ("heads", "embed"), config, rngs)
-    norm = dict(epsilon=config.eps, dtype=config.compute_dtype, param_dtype=config.param_dtype,
-                scale_init=_partitioned(nnx.initializers.ones_init(), ("heads",)), rngs=rngs)
+    norm = dict(
+      epsilon=config.eps,
+      dtype=config.compute_dtype,
+      param_dtype=config.param_dtype,
+      scale_init=_partitioned(nnx.initializers.ones_init(), ("heads",)),
+      rngs=rngs,
+    )
     self.query_norm = nnx.RMSNorm(heads_width, **norm)
     self.key_norm = nnx.RMSNorm(heads_width, **norm)
 
   def _split_heads(self, x):
     return x.reshape(*x.shape[:-1], self.heads, -1)
 
-  def __call__(self, x, context=None, rope=None, attention: AttentionConfig | None = None, probe=None,
-               batch_axes: tuple[str, ...] = ()):
+  def __call__(
+    self,
+    x,
+    context=None,
+    rope=None,
+    attention: AttentionConfig | None = None,
+    probe=None,
+    batch_axes: tuple[str, ...] = (),
+  ):
     """x: [batch, seq, dim]; context: [batch, ctx_len, dim] for cross-attention, None for self;
     batch_axes: mesh axes that split the batch (checked by `WanModel`), () for none.
 
@@ -273,19 +306,32 @@ def _attend(q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = (
   if batch_axes:
     spec = P(batch_axes)
     # check_vma off: the Pallas kernels carry no varying-axes types; nothing inside communicates.
-    return jax.shard_map(functools.partial(_attend, attention=attention), in_specs=(spec, spec, spec),
-                         out_specs=(spec, spec), axis_names=set(batch_axes), check_vma=False)(q, k, v)
+    return jax.shard_map(
+      functools.partial(_attend, attention=attention),
+      in_specs=(spec, spec, spec),
+      out_specs=(spec, spec),
+      axis_names=set(batch_axes),
+      check_vma=False,
+    )(q, k, v)
   if attention.kind == "dense":
     return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
   heads = q.shape[2]
-  topk, topp = (jnp.asarray(p, jnp.float32) if isinstance(p, tuple) else p
-                for p in (attention.topk, attention.topp))
+  topk, topp = (jnp.asarray(p, jnp.float32) if isinstance(p, tuple) else p for p in (attention.topk, attention.topp))
   for name, p in (("topk", topk), ("topp", topp)):
     if getattr(p, "shape", ()) not in ((), (heads,)):
       raise ValueError(f"attention.{name} must be a float or {heads} per-head values, got shape {p.shape}")
   out, stats = sparge_attention.sparse_attention(
-      q, k, v, topk=topk, topp=topp, mode=attention.mode, block_q=attention.block_q,
-      block_kv=attention.block_kv, backend=attention.backend, return_stats=True)
+    q,
+    k,
+    v,
+    topk=topk,
+    topp=topp,
+    mode=attention.mode,
+    block_q=attention.block_q,
+    block_kv=attention.block_kv,
+    backend=attention.backend,
+    return_stats=True,
+  )
   return out, stats["sparsity"].astype(jnp.float32)
 
 
@@ -296,21 +342,32 @@ class WanBlock(nnx.Module):
     self.eps = config.eps
     self.self_attn = Attention(config, rngs=rngs)
     self.cross_attn = Attention(config, rngs=rngs)
-    self.cross_norm = nnx.LayerNorm(
-        config.dim, epsilon=config.eps, use_fast_variance=False, dtype=jnp.float32,
+    self.cross_norm = (
+      nnx.LayerNorm(
+        config.dim,
+        epsilon=config.eps,
+        use_fast_variance=False,
+        dtype=jnp.float32,
         param_dtype=config.param_dtype,
         scale_init=_partitioned(nnx.initializers.ones_init(), ("embed",)),
         bias_init=_partitioned(nnx.initializers.zeros_init(), ("embed",)),
-        rngs=rngs) if config.cross_attn_norm else None
+        rngs=rngs,
+      )
+      if config.cross_attn_norm
+      else None
+    )
     self.ffn_in = _linear(config.dim, config.ffn_dim, ("embed", "mlp"), config, rngs)
     self.ffn_out = _linear(config.ffn_dim, config.dim, ("mlp", "embed"), config, rngs)
     # Rows: shift, scale, gate for self-attention, then the same for the FFN; added to the time signal.
     self.modulation = nnx.Param(
-        _partitioned(nnx.initializers.normal(config.dim**-0.5), (None, "embed"))(
-            rngs.params(), (6, config.dim), config.param_dtype))
+      _partitioned(nnx.initializers.normal(config.dim**-0.5), (None, "embed"))(
+        rngs.params(), (6, config.dim), config.param_dtype
+      )
+    )
 
-  def __call__(self, x, context, time_mod, rope, attention: AttentionConfig, probe=None,
-               batch_axes: tuple[str, ...] = ()):
+  def __call__(
+    self, x, context, time_mod, rope, attention: AttentionConfig, probe=None, batch_axes: tuple[str, ...] = ()
+  ):
     """x: [batch, seq, dim]; context: [batch, text_len, dim]; time_mod: float32 [batch, 6, dim];
     batch_axes: see `Attention`.
 
@@ -321,8 +378,7 @@ class WanBlock(nnx.Module):
     shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (mod[:, i, None, :] for i in range(6))
 
     h = (_layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
-    attn_out, sparsity, *probed = self.self_attn(h, rope=rope, attention=attention, probe=probe,
-                                                 batch_axes=batch_axes)
+    attn_out, sparsity, *probed = self.self_attn(h, rope=rope, attention=attention, probe=probe, batch_axes=batch_axes)
     x = (x.astype(jnp.float32) + attn_out * gate).astype(dtype)
 
     h = x if self.cross_norm is None else self.cross_norm(x.astype(jnp.float32)).astype(dtype)
@@ -340,11 +396,14 @@ class WanModel(nnx.Module):
   def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
     self.config = config
     dim, patch_volume = config.dim, math.prod(config.patch_size)
-    self.patch_embed = nnx.Param(_partitioned(
-        nnx.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, None, "embed"))(
-            rngs.params(), (*config.patch_size, config.in_channels, dim), config.param_dtype))
-    self.patch_embed_bias = nnx.Param(_partitioned(nnx.initializers.zeros_init(), ("embed",))(
-        rngs.params(), (dim,), config.param_dtype))
+    self.patch_embed = nnx.Param(
+      _partitioned(nnx.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4), (None, None, None, None, "embed"))(
+        rngs.params(), (*config.patch_size, config.in_channels, dim), config.param_dtype
+      )
+    )
+    self.patch_embed_bias = nnx.Param(
+      _partitioned(nnx.initializers.zeros_init(), ("embed",))(rngs.params(), (dim,), config.param_dtype)
+    )
     # The time path runs in float32 whatever the compute dtype (diffusers keeps it in fp32 too).
     self.time_in = _linear(config.freq_dim, dim, (None, "embed"), config, rngs, jnp.float32)
     self.time_out = _linear(dim, dim, ("embed", None), config, rngs, jnp.float32)
@@ -360,8 +419,8 @@ class WanModel(nnx.Module):
     self.blocks = make_blocks(rngs)
     # Rows: shift, scale of the output norm, added to the time embedding.
     self.head_modulation = nnx.Param(
-        _partitioned(nnx.initializers.normal(dim**-0.5), (None, "embed"))(
-            rngs.params(), (2, dim), config.param_dtype))
+      _partitioned(nnx.initializers.normal(dim**-0.5), (None, "embed"))(rngs.params(), (2, dim), config.param_dtype)
+    )
     self.head = _linear(dim, patch_volume * config.out_channels, ("embed", None), config, rngs)
 
   def set_attention(self, attention: AttentionConfig) -> None:
@@ -394,8 +453,10 @@ class WanModel(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     missing = [a for a in axes if a not in mesh.axis_names]
     if missing:
-      raise ValueError(f"batch_axes {axes}: the context mesh {mesh.axis_names} has no axes {missing}; "
-                       "trace the model under `with jax.set_mesh(mesh):`")
+      raise ValueError(
+        f"batch_axes {axes}: the context mesh {mesh.axis_names} has no axes {missing}; "
+        "trace the model under `with jax.set_mesh(mesh):`"
+      )
     devices = math.prod(mesh.shape[a] for a in axes)
     if batch % devices:
       raise ValueError(f"x batch {batch} must be a multiple of the {devices} devices of batch_axes {axes}")
@@ -440,7 +501,8 @@ class WanModel(nnx.Module):
     if c.remat:
       run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.save_only_these_names(*c.remat_saves))
     tokens, (sparsity, probed) = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(
-        self.blocks, tokens)
+      self.blocks, tokens
+    )
 
     head_mod = self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :]  # [b, 2, dim]
     shift, scale = head_mod[:, 0, None, :], head_mod[:, 1, None, :]
