@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from benchmarks import mask as mask_benchmark
 from benchmarks import timing
-from pallas_kernels import index_table, triton_block_sparse
+from pallas_kernels.block_mask import triton_index_table as index_table
+from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
 from sparge_jax import attention
 from sparge_jax import mask as mask_lib
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from pallas_kernels import index_table
+from pallas_kernels.block_mask import triton_index_table as index_table
 from sparge_jax import mask as mask_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
-from pallas_kernels import index_table, mask_pool, mask_select
+from pallas_kernels.block_mask import triton_index_table as index_table
+from pallas_kernels.block_mask import triton_pool as mask_pool
+from pallas_kernels.block_mask import triton_select as mask_select
 from sparge_jax import attention
 
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from benchmarks import timing
 from benchmarks.attention import random_block_mask
-from pallas_kernels import mosaic_block_sparse, triton_block_sparse
+from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
+from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
 from sparge_jax import attention
 from sparge_jax import mask as mask_lib
 

@@ -104,7 +104,7 @@ def attention_outputs_probe(attention_config: AttentionConfig):
       mode=attention_config.mode,
       block_q=attention_config.block_q,
       block_kv=attention_config.block_kv,
-      backend=attention_config.backend,
+      backend=attention_config.implementation or "auto",
     )
     return out.astype(jnp.float32), dense
 

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sparsities:
       # Top-k keeps whole blocks (ceil((1 - s) * n_kv) per row), so its sparsity is what it is; the other
       # rules are tuned to Top-k's realized sparsity so that no rule gets more blocks than another.
-      kwargs = dict(heads=heads, block_q=block_q, block_kv=block_kv, backend=a.backend)
+      kwargs = dict(heads=heads, block_q=block_q, block_kv=block_kv, backend=a.implementation or "auto")
       tuned[f"topk@{s}"] = tune(graphdef, teacher_params, data, rule="topk", target=s, **kwargs)
       matched = float(np.mean(tuned[f"topk@{s}"]["sparsity"]))
       for rule in ("hybrid", "topp"):
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         mode=RULE[run["condition"]],
         block_q=block_q,
         block_kv=block_kv,
-        backend=a.backend,
+        implementation=a.implementation,
       )
       loss, data_path = ("distill" if run["condition"].startswith("distill") else "diffusion"), None
     run_graphdef = evaluation.with_attention(dense_config, attention_config)[1]

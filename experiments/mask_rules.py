@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import write_results
+from pallas_kernels.block_sparse_attention.reference import masked_attention_reference
 from sparge_jax import attention
 from sparge_jax.mask import pooled_block_probs_reference
-from sparge_jax.reference import masked_attention_reference
 
 RULES = ("topk", "topp", "hybrid")
 HEAD_DIM = 64

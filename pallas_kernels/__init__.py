@@ -1,5 +1,7 @@
-"""Pallas kernels of sparge-jax: block-sparse attention (forward, dQ, dK/dV),
-mask pooling, block selection and index tables.
+"""The ops of sparge-jax, one package each: its plain-JAX reference, its XLA backend and its Pallas kernels.
 
-Kernels only; the public API is `sparge_jax.attention`. Importable without Flax.
+- `block_mask`: pooled block scores, Top-k ∪ Top-p selection, index tables.
+- `block_sparse_attention`: attention over the kept blocks (forward, dQ, dK/dV).
+
+No Flax and no public API here: `sparge_jax.attention` is the interface.
 """

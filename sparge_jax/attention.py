@@ -25,9 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import index_table, mask_pool, mask_select, mosaic_block_sparse, triton_block_sparse
+from pallas_kernels.block_mask import triton_index_table as index_table
+from pallas_kernels.block_mask import triton_pool as mask_pool
+from pallas_kernels.block_mask import triton_select as mask_select
+from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
+from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
+from pallas_kernels.block_sparse_attention import xla as xla_block_sparse
 from sparge_jax import mask as mask_lib
-from sparge_jax import xla_block_sparse
 
 BACKENDS = ("auto", "xla", "triton", "mosaic")
 MODES = mask_lib.MODES

@@ -26,7 +26,7 @@ def check_block(name: str, block) -> None:
 def check_fraction(name: str, value) -> None:
   """ValueError naming `name` unless `value` is a concrete float in [0, 1] (NaN fails)."""
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
-    raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
+    raise ValueError(f"{name} must be in [0, 1] (a float), got {value!r}")
 
 
 def _as_fraction_or_tuple(name: str, value):

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_attention.reference import masked_attention_reference
 from sparge_jax import attention
-from sparge_jax.reference import masked_attention_reference
 
 # (batch, q_len, kv_len, heads, head_dim, block_q, block_kv): lengths that are not block multiples,
 # q shorter and longer than kv, a single kv block, head dims 64 and 128.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mask_pool
+from pallas_kernels.block_mask import triton_pool as mask_pool
 from sparge_jax import attention
 from sparge_jax import mask as mask_lib
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import index_table, mask_pool
+from pallas_kernels.block_mask import triton_index_table as index_table
+from pallas_kernels.block_mask import triton_pool as mask_pool
 from sparge_jax import attention
 from sparge_jax import mask as mask_lib
 

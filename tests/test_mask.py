@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import index_table as index_table_kernel
-from pallas_kernels import mask_select
+from pallas_kernels.block_mask import triton_index_table as index_table_kernel
+from pallas_kernels.block_mask import triton_select as mask_select
 from sparge_jax import attention
 from sparge_jax import mask as mask_lib
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_block_sparse
+from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
+from pallas_kernels.block_sparse_attention.reference import masked_attention_reference, token_mask
 from sparge_jax import mask as mask_lib
-from sparge_jax.reference import masked_attention_reference, token_mask
 
 # (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
 # that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs

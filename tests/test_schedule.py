@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.schedule import balanced_schedule
+from pallas_kernels.block_sparse_attention.schedule import balanced_schedule
 
 
 def _lanes_items(work, lanes):

@@ -85,7 +85,7 @@ def final_params(workdir, step):
     (["--config.attention.topkk=0.1"], "unknown config field --config.attention.topkk"),
     (["--config.steps=ten"], "--config.steps: expected int, got 'ten'"),
     (["--config.steps=0"], "--config.steps=0: must be >= 1"),
-    (["--config.attention.topk=1.5"], "--config.attention.topk=1.5: must be in [0, 1]"),
+    (["--config.attention.topk=1.5"], "--config.attention.topk=1.5: topk must be in [0, 1]"),
     (["--config.attention.kind=medium"], "--config.attention.kind='medium'"),
     (["--config.attention.block_kv=24"], "block_kv must be a power of two"),
     (["--config.loss=l1"], "--config.loss: 'l1' is not one of ['distill', 'diffusion']"),

@@ -220,7 +220,7 @@ def _check_sparse_attention(attention: AttentionConfig, model: WanConfig) -> Non
         mode=attention.mode,
         block_q=attention.block_q,
         block_kv=attention.block_kv,
-        backend=attention.backend,
+        backend=attention.implementation or "auto",
       ),
       q,
     )

@@ -79,7 +79,7 @@ def override(config: Any, dotted: str, text: str) -> Any:
     try:
       return dataclasses.replace(node, **{name: value})
     except ValueError as e:  # the dataclass's own __post_init__ checks
-      raise ValueError(f"--config.{here}={text!r}: {e}") from None
+      raise ValueError(f"--config.{here}={value!r}: {e}") from None
 
   return replace(config, dotted.split("."), "")
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sparge_jax.models.safetensors_io import SafetensorsFolder
 from sparge_jax.models.wan.model import WanConfig, WanModel
 
 CONFIG_NAME = "config.json"
@@ -178,32 +178,6 @@ def config_to_diffusers(config: WanConfig) -> dict:
   return fields
 
 
-def _tensor_index(folder: Path) -> dict[str, Path]:
-  """diffusers key -> the safetensors file that holds it."""
-  if (folder / INDEX_NAME).is_file():
-    weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
-    missing_files = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-    if missing_files:
-      raise ValueError(f"{folder / INDEX_NAME} names shard files that are not in {folder}: {missing_files}")
-    return {key: folder / f for key, f in weight_map.items()}
-  if (folder / WEIGHTS_NAME).is_file():
-    with safe_open(folder / WEIGHTS_NAME, "np") as f:
-      return {key: folder / WEIGHTS_NAME for key in f.keys()}
-  raise ValueError(f"path {folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-
-
-def _read_shapes(index: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-  shapes = {}
-  for file in sorted(set(index.values())):
-    with safe_open(file, "np") as f:
-      stored = set(f.keys())
-      for key in (k for k, v in index.items() if v == file):
-        if key not in stored:
-          raise ValueError(f"the index puts {key!r} in {file.name}, which does not hold it")
-        shapes[key] = tuple(f.get_slice(key).get_shape())
-  return shapes
-
-
 def _check_tensors(entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) -> None:
   expected = {key: entry.tensor_shape for entry in entries for key in entry.keys}
   problems = []
@@ -241,23 +215,22 @@ def load_diffusers(
   if not folder.is_dir() or not (folder / CONFIG_NAME).is_file():
     raise ValueError(f"path {folder} is not a diffusers transformer folder (no {CONFIG_NAME})")
   config = config_from_diffusers(json.loads((folder / CONFIG_NAME).read_text()), dtype=dtype, **overrides)
-  index = _tensor_index(folder)
+  weights = SafetensorsFolder(folder, WEIGHTS_NAME)
 
   abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(state))
   entries = _plan(flat, config.num_layers)
-  _check_tensors(entries, _read_shapes(index))
+  _check_tensors(entries, weights.shapes)
 
   if mesh is not None:
     with nnx.logical_axis_rules(_complete_rules(rules, flat)):
       specs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
   host_dtype = np.dtype(dtype)
-  handles = {file: safe_open(file, "np") for file in set(index.values())}
   placed = []
   for entry, (path, variable) in zip(entries, flat):
     host = np.empty(entry.shape, host_dtype)
-    tensors = [_to_model(handles[index[key]].get_tensor(key), entry.layout) for key in entry.keys]
+    tensors = [_to_model(weights.get(key), entry.layout) for key in entry.keys]
     if path[0] == "blocks":
       for layer, tensor in enumerate(tensors):
         host[layer] = tensor

@@ -53,37 +53,11 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from sparge_jax import attention as sparge_attention
+from sparge_jax.config import AttentionConfig
 
-ATTENTION_KINDS = ("dense", "sparse")
 _ROPE_THETA = 10000.0
 # Wan's timestep sinusoid uses the usual 10,000 period.
 _TIME_MAX_PERIOD = 10000.0
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  """How self-attention runs. `kind="dense"` ignores the other fields.
-
-  topk, topp: floats in [0, 1] or per-head tuples; mode: "hybrid" | "topk" | "topp"; block_q,
-  block_kv: tile sizes in tokens; backend: passed to `sparge_jax.attention.sparse_attention`.
-  """
-
-  kind: str = "dense"
-  topk: float | tuple[float, ...] = 0.03
-  topp: float | tuple[float, ...] = 0.2
-  mode: str = "hybrid"
-  block_q: int = 128
-  block_kv: int = 64
-  backend: str = "auto"
-
-  def __post_init__(self):
-    if self.kind not in ATTENTION_KINDS:
-      raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {self.kind!r}")
-    # Lists would make the config unhashable, and it is static jit data.
-    for name in ("topk", "topp"):
-      value = getattr(self, name)
-      if isinstance(value, (list, np.ndarray)):
-        object.__setattr__(self, name, tuple(float(v) for v in value))
 
 
 # Block intermediates that `WanConfig.remat_saves` can keep through the backward pass.
@@ -329,7 +303,7 @@ def _attend(q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = (
     mode=attention.mode,
     block_q=attention.block_q,
     block_kv=attention.block_kv,
-    backend=attention.backend,
+    backend=attention.implementation or "auto",
     return_stats=True,
   )
   return out, stats["sparsity"].astype(jnp.float32)

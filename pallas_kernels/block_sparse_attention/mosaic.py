@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.schedule import balanced_schedule
+from pallas_kernels.block_sparse_attention.schedule import balanced_schedule
 
 LOG2E = math.log2(math.e)
 _MASKED = -1e30
