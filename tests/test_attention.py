@@ -199,8 +199,8 @@ def _qkv(batch=1, q_len=64, kv_len=64, heads=2, dim=32, dtype=jnp.float32):
     (lambda q, k, v: attention.sparse_attention(q, k, v[:, :32]), "same sequence length"),
     (lambda q, k, v: attention.sparse_attention(q.astype(jnp.int32), k, v), "q must have a floating dtype"),
     (lambda q, k, v: attention.sparse_attention(q, k, v.astype(jnp.bfloat16)), "share a dtype"),
-    (lambda q, k, v: attention.sparse_attention(q, k, v, topk=1.5), "topk must lie in"),
-    (lambda q, k, v: attention.sparse_attention(q, k, v, topp=-0.1), "topp must lie in"),
+    (lambda q, k, v: attention.sparse_attention(q, k, v, topk=1.5), "topk must be in"),
+    (lambda q, k, v: attention.sparse_attention(q, k, v, topp=-0.1), "topp must be in"),
     (
       lambda q, k, v: attention.sparse_attention(q, k, v, topk=jnp.array([0.1, 0.2, 0.3])),
       "topk must be a float or an array of shape",

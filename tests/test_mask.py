@@ -19,7 +19,7 @@ from sparge_jax import mask as mask_lib
 
 def _select(rows, topk, topp, mode="hybrid"):
   probs = jnp.asarray(rows, jnp.float32)[None, None]  # [1, 1, n_rows, n_kv]
-  return np.asarray(mask_lib.select_blocks(probs, topk, topp, mode))[0, 0]
+  return np.asarray(mask_lib.select_blocks_from_probs(probs, topk, topp, mode))[0, 0]
 
 
 def _brute_force(row, topk, topp, mode):
@@ -92,7 +92,7 @@ def test_per_head_values():
   rows = np.random.default_rng(2).dirichlet(np.ones(20), size=(1, 3, 4))
   topk = np.array([0.05, 0.5, 1.0])
   topp = np.array([0.9, 0.0, 0.0])
-  kept = np.asarray(mask_lib.select_blocks(jnp.asarray(rows, jnp.float32), topk, topp, "hybrid"))
+  kept = np.asarray(mask_lib.select_blocks_from_probs(jnp.asarray(rows, jnp.float32), topk, topp, "hybrid"))
   for h in range(3):
     for i in range(4):
       np.testing.assert_array_equal(kept[0, h, i], _brute_force(rows[0, h, i], topk[h], topp[h], "hybrid"))
@@ -186,8 +186,8 @@ def test_selection_kernel_matches_sorting_selection(mode):
   probs = jax.nn.softmax(logits, axis=-1)
   for topk, topp in [(0.1, 0.3), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), ([0.05, 0.2, 0.4], [0.9, 0.5, 0.1])]:
     np.testing.assert_array_equal(
-      mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
-      mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode),
+      mask_select.select_blocks_from_logits(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+      mask_lib.select_blocks_from_probs(probs, np.asarray(topk), np.asarray(topp), mode),
     )
 
 
@@ -196,10 +196,10 @@ def test_selection_kernel_launch_shapes_agree(rows_per_program, num_warps):
   # 9 rows: neither 4 nor 16 divides them, so the last program of each has rows past the end.
   logits = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 9, 40)) * 2.0
   probs = jax.nn.softmax(logits, axis=-1)
-  ours = mask_select.select_blocks(
+  ours = mask_select.select_blocks_from_logits(
     logits, 0.1, 0.6, "hybrid", interpret=True, rows_per_program=rows_per_program, num_warps=num_warps
   )
-  np.testing.assert_array_equal(ours, mask_lib.select_blocks(probs, 0.1, 0.6, "hybrid"))
+  np.testing.assert_array_equal(ours, mask_lib.select_blocks_from_probs(probs, 0.1, 0.6, "hybrid"))
 
 
 @pytest.mark.parametrize("mode", mask_lib.MODES)
@@ -213,8 +213,8 @@ def test_selection_kernel_long_rows(mode):
   probs = jax.nn.softmax(logits, axis=-1)
   for topk, topp in [(0.03, 0.2), (0.3, 0.9), ([0.0, 0.01, 0.5], [0.05, 0.0, 1.0])]:
     np.testing.assert_array_equal(
-      mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
-      mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode),
+      mask_select.select_blocks_from_logits(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+      mask_lib.select_blocks_from_probs(probs, np.asarray(topk), np.asarray(topp), mode),
     )
 
 
@@ -228,7 +228,7 @@ def test_selection_kernel_topk_matches_brute_force(seed, scale, ties, topk):
   if ties:
     logits = np.round(logits * 4 / scale)
   logits = jnp.asarray(logits, jnp.float32)
-  kept = np.asarray(mask_select.select_blocks(logits[None, None], topk, 0.0, "topk", interpret=True))[0, 0]
+  kept = np.asarray(mask_select.select_blocks_from_logits(logits[None, None], topk, 0.0, "topk", interpret=True))[0, 0]
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   for r in range(3):
     np.testing.assert_array_equal(kept[r], _brute_force_f32(probs[r], topk, 0.0, "topk"))
