@@ -235,3 +235,27 @@ def test_bad_input_raises_at_trace_time():
     jax.jit(lambda q, k, v: attention.sparse_attention(q, k, v, block_q=100)).trace(q, k, v)
   with pytest.raises(ValueError, match="topk must be"):
     jax.jit(lambda q, k, v, t: attention.sparse_attention(q, k, v, topk=t)).trace(q, k, v, jnp.zeros(3))
+
+
+# ----------------------------------------------- grouped heads, lengths, causal masking, lse cotangent
+
+FEATURE_CASES = {
+  # (batch, q_len, kv_len, heads, head_dim, block_q, block_kv), options
+  "gqa": ((2, 70, 90, 4, 32, 32, 16), dict(kv_heads=2)),
+  "mqa-causal-q-longer": ((1, 100, 70, 3, 32, 32, 16), dict(kv_heads=1, is_causal=True)),
+  "lengths-causal": (
+    (2, 77, 100, 2, 32, 32, 16),
+    dict(q_lengths=jnp.array([77, 40], jnp.int32), kv_lengths=jnp.array([100, 37], jnp.int32), is_causal=True),
+  ),
+  "gqa-causal-kv-longer-lengths": (
+    (1, 50, 130, 4, 32, 16, 32),
+    dict(kv_heads=2, is_causal=True, kv_lengths=jnp.array([101], jnp.int32)),
+  ),
+}
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS, ids=backend_ids)
+@pytest.mark.parametrize("case", FEATURE_CASES)
+def test_features_match_reference_with_lse(backend, interpret, case):
+  shape, options = FEATURE_CASES[case]
+  cases.check_backend(backend, interpret, shape, seed=30 + len(case), density=0.5, with_lse=True, **options)

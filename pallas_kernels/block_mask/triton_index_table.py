@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_mask.index_table import transposed_mask
+from pallas_kernels.varying import shape_dtype, varying_axes
 
 _ROWS = 4
 
@@ -48,6 +49,7 @@ def index_table(mask, interpret: bool = False):
   *lead, n_rows, n_cols = mask.shape
   flat = mask.reshape(-1, n_rows, n_cols)  # bool is read as bytes: no conversion pass
   n_pad = pl.next_power_of_2(n_cols)
+  axes = varying_axes(mask)
   index, count = pl.pallas_call(
     functools.partial(_index_table_kernel, n_rows=n_rows, n_cols=n_cols, n_pad=n_pad),
     grid=(pl.cdiv(n_rows, _ROWS), flat.shape[0]),
@@ -56,7 +58,7 @@ def index_table(mask, interpret: bool = False):
       pl.BlockSpec((None, _ROWS, n_pad), lambda i, b: (b, i, 0)),
       pl.BlockSpec((None, _ROWS), lambda i, b: (b, i)),
     ],
-    out_shape=[jax.ShapeDtypeStruct(flat.shape, jnp.int32), jax.ShapeDtypeStruct(flat.shape[:2], jnp.int32)],
+    out_shape=[shape_dtype(flat.shape, jnp.int32, axes), shape_dtype(flat.shape[:2], jnp.int32, axes)],
     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
     interpret=interpret,
     name="index_table",

@@ -16,6 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.varying import shape_dtype, varying_axes
+
 
 def _block_mean(x_ref, start, *, block, seq, length_ref):
   """Mean of the valid tokens of x_ref's block ([block, dim]) that starts at token `start`; 0 if none.
@@ -84,6 +86,7 @@ def block_means_pair(q, k, *, block_q, block_kv, q_seq_lengths=None, kv_seq_leng
     q_lengths=q_seq_lengths is not None,
     kv_lengths=kv_seq_lengths is not None,
   )
+  axes = varying_axes(q, k, q_seq_lengths, kv_seq_lengths)
   return pl.pallas_call(
     kernel,
     grid=(heads, n_q + n_kv, batch),
@@ -98,8 +101,8 @@ def block_means_pair(q, k, *, block_q, block_kv, q_seq_lengths=None, kv_seq_leng
       pl.BlockSpec((None, None, None, dim), lambda h, i, b: (b, k_head(h), k_block(i), 0)),
     ],
     out_shape=[
-      jax.ShapeDtypeStruct((batch, heads, n_q, dim), jnp.float32),
-      jax.ShapeDtypeStruct((batch, kv_heads, n_kv, dim), jnp.float32),
+      shape_dtype((batch, heads, n_q, dim), jnp.float32, axes),
+      shape_dtype((batch, kv_heads, n_kv, dim), jnp.float32, axes),
     ],
     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
     interpret=interpret,
@@ -144,7 +147,7 @@ def pooled_logits(q_means, k_means, *, scale, interpret=False, q_tile=128, kv_ti
       pl.BlockSpec((None, kv_tile, dim), lambda i, j, bh: (kv_row(bh), j, 0)),
     ],
     out_specs=pl.BlockSpec((None, q_tile, kv_tile), lambda i, j, bh: (bh, i, j)),
-    out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.float32),
+    out_shape=shape_dtype((batch * heads, n_q, n_kv), jnp.float32, varying_axes(q_means, k_means)),
     compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
     name="pooled_block_logits",

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.block_mask.reference import COUNT_SLACK as _COUNT_SLACK
+from pallas_kernels.varying import shape_dtype, varying_axes
 
 _INF_BITS = 0x7F800000
 
@@ -229,7 +230,7 @@ def select_blocks_from_logits(
     grid=(pl.cdiv(n_q, rows_per_program), batch * heads),
     in_specs=[*fraction_specs, *row_specs, rows_spec],
     out_specs=rows_spec,
-    out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.bool_),
+    out_shape=shape_dtype((batch * heads, n_q, n_kv), jnp.bool_, varying_axes(logits, fractions, row_inputs)),
     compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
     name="select_blocks",

@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.varying import shape_dtype, varying_axes
+
 LOG2E = math.log2(math.e)
 _MASKED = -1e30
 # The forward's running max starts above every masked score and below every real one, so a row whose
@@ -221,6 +223,7 @@ def forward(
   q_tile = pl.BlockSpec((None, block_q, None, padded_dim), lambda i, b, h: (b, i, h, 0))
   kv_full = pl.BlockSpec((None, kv_len, None, padded_dim), lambda i, b, h: (b, 0, h // group, 0))
   lengths, length_specs = _lengths_args(kv_seq_lengths, lambda i, b, h: (b, 0))
+  axes = varying_axes(q, k, v, kv_block_index, kv_block_count, kv_seq_lengths)
   out, lse = pl.pallas_call(
     kernel,
     grid=(n_q_blocks, batch, heads),
@@ -233,7 +236,7 @@ def forward(
       kv_full,
     ],
     out_specs=[q_tile, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
-    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
+    out_shape=[shape_dtype(q.shape, q.dtype, axes), shape_dtype((batch, heads, q_len), jnp.float32, axes)],
     compiler_params=_compiler_params(num_warps, num_stages),
     interpret=interpret,
     name="block_sparse_forward",
@@ -396,6 +399,8 @@ def backward(
   q, k, v, d_out = _pad_head_dim(q, k, v, d_out)
   padded_dim = q.shape[-1]
   has_lengths = kv_seq_lengths is not None
+  tables = (kv_block_index, kv_block_count, q_block_index, q_block_count)
+  axes = varying_axes(q, k, v, out, lse, d_out, d_lse, tables, kv_seq_lengths)
   statics = dict(
     scale=scale,
     block_q=block_q,
@@ -428,7 +433,7 @@ def backward(
       row_tile,
     ],
     out_specs=q_tile,
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    out_shape=shape_dtype(q.shape, q.dtype, axes),
     compiler_params=params,
     interpret=interpret,
     name="block_sparse_dq",
@@ -455,7 +460,7 @@ def backward(
       rows_full,
     ],
     out_specs=[kv_tile, kv_tile],
-    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    out_shape=[shape_dtype(k.shape, k.dtype, axes), shape_dtype(v.shape, v.dtype, axes)],
     compiler_params=params,
     interpret=interpret,
     name="block_sparse_dkv",

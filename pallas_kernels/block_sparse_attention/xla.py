@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.varying import vary, varying_axes
+
 _MASKED = -1e30  # finite, so masked columns never make inf - inf = NaN
 _HI = lax.Precision.HIGHEST
 
@@ -132,6 +134,9 @@ def forward(
     jnp.full(rows_shape, -jnp.inf, jnp.float32),
     jnp.zeros(rows_shape, jnp.float32),
   )
+  # Under shard_map's check_vma the carry must vary over the axes the inputs do.
+  axes = varying_axes(q, k, v, kv_block_index, kv_block_count, kv_seq_lengths)
+  init = tuple(vary(x, axes) for x in init)
   acc, row_max, row_sum = lax.fori_loop(0, jnp.max(kv_block_count, initial=0), step, init)
   empty = row_sum == 0
   out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
@@ -212,13 +217,10 @@ def backward(
     d_scores = probs * (d_probs - delta_tile[..., None])
     return dk + jnp.einsum("bhjqk,bhjqd->bhjkd", d_scores, q_tile, precision=_HI), dv
 
-  dq = lax.fori_loop(0, jnp.max(kv_block_count, initial=0), dq_step, jnp.zeros_like(qb))
-  dk, dv = lax.fori_loop(
-    0,
-    jnp.max(q_block_count, initial=0),
-    dkv_step,
-    (jnp.zeros_like(kb), jnp.zeros(vb.shape[:-1] + (v.shape[-1],), jnp.float32)),
-  )
+  axes = varying_axes(q, k, v, out, lse, d_out, d_lse, kv_block_index, q_block_index, kv_seq_lengths)
+  dq = lax.fori_loop(0, jnp.max(kv_block_count, initial=0), dq_step, vary(jnp.zeros(qb.shape, jnp.float32), axes))
+  dkv_init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape[:-1] + (v.shape[-1],), jnp.float32))
+  dk, dv = lax.fori_loop(0, jnp.max(q_block_count, initial=0), dkv_step, tuple(vary(x, axes) for x in dkv_init))
   return (
     _from_blocks(_ungroup(dq, heads) * scale, q_len).astype(q.dtype),
     _from_blocks(dk * scale, kv_len).astype(k.dtype),
