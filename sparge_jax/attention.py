@@ -77,6 +77,11 @@ def _default_scale(scale, head_dim):
   return float(head_dim) ** -0.5 if scale is None else float(scale)
 
 
+def _as_lengths(lengths):
+  """Array-likes as arrays, as jax.nn takes them (a list of ints becomes int32)."""
+  return None if lengths is None else jnp.asarray(lengths)
+
+
 def _check_common(q, k, v, *, block_q, block_kv, scale, query_seq_lengths, key_value_seq_lengths, names=None):
   config.check_qkv(q, k, v, **({} if names is None else {"names": names}))
   config.check_block("block_q", block_q)
@@ -287,6 +292,7 @@ def block_mask(
   keeps at least one. No gradient flows through the mask.
   """
   implementation, argument = _implementation(implementation, backend)
+  query_seq_lengths, key_value_seq_lengths = _as_lengths(query_seq_lengths), _as_lengths(key_value_seq_lengths)
   _check_common(
     q,
     k,
@@ -345,6 +351,7 @@ def block_sparse_attention(
   output is zero.
   """
   implementation, argument = _implementation(implementation, backend)
+  query_seq_lengths, key_value_seq_lengths = _as_lengths(query_seq_lengths), _as_lengths(key_value_seq_lengths)
   _check_common(
     q,
     k,
@@ -408,6 +415,7 @@ def sparse_attention(
   results come in that order: out, lse, stats.
   """
   implementation, argument = _implementation(implementation, backend)
+  query_seq_lengths, key_value_seq_lengths = _as_lengths(query_seq_lengths), _as_lengths(key_value_seq_lengths)
   _check_common(
     q,
     k,
