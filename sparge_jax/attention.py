@@ -26,18 +26,12 @@ cotangent of the returned log-sum-exp (lse) as well; the mask is a constant for 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from pallas_kernels.block_mask import reference as mask_reference
-from pallas_kernels.block_mask import triton_pool, triton_select
-from pallas_kernels.block_mask.index_table import transposed_mask
+from sparge_jax import attention_core as core
 from sparge_jax import backends, config
 
 BACKENDS = ("auto", *backends.NAMES)  # what the deprecated `backend=` argument accepts
@@ -54,8 +48,7 @@ __all__ = [
   "sparse_attention",
 ]
 
-# The lse jax.nn gives a query row that attends no key: its large negative logit (-0.7 · float32 max).
-PADDED_ROW_LSE = float(np.float32(-0.7 * np.finfo(np.float32).max))
+PADDED_ROW_LSE = core.PADDED_ROW_LSE  # the lse of rows that attend no key, as jax.nn gives padded rows
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -91,19 +84,6 @@ def _check_common(q, k, v, *, block_q, block_kv, scale, query_seq_lengths, key_v
   config.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, q.shape[0])
 
 
-@dataclasses.dataclass(frozen=True)
-class _Kernel:
-  """The static half of one attention call: the backend and everything its kernels are compiled for."""
-
-  backend: str
-  block_q: int
-  block_kv: int
-  scale: float
-  is_causal: bool
-  interpret: bool
-  kv_heads: int
-
-
 def _kernel(q, k, *, implementation, argument, block_q, block_kv, scale, is_causal, kv_lengths, residual, interpret):
   """Resolves the backend (once per call) and the kernels' static settings."""
   call = backends.call_of(
@@ -117,144 +97,9 @@ def _kernel(q, k, *, implementation, argument, block_q, block_kv, scale, is_caus
     interpret=interpret,
   )
   backend = backends.choose(implementation, call, argument=argument)
-  return _Kernel(
+  return core.Kernel(
     backend.name, block_q, block_kv, _default_scale(scale, q.shape[-1]), bool(is_causal), bool(interpret), k.shape[2]
   )
-
-
-# --------------------------------------------------------------------------------------- the vjp
-
-
-@functools.cache
-def _attention_vjp(kernel: _Kernel):
-  """(q, k, v, kv_lengths, mask) -> (out [B, T, N, H], lse float32 [B, N, T]), differentiable in q, k, v."""
-  backend = backends.TABLE[kernel.backend]
-  kwargs = backend.kernel_kwargs(
-    block_q=kernel.block_q,
-    block_kv=kernel.block_kv,
-    scale=kernel.scale,
-    is_causal=kernel.is_causal,
-    interpret=kernel.interpret,
-  )
-
-  def forward(q, k, v, kv_lengths, mask):
-    forward_table = backend.index_table(mask, interpret=kernel.interpret)
-    out, lse = backend.forward(q, k, v, *forward_table, kv_seq_lengths=kv_lengths, **kwargs)
-    return (out, lse), forward_table
-
-  @jax.custom_vjp
-  def attention(q, k, v, kv_lengths, mask):
-    return forward(q, k, v, kv_lengths, mask)[0]
-
-  def attention_fwd(q, k, v, kv_lengths, mask):
-    q, k, v, kv_lengths, mask = custom_vjp_primal_tree_values((q, k, v, kv_lengths, mask))
-    (out, lse), forward_table = forward(q, k, v, kv_lengths, mask)
-    return (out, lse), (q, k, v, kv_lengths, mask, out, lse, forward_table)
-
-  def attention_bwd(residuals, cotangents):
-    q, k, v, kv_lengths, mask, out, lse, forward_table = residuals
-    d_out, d_lse = cotangents
-    # Symbolic zeros: a loss that ignores lse passes no d_lse, and the kernels skip its term.
-    d_out = jnp.zeros_like(out) if isinstance(d_out, SymbolicZero) else d_out
-    d_lse = None if isinstance(d_lse, SymbolicZero) else d_lse
-    # The dK/dV table (per kv head and kv block: its query heads' q blocks) is built only here.
-    backward_table = backend.index_table(transposed_mask(mask, kernel.kv_heads), interpret=kernel.interpret)
-    dq, dk, dv = backend.backward(
-      q, k, v, out, lse, d_out, d_lse, *forward_table, *backward_table, kv_seq_lengths=kv_lengths, **kwargs
-    )
-    return dq, dk, dv, None, None
-
-  attention.defvjp(attention_fwd, attention_bwd, symbolic_zeros=True)
-  return attention
-
-
-# --------------------------------------------------------------------------------- traced bodies
-
-
-def _clipped(lengths, size):
-  return None if lengths is None else jnp.clip(lengths, 0, size).astype(jnp.int32)
-
-
-def _limits(q_len, kv_len, *, block_q, block_kv, q_lengths, kv_lengths, is_causal):
-  """(limit, anchor) of `kv_block_limits`, or (None, None) when every block is allowed."""
-  if q_lengths is None and kv_lengths is None and not is_causal:
-    return None, None
-  return mask_reference.kv_block_limits(
-    q_len=q_len,
-    kv_len=kv_len,
-    block_q=block_q,
-    block_kv=block_kv,
-    q_seq_lengths=q_lengths,
-    kv_seq_lengths=kv_lengths,
-    is_causal=is_causal,
-  )
-
-
-@functools.partial(
-  jax.jit, static_argnames=("mode", "block_q", "block_kv", "scale", "is_causal", "implementation", "interpret")
-)
-def _block_mask(
-  q, k, topk, topp, q_lengths, kv_lengths, *, mode, block_q, block_kv, scale, is_causal, implementation, interpret
-):
-  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-  q_lengths, kv_lengths = _clipped(q_lengths, q.shape[1]), _clipped(kv_lengths, k.shape[1])
-  topk, topp = config.clamp_fractions(topk), config.clamp_fractions(topp)
-  limit, anchor = _limits(
-    q.shape[1],
-    k.shape[1],
-    block_q=block_q,
-    block_kv=block_kv,
-    q_lengths=q_lengths,
-    kv_lengths=kv_lengths,
-    is_causal=is_causal,
-  )
-  if implementation == "xla":
-    logits = mask_reference.pooled_block_logits_reference(
-      q, k, block_q=block_q, block_kv=block_kv, scale=scale, q_seq_lengths=q_lengths, kv_seq_lengths=kv_lengths
-    )
-    allowed = True if limit is None else mask_reference.allowed_blocks(limit, logits.shape[-1])[:, None]
-    probs = mask_reference.masked_softmax(logits, allowed)
-    return mask_reference.select_blocks_from_probs(probs, topk, topp, mode, kv_block_limit=limit, anchor=anchor)
-  logits = triton_pool.pooled_block_logits(
-    q,
-    k,
-    block_q=block_q,
-    block_kv=block_kv,
-    scale=scale,
-    q_seq_lengths=q_lengths,
-    kv_seq_lengths=kv_lengths,
-    interpret=interpret,
-  )
-  return triton_select.select_blocks_from_logits(
-    logits, topk, topp, mode, kv_block_limit=limit, anchor=anchor, interpret=interpret
-  )
-
-
-@functools.partial(jax.jit, static_argnames=("kernel",))
-def _block_sparse_attention(q, k, v, mask, q_lengths, kv_lengths, *, kernel: _Kernel):
-  """(out [B, T, N, H] in q's dtype, lse [B, T, N] in q's dtype) with jax.nn's conventions."""
-  q_len, kv_len = q.shape[1], k.shape[1]
-  q_lengths, kv_lengths = _clipped(q_lengths, q_len), _clipped(kv_lengths, kv_len)
-  mask = jax.lax.stop_gradient(mask)
-  limit, _ = _limits(
-    q_len,
-    kv_len,
-    block_q=kernel.block_q,
-    block_kv=kernel.block_kv,
-    q_lengths=q_lengths,
-    kv_lengths=kv_lengths,
-    is_causal=kernel.is_causal,
-  )
-  if limit is not None:  # the kernels are never given a block no query of the row may attend
-    mask = mask & mask_reference.allowed_blocks(limit, mask.shape[-1])[:, None]
-  out, lse = _attention_vjp(kernel)(q, k, v, kv_lengths, mask)
-  attended = ~jnp.isneginf(lse)
-  if q_lengths is not None:
-    valid_q = jnp.arange(q_len) < q_lengths[:, None]  # [B, T]
-    out = jnp.where(valid_q[:, :, None, None], out, jnp.zeros((), out.dtype))
-    attended = attended & valid_q[:, None, :]
-  lse = jnp.where(attended, lse, PADDED_ROW_LSE)
-  return out, jnp.swapaxes(lse, 1, 2).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -306,7 +151,7 @@ def block_mask(
   config.check_fractions("topk", topk, q.shape[2])
   config.check_fractions("topp", topp, q.shape[2])
   config.check_choice("mode", mode, MODES)
-  return _block_mask(
+  return core.block_mask(
     q,
     k,
     jnp.asarray(topk, jnp.float32),
@@ -383,7 +228,7 @@ def block_sparse_attention(
     residual=return_residual,
     interpret=interpret,
   )
-  out, lse = _block_sparse_attention(q, k, v, mask, query_seq_lengths, key_value_seq_lengths, kernel=kernel)
+  out, lse = core.block_sparse_attention(q, k, v, mask, query_seq_lengths, key_value_seq_lengths, kernel=kernel)
   return (out, lse) if return_residual else out
 
 
@@ -442,7 +287,7 @@ def sparse_attention(
     residual=return_residual,
     interpret=interpret,
   )
-  mask = _block_mask(
+  mask = core.block_mask(
     q,
     k,
     jnp.asarray(topk, jnp.float32),
@@ -457,7 +302,7 @@ def sparse_attention(
     implementation=backends.mask_implementation(kernel.backend, q.dtype, interpret=interpret),
     interpret=kernel.interpret,
   )
-  out, lse = _block_sparse_attention(q, k, v, mask, query_seq_lengths, key_value_seq_lengths, kernel=kernel)
+  out, lse = core.block_sparse_attention(q, k, v, mask, query_seq_lengths, key_value_seq_lengths, kernel=kernel)
   results = (out, lse) if return_residual else (out,)
   if return_stats:
     kept = jnp.sum(mask, axis=(-2, -1), dtype=jnp.int32)

@@ -21,6 +21,7 @@ boundary falls within float rounding may keep one block more or less than the re
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +237,9 @@ def select_blocks_from_logits(
     name="select_blocks",
   )(*fractions, *row_inputs, logits.reshape(batch * heads, n_q, n_kv))
   return keep.reshape(batch, heads, n_q, n_kv)
+
+
+def select_blocks(logits, topk, topp, mode: str, **kwargs):
+  """Deprecated name of `select_blocks_from_logits` (kept while callers move)."""
+  warnings.warn("select_blocks is now select_blocks_from_logits", DeprecationWarning, stacklevel=2)
+  return select_blocks_from_logits(logits, topk, topp, mode, **kwargs)
