@@ -125,7 +125,8 @@ def check_backend(
     attended = np.isfinite(np.asarray(ref_lse)) & np.asarray(valid_q)[:, :, None]
     errors["lse"] = rel_err(np.asarray(lse, np.float32)[attended], np.asarray(ref_lse)[attended])
     # Rows that attend no key (padded queries, emptied mask rows) get jax.nn's value.
-    np.testing.assert_array_equal(np.asarray(lse, np.float32)[~attended], np.float32(attention.PADDED_ROW_LSE))
+    padded_row_lse = np.asarray(jnp.asarray(attention.PADDED_ROW_LSE, dtype), np.float32)
+    np.testing.assert_array_equal(np.asarray(lse, np.float32)[~attended], padded_row_lse)
   for name, g, rg, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
     assert g.shape == x.shape and g.dtype == x.dtype
     errors[name] = rel_err(g, rg)
