@@ -16,14 +16,13 @@ once with a sparse and once with a dense student, in the same process. The batch
 ``(data=1, fsdp=N)`` mesh of all devices (FSDP); the default batch is one video per device, and each
 device attends over its own videos only (``WanConfig.batch_axes``, as in the trainer).
 The default mask is Top-k 5% (``--mode topk``), which pins sparsity near 95% whatever the random
-weights do; the realised sparsity is recorded. Writes ``benchmarks/results/distill-<device>-x<devices>.json``.
+weights do; the realised sparsity is recorded. Writes ``benchmarks/results/distill-x<devices>-<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 
 import jax
@@ -32,13 +31,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import timing
+from benchmarks.results import results_path, write_results
 from sparge_jax.models.wan import AttentionConfig, WanModel
 from sparge_jax.models.wan.model import REMAT_SAVEABLE
 from train import distill, sharding
 from train.configs import DataConfig, MeshConfig, tiny, validate, wan2_1_1_3b
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument(
-    "--out", default=None, help="results file (default: benchmarks/results/distill-<device>-x<devices>.json)"
+    "--out", default=None, help="results file (default: benchmarks/results/distill-x<devices>-<device>.json)"
   )
   args = parser.parse_args(argv)
   for name in ("layers", "batch", "steps"):
@@ -232,8 +229,8 @@ def main(argv=None) -> None:
     },
     **results,
   }
-  out = args.out or os.path.join(RESULTS, f"distill-{timing.device_slug()}-x{jax.device_count()}.json")
-  timing.write_results(out, record)  # adds jax_version and date; written whole (temp file, rename)
+  out = args.out or results_path(f"distill-x{jax.device_count()}")
+  write_results(out, record)
   s, d = results["sparse"], results["dense"]
   print(
     f"{record['device']}, {record['setup']['tokens_per_video']} tokens x batch {config.batch_size}, "

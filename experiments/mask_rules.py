@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import write_results
+from benchmarks.results import write_results
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference
 from sparge_jax import attention
 from sparge_jax.mask import pooled_block_probs_reference

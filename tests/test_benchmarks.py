@@ -1,10 +1,17 @@
-"""Benchmark helpers that run without a GPU: the results file and the speedup plot."""
+"""Benchmark pieces that run without a GPU: inputs and masks, the calls the suites time, the results file,
+the targets, the plots, and the PyTorch peers' inputs (where torch is installed)."""
 
 import json
+import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from benchmarks import plot, timing
+from benchmarks import attention as attention_benchmark
+from benchmarks import inputs, plot, results, timing
+from pallas_kernels.block_sparse_attention.reference import token_mask
 
 
 def _record(backend, sparsity, fwd, fwd_bwd):
@@ -15,27 +22,37 @@ def _record(backend, sparsity, fwd, fwd_bwd):
 
 def test_results_file_is_written_whole_with_provenance(tmp_path):
   path = tmp_path / "results" / "device.json"
-  timing.write_results(str(path), {"records": [_record("mosaic", 0.95, 16.0, 14.0)]})
+  results.write_results(str(path), {"records": [_record("mosaic", 0.95, 16.0, 14.0)]})
   payload = json.loads(path.read_text())
-  assert {"device", "jax_version", "date", "records"} <= payload.keys()
+  assert {"device", "jax_version", "date", "git_commit", "records"} <= payload.keys()
+  assert payload["device"] == results.device_name() and payload["records"][0]["fwd_speedup"] == 16.0
+  assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", payload["git_commit"])  # the tests run in a checkout
   assert [p.name for p in path.parent.iterdir()] == ["device.json"]  # no temp file left behind
+  results.write_results(str(path), {"records": []}, device="NVIDIA H200")  # a peer names its device
+  assert json.loads(path.read_text())["device"] == "NVIDIA H200"
+
+
+def test_results_files_are_named_by_what_and_device():
+  assert results.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+  path = results.results_path("attention", "NVIDIA H200")
+  assert path.endswith("benchmarks/results/attention-nvidia-h200.json")
+  assert results.results_path("mask") == results.results_path("mask", results.device_name())
+  assert results.compute_capability() is None and not results.on_hopper()  # the CPU suite
 
 
 def test_plot_writes_a_figure(tmp_path):
-  results = tmp_path / "r.json"
-  timing.write_results(
-    str(results), {"records": [_record("mosaic", s, 1 / (1.1 - s), 0.8 / (1.1 - s)) for s in (0.0, 0.8, 0.9, 0.95)]}
-  )
+  results_file = tmp_path / "r.json"
+  records = [_record("mosaic", s, 1 / (1.1 - s), 0.8 / (1.1 - s)) for s in (0.0, 0.8, 0.9, 0.95)]
+  records.append(dict(_record("mosaic", 0.95, 19.0, 15.0), case="32760x32x128 GQA 32/8", heads=32, kv_heads=8))
+  results.write_results(str(results_file), {"records": records})
   out = tmp_path / "speedup.png"
-  plot.main([str(results), "--out", str(out)])
+  plot.main([str(results_file), "--out", str(out)])
   assert out.stat().st_size > 10_000
   with pytest.raises(SystemExit):
     plot.main([str(tmp_path / "missing.json"), "--out", str(out)])
 
 
 def test_index_table_variants_agree_with_the_library(tmp_path):
-  import json
-
   from benchmarks import index_tables
 
   out = tmp_path / "tables.json"
@@ -61,9 +78,6 @@ def test_device_busy_periods_are_split_at_idle_gaps():
 
 
 def test_trace_events_come_from_a_real_profiler_trace():
-  import jax
-  import jax.numpy as jnp
-
   f = jax.jit(lambda x: jnp.sin(x) @ x)
   x = jnp.ones((64, 64))
   f(x).block_until_ready()
@@ -75,13 +89,11 @@ def test_trace_events_come_from_a_real_profiler_trace():
 def test_mask_stages_are_the_librarys_mask():
   import math
 
-  import jax.numpy as jnp
-
   from benchmarks import mask as mask_benchmark
 
   kept = {}
   for kind in ("random", "structured"):
-    q, k = mask_benchmark.inputs(kind, (1, 4000, 2, 64))
+    q, k = inputs.qk_inputs(kind, (1, 4000, 2, 64))
     calls, mask = mask_benchmark.stage_calls(q, k, topk=0.03, topp=0.2, interpret=True)
     outs = {name: fn(*args) for name, (fn, args) in calls.items()}
     whole_mask, (forward_table, backward_table) = outs["mask + both tables"]
@@ -94,7 +106,7 @@ def test_mask_stages_are_the_librarys_mask():
   assert bool(jnp.all(kept["structured"] == math.ceil(0.03 * n_kv)))
   assert float(jnp.mean(kept["random"])) > 3 * math.ceil(0.03 * n_kv)
   with pytest.raises(ValueError, match="kind"):
-    mask_benchmark.inputs("uniform", (1, 8, 1, 4))
+    inputs.qk_inputs("uniform", (1, 8, 1, 4))
 
 
 def test_plot_draws_the_mask_stages(tmp_path):
@@ -107,9 +119,9 @@ def test_plot_draws_the_mask_stages(tmp_path):
     "dK/dV table": 6.0,
     "mask + both tables": 101.0,
   }
-  results = tmp_path / "mask.json"
-  timing.write_results(
-    str(results),
+  results_file = tmp_path / "mask.json"
+  results.write_results(
+    str(results_file),
     {
       "command": "python -m benchmarks.mask",
       "seq_len": 32760,
@@ -123,7 +135,142 @@ def test_plot_draws_the_mask_stages(tmp_path):
     },
   )
   out = tmp_path / "mask.png"
-  plot.main([str(results), "--out", str(out)])
+  plot.main([str(results_file), "--out", str(out)])
   assert out.stat().st_size > 10_000
   with pytest.raises(SystemExit):  # one mask file at a time
-    plot.main([str(results), str(results), "--out", str(out)])
+    plot.main([str(results_file), str(results_file), "--out", str(out)])
+
+
+def test_random_masks_keep_the_same_count_in_every_row():
+  mask = inputs.random_block_mask(jax.random.key(0), 2, 3, 5, 37, inputs.kept_count(0.9, 37))
+  assert mask.shape == (2, 3, 5, 37) and bool(jnp.all(mask.sum(-1) == 4))  # round(0.1 * 37)
+  assert inputs.kept_count(0.999, 37) == 1 and inputs.kept_count(0.0, 37) == 37
+  assert list(inputs.kept_count(0.5, np.array([1, 4, 9]))) == [1, 2, 4]
+  assert not bool(jnp.all(mask[0, 0] == mask[0, 1]))  # rows draw their own blocks
+
+
+@pytest.mark.parametrize("q_len, block_q, block_kv", [(200, 64, 32), (200, 32, 64), (256, 64, 64)])
+def test_causal_masks_keep_only_allowed_blocks_and_their_own(q_len, block_q, block_kv):
+  allowed, own = inputs.causal_blocks(q_len, q_len, block_q=block_q, block_kv=block_kv)
+  # A block is allowed iff some query of the q block may see some key of the kv block (key <= query).
+  tokens = np.tril(np.ones((q_len, q_len), bool))
+  n_q, n_kv = allowed.shape
+  for i in range(n_q):
+    for j in range(n_kv):
+      assert allowed[i, j] == tokens[i * block_q : (i + 1) * block_q, j * block_kv : (j + 1) * block_kv].any()
+      assert own[i, j] == (i * block_q // block_kv == j)  # holds the q block's first query
+  for sparsity in (0.0, 0.5, 0.95):
+    mask = np.asarray(
+      inputs.causal_block_mask(
+        jax.random.key(1), 2, 3, q_len, q_len, block_q=block_q, block_kv=block_kv, sparsity=sparsity
+      )
+    )
+    assert not (mask & ~allowed).any() and (mask | ~own).all()
+    assert (mask.sum(-1) == inputs.kept_count(sparsity, allowed.sum(-1))).all()
+    if sparsity == 0.5:
+      assert (mask[0, 0] != mask[1, 2]).any()  # the other blocks are drawn per row
+
+
+def _reference(q, k, v, mask, case, *, block_q, block_kv):
+  allowed = token_mask(mask, q.shape[1], k.shape[1], block_q=block_q, block_kv=block_kv)
+  return jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=case.is_causal, implementation="xla")
+
+
+@pytest.mark.parametrize(
+  "case, backend",
+  [
+    (inputs.Case(200, 4, 32, (0.5,)), "xla"),
+    (inputs.Case(200, 4, 32, (0.5,)), "triton"),  # the Pallas kernels, interpreted
+    (inputs.Case(200, 4, 32, (0.5,), kv_heads=2), "xla"),
+    (inputs.Case(200, 4, 32, (0.5, 0.0), is_causal=True), "xla"),
+    (inputs.Case(200, 4, 32, (0.5,), kv_heads=1, is_causal=True), "xla"),
+  ],
+  ids=lambda x: x.label if isinstance(x, inputs.Case) else x,
+)
+def test_suite_calls_compute_the_attention_they_time(case, backend):
+  """What the suite times is the attention it claims: its masks, on the public API, against jax.nn."""
+  block_q, block_kv = 64, 32
+  q, k, v, d_out = inputs.random_qkv(
+    jax.random.key(2), batch=1, seq_len=case.seq_len, heads=case.heads, head_dim=case.head_dim,
+    kv_heads=case.kv_heads, dtype=jnp.float32,
+  )  # fmt: skip
+  assert k.shape == (1, case.seq_len, case.kv_heads, case.head_dim) and d_out.shape == q.shape
+  dense_forward, dense_forward_backward = attention_benchmark.dense_fns(case, implementation="xla")
+  for sparsity in case.sparsities:
+    mask = inputs.suite_mask(jax.random.key(3), case, sparsity, batch=1, block_q=block_q, block_kv=block_kv)
+    forward, forward_backward, mask_forward = attention_benchmark.sparse_fns(
+      case, backend, block_q=block_q, block_kv=block_kv, topk=0.5, interpret=backend != "xla"
+    )
+    reason = attention_benchmark.why_unsupported(forward, q, k, v, mask)
+    if reason is not None:
+      assert case.is_causal or case.is_gqa, reason  # only the new rows may be unsupported
+      pytest.skip(f"the library cannot run this row yet: {reason}")
+    expected = _reference(q, k, v, mask, case, block_q=block_q, block_kv=block_kv)
+    np.testing.assert_allclose(forward(q, k, v, mask), expected, atol=2e-5, rtol=2e-5)
+    grads = forward_backward(q, k, v, d_out, mask)
+    expected_grads = jax.vjp(
+      lambda q, k, v: _reference(q, k, v, mask, case, block_q=block_q, block_kv=block_kv), q, k, v
+    )[1](d_out)
+    for got, want in zip(grads, expected_grads):
+      assert got.shape == want.shape
+      np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+    if sparsity == 0.0:  # every allowed block kept: dense attention, as cuDNN computes it
+      np.testing.assert_allclose(expected, dense_forward(q, k, v), atol=2e-5, rtol=2e-5)
+      for got, want in zip(expected_grads, dense_forward_backward(q, k, v, d_out)):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+  assert mask_forward(q, k, v).shape == q.shape
+
+
+def test_unsupported_rows_give_the_librarys_reason():
+  def picky(x):
+    if x.shape[0] != 3:
+      raise ValueError(f"x must have 3 rows, got {x.shape[0]}\nmore detail")
+    return x * 2
+
+  assert attention_benchmark.why_unsupported(picky, jnp.ones((3,))) is None
+  assert attention_benchmark.why_unsupported(picky, jnp.ones((4,))) == "ValueError: x must have 3 rows, got 4"
+  assert attention_benchmark.why_unsupported(lambda x: picky(x, flag=True), jnp.ones((3,))).startswith("TypeError")
+
+
+def _suite_record(backend, case, target, fwd, fwd_bwd):
+  return dict(
+    backend=backend, case=case.label, seq_len=case.seq_len, heads=case.heads, kv_heads=case.kv_heads,
+    head_dim=case.head_dim, is_causal=case.is_causal, target_sparsity=target, fwd_speedup=fwd, fwd_bwd_speedup=fwd_bwd,
+  )  # fmt: skip
+
+
+def test_targets_hold_gqa_and_causal_rows_against_mha_and_dense_rows_against_cudnn():
+  mha, gqa, causal = inputs.SUITE[0], inputs.SUITE[3], inputs.SUITE[4]
+  assert (gqa.heads, gqa.kv_heads, causal.is_causal) == (32, 8, True)
+  records = [
+    _suite_record("mosaic", mha, 0.95, 20.0, 16.0),
+    _suite_record("mosaic", mha, 0.0, 1.0, 0.85),
+    _suite_record("mosaic", gqa, 0.95, 19.0, 12.0),
+    _suite_record("mosaic", causal, 0.95, 17.0, 15.0),
+    _suite_record("mosaic", causal, 0.0, 0.95, 0.92),
+    _suite_record("triton", gqa, 0.95, 5.0, 4.0),  # no triton MHA row to compare with
+  ]
+  rows = {t["what"]: t for t in attention_benchmark.targets(records)}
+  gqa_row = rows["mosaic 32760x32x128 GQA 32/8 at 0.95: forward ratio over 32760x12x128's"]
+  assert gqa_row["value"] == pytest.approx(0.95) and gqa_row["met"]
+  assert gqa_row["fwd_bwd_over_reference"] == pytest.approx(0.75)
+  causal_row = rows["mosaic 32760x12x128 causal at 0.95: forward ratio over 32760x12x128's"]
+  assert causal_row["value"] == pytest.approx(0.85) and not causal_row["met"]
+  assert rows["mosaic 32760x12x128 causal at 0.0: forward ratio over 32760x12x128's"]["value"] == pytest.approx(0.95)
+  assert not rows["mosaic 32760x12x128 dense: forward+backward over cuDNN"]["met"]
+  assert rows["mosaic 32760x12x128 causal dense: forward+backward over cuDNN"]["met"]
+  assert len(rows) == 7 and not any(w.startswith("triton") for w in rows)
+
+
+def test_shape_arguments_are_shared_and_checked():
+  import argparse
+
+  parser = argparse.ArgumentParser()
+  inputs.add_shape_arguments(parser)
+  args = parser.parse_args(["--heads", "40"])
+  assert (args.seq_len, args.heads, args.head_dim) == (32760, 40, 128)
+  inputs.check_positive(parser, args, "seq_len", "heads")
+  with pytest.raises(SystemExit):
+    inputs.check_positive(parser, parser.parse_args(["--heads", "0"]), "heads")
+  with pytest.raises(ValueError, match="kv_heads"):
+    inputs.Case(100, 12, 64, (0.5,), kv_heads=5)
