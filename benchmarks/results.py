@@ -8,6 +8,7 @@ commit of the code that ran (`provenance`) beside its own payload.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 
@@ -81,3 +82,18 @@ def write_results(path: str | os.PathLike, payload: dict, *, device: str | None 
   """Writes `provenance(device)` and then `payload` as one JSON file, atomically; creates the folder."""
   os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
   write_json_atomic(path, {**provenance(device), **payload})
+
+
+def read_results(path: str | os.PathLike) -> dict:
+  """A results file's payload."""
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def add_sections(path: str | os.PathLike, sections: dict) -> None:
+  """Sets top-level `sections` ({name: value}) in the results file at `path`, keeping what else it holds
+  (a file that does not exist yet starts empty); atomically, like `write_results`. How a peer's rows join
+  ours in one file."""
+  payload = read_results(path) if os.path.exists(path) else {}
+  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+  write_json_atomic(path, {**payload, **sections})

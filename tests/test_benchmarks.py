@@ -2,7 +2,11 @@
 the targets, the plots, and the PyTorch peers' inputs (where torch is installed)."""
 
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -274,3 +278,132 @@ def test_shape_arguments_are_shared_and_checked():
     inputs.check_positive(parser, parser.parse_args(["--heads", "0"]), "heads")
   with pytest.raises(ValueError, match="kv_heads"):
     inputs.Case(100, 12, 64, (0.5,), kv_heads=5)
+
+
+def test_importing_the_benchmarks_imports_no_torch(tmp_path):
+  """Only the PyTorch peers' functions import torch: a torch that raises on import must not matter."""
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported at module import')\n")
+  modules = ["attention", "dit", "dit_diffusers", "distill", "flex_attention", "index_tables", "mask", "profile"]
+  modules += ["plot", "results", "inputs", "timing", "torch_timing"]
+  code = "; ".join(f"import benchmarks.{m}" for m in modules)
+  root = str(pathlib.Path(__file__).parents[1])
+  env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{root}", "JAX_PLATFORMS": "cpu"}
+  child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+  assert child.returncode == 0, child.stderr[-2000:]
+
+
+def test_flex_masks_follow_the_suites_kept_count_law():
+  from benchmarks import flex_attention
+
+  assert [c.label for c in flex_attention.flex_cases()] == ["32760x12x128", "32760x12x64", "75600x40x128"]
+  case = inputs.Case(1000, 3, 64, (0.9,))
+  count, index, mask = flex_attention.kv_block_lists(jax.random.key(0), case, 0.9)
+  n = 8  # ceil(1000 / 128)
+  assert mask.shape == (1, 3, n, n) and index.shape == (1, 3, n, n) and count.dtype == np.int32
+  assert (count == inputs.kept_count(0.9, n)).all() and (mask.sum(-1) == count).all()
+  for row_index, row_count, row_mask in zip(index.reshape(-1, n), count.reshape(-1), mask.reshape(-1, n)):
+    assert list(row_index[:row_count]) == list(np.flatnonzero(row_mask))  # kept blocks, ascending
+
+
+def test_flex_block_mask_lists_the_kept_blocks_in_full():
+  torch = pytest.importorskip("torch")
+  from benchmarks import flex_attention
+
+  count, index, mask = flex_attention.kv_block_lists(jax.random.key(1), inputs.Case(1000, 2, 64, (0.5,)), 0.5)
+  block_mask = flex_attention.flex_block_mask(count, index, seq_len=1000, device="cpu")
+  assert (block_mask.to_dense().numpy().astype(bool) == mask).all()
+  assert (block_mask.full_kv_num_blocks.numpy() == count).all() and not block_mask.kv_num_blocks.any()
+  assert block_mask.seq_lengths == (1000, 1000) and torch.is_tensor(block_mask.full_kv_indices)
+
+
+def test_flex_comparison_is_ours_over_flex_at_the_same_case_and_sparsity():
+  from benchmarks import flex_attention
+
+  flex = [
+    dict(case="32760x12x128", target_sparsity=s, fwd_ms=f, fwd_bwd_ms=fb, fwd_speedup=12.0, fwd_bwd_speedup=13.0)
+    for s, f, fb in ((0.95, 0.9, 3.2), (0.8, 2.0, 7.0))
+  ]
+  ours = [
+    dict(_record("mosaic", 0.949, 20.0, 16.0), case="32760x12x128", target_sparsity=0.95, fwd_ms=0.5, fwd_bwd_ms=2.5),
+    dict(_record("mosaic", 0.8, 5.0, 4.0), case="32760x12x128", target_sparsity=0.8, fwd_ms=1.0, fwd_bwd_ms=5.0),
+    dict(_record("mosaic", 0.9, 10.0, 8.0), case="32760x12x128", target_sparsity=0.9, fwd_ms=1.0, fwd_bwd_ms=5.0),
+  ]
+  rows = flex_attention.compare(ours, flex)
+  assert len(rows) == 2  # no flex row at 0.9
+  at_95, at_80 = rows
+  assert at_95["fwd_ours_over_flex"] == pytest.approx(1.8) and at_95["fwd_bwd_ours_over_flex"] == pytest.approx(1.28)
+  assert at_95["fwd_speedup_ours_over_flex"] == pytest.approx(20 / 12) and at_95["met"] is False
+  assert "met" not in at_80 and at_80["fwd_ours_over_flex"] == pytest.approx(2.0)
+
+
+def test_flex_rows_join_ours_in_one_results_file(tmp_path):
+  path = tmp_path / "attention-device.json"
+  results.write_results(path, {"records": [_record("mosaic", 0.95, 20.0, 16.0)]})
+  ours = json.loads(path.read_text())
+  results.add_sections(path, {"flex_attention": {**results.provenance("NVIDIA H200"), "records": []}})
+  payload = json.loads(path.read_text())
+  assert payload["records"] == ours["records"] and payload["date"] == ours["date"]
+  assert payload["flex_attention"]["device"] == "NVIDIA H200" and payload["flex_attention"]["records"] == []
+  results.add_sections(tmp_path / "new" / "file.json", {"flex_attention": {}})  # no file of ours yet
+  assert json.loads((tmp_path / "new" / "file.json").read_text()) == {"flex_attention": {}}
+
+
+def test_dit_runs_ours_and_records_why_the_peer_did_not_run(tmp_path):
+  from benchmarks import dit
+
+  out = tmp_path / "dit.json"
+  dit.main(["--config", "tiny", "--tokens", "small", "--runs", "1", "--diffusers", "none", "--out", str(out)])
+  payload = json.loads(out.read_text())
+  assert payload["dense_ms"] > 0 and payload["sparse_ms"] > 0 and payload["tokens"] == 3 * 8 * 8
+  assert payload["diffusers"] == {"skipped": "--diffusers none"}
+  assert payload["ratios"] == {"dense_over_sparse": pytest.approx(payload["dense_ms"] / payload["sparse_ms"])}
+
+
+def test_dit_peer_runs_in_a_child_with_the_same_model(tmp_path, monkeypatch):
+  """The child gets the architecture, latents and text length of ours, and its last stdout line is read."""
+  import importlib.util
+
+  from benchmarks import dit
+  from sparge_jax.models.wan.diffusers_io import config_to_diffusers
+
+  python, fake = sys.executable, tmp_path / "python"
+  fake.write_text(
+    f"#!{python}\nimport json, sys\nopen({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv))\n"
+    "print('progress')\nprint(json.dumps({'eager_ms': 600.0, 'compiled_ms': 500.0}))\n"
+  )
+  fake.chmod(0o755)
+  monkeypatch.setattr(sys, "executable", str(fake))
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: object() if name in ("torch", "diffusers") else real_find_spec(name)
+  )
+  peer = dit.diffusers_peer("wan2_1_1_3b", "480p", 3, compile=False)
+  assert peer == {"eager_ms": 600.0, "compiled_ms": 500.0}
+  argv = json.loads((tmp_path / "argv.json").read_text())
+  assert argv[1:3] == ["-m", "benchmarks.dit_diffusers"] and "--no-compile" in argv
+  fields = json.loads(argv[argv.index("--config-json") + 1])
+  assert fields["num_layers"] == 30 and fields["ffn_dim"] == 8960 and fields["num_attention_heads"] == 12
+  assert fields == {k: v for k, v in config_to_diffusers(dit.CONFIGS["wan2_1_1_3b"]()).items() if k[0] != "_"}
+  assert argv[argv.index("--latent") + 1 : argv.index("--latent") + 4] == ["21", "60", "104"]
+  assert dit.ratios({"dense_ms": 500.0, "sparse_ms": 200.0}, peer) == {
+    "dense_over_sparse": 2.5,
+    "dense_over_diffusers_eager": 1.2,
+    "sparse_over_diffusers_eager": 3.0,
+    "dense_over_diffusers_compiled": 1.0,
+    "sparse_over_diffusers_compiled": 2.5,
+  }
+  fake.write_text(f"#!{python}\nimport sys\nsys.exit(3)\n")
+  assert "exit status 3" in dit.diffusers_peer("tiny", "small", 1, compile=True)["skipped"]
+
+
+def test_diffusers_step_runs_where_torch_and_diffusers_are_installed():
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  from benchmarks import dit, dit_diffusers
+  from sparge_jax.models.wan.diffusers_io import config_to_diffusers
+
+  fields = {k: v for k, v in config_to_diffusers(dit.CONFIGS["tiny"]()).items() if not k.startswith("_")}
+  result = dit_diffusers.run(fields, latent=(3, 8, 8), text_len=8, runs=1, compile=False)
+  assert result["output_shape"] == [1, 4, 3, 8, 8] and result["eager_ms"] > 0
+  assert "norm2" in result["kept_in_float32"] and "compiled_ms" not in result
