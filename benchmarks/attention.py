@@ -62,25 +62,36 @@ def dense_fns(case: inputs.Case, implementation: str = "cudnn"):
   return jax.jit(dense), _fwd_bwd(dense)
 
 
-def sparse_fns(case: inputs.Case, backend: str, *, block_q: int, block_kv: int, topk: float, interpret: bool = False):
-  """The public API for `case` on `backend`, jitted: forward(q, k, v, mask), forward_backward(q, k, v, d_out,
-  mask) -> (dq, dk, dv), and mask_forward(q, k, v): `sparse_attention` with Top-k alone at `topk`."""
+def _api_options(case: inputs.Case, backend: str, block_q: int, block_kv: int, interpret: bool) -> dict:
   options = dict(block_q=block_q, block_kv=block_kv, backend=backend)
   # Passed only where used, so that the rows the library supports run on an API without these arguments.
   if case.is_causal:
     options["is_causal"] = True
   if interpret:
     options["interpret"] = True
+  return options
+
+
+def sparse_fns(case: inputs.Case, backend: str, *, block_q: int, block_kv: int, interpret: bool = False):
+  """The public `block_sparse_attention` for `case` on `backend`, jitted: forward(q, k, v, mask) and
+  forward_backward(q, k, v, d_out, mask) -> (dq, dk, dv)."""
+  options = _api_options(case, backend, block_q, block_kv, interpret)
   # The mask is an argument, not a closure constant: XLA would otherwise build the index tables at compile
   # time and leave them out of the timing.
   forward = jax.jit(lambda q, k, v, mask: attention.block_sparse_attention(q, k, v, mask, **options))
   forward_backward = jax.jit(
     lambda q, k, v, d_out, mask: jax.vjp(lambda q, k, v: forward(q, k, v, mask), q, k, v)[1](d_out)
   )
-  mask_forward = jax.jit(
-    lambda q, k, v: attention.sparse_attention(q, k, v, topk=topk, topp=0.0, mode="topk", **options)
-  )
-  return forward, forward_backward, mask_forward
+  return forward, forward_backward
+
+
+def sparse_attention_fn(
+  case: inputs.Case, backend: str, *, topk: float, block_q: int, block_kv: int, interpret: bool = False
+):
+  """The public `sparse_attention` (mask from q and k, then the forward) with Top-k alone at `topk`,
+  jitted: (q, k, v) -> out."""
+  options = _api_options(case, backend, block_q, block_kv, interpret)
+  return jax.jit(lambda q, k, v: attention.sparse_attention(q, k, v, topk=topk, topp=0.0, mode="topk", **options))
 
 
 def _fwd_bwd(attend):
@@ -132,21 +143,23 @@ def measure(case: inputs.Case, *, batch, dtype, backends, block_q, block_kv, ski
     allowed, _ = inputs.causal_blocks(case.seq_len, case.seq_len, block_q=block_q, block_kv=block_kv)
     allowed_fraction = float(np.mean(allowed))
   kept_fraction, sparsity_of = {}, {}
+  # One compiled forward and forward+backward per backend serve every sparsity: the mask is an argument.
+  apis = {backend: sparse_fns(case, backend, block_q=block_q, block_kv=block_kv) for backend in backends}
   for target in case.sparsities:
     mask = inputs.suite_mask(mask_key, case, target, batch=batch, block_q=block_q, block_kv=block_kv)
     kept_fraction[target] = float(jnp.mean(mask))
     sparsity_of[target] = 1.0 - kept_fraction[target] / allowed_fraction  # of the allowed blocks
     calls[("tables", target)] = (jax.jit(index_table.index_tables), (mask,))  # what the GPU backends build
-    for backend in backends:
-      # Top-k alone at the random mask's kept fraction keeps about as many blocks per row.
-      topk = inputs.kept_count(target, n_kv) / n_kv
-      forward, forward_backward, mask_forward = sparse_fns(case, backend, block_q=block_q, block_kv=block_kv, topk=topk)
+    for backend, (forward, forward_backward) in apis.items():
       reason = why_unsupported(forward, q, k, v, mask)
       if reason:
         _skip(skipped, case, backend, target, "block_sparse_attention", reason)
         continue
       calls[(backend, target, "fwd")] = (forward, (q, k, v, mask))
       calls[(backend, target, "fwd_bwd")] = (forward_backward, (q, k, v, d_out, mask))
+      # Top-k alone at the random mask's kept fraction keeps about as many blocks per row.
+      topk = inputs.kept_count(target, n_kv) / n_kv
+      mask_forward = sparse_attention_fn(case, backend, topk=topk, block_q=block_q, block_kv=block_kv)
       reason = why_unsupported(mask_forward, q, k, v)
       if reason:
         _skip(skipped, case, backend, target, "sparse_attention", reason)

@@ -16,6 +16,7 @@ import pytest
 from benchmarks import attention as attention_benchmark
 from benchmarks import inputs, plot, results, timing
 from pallas_kernels.block_sparse_attention.reference import token_mask
+from sparge_jax import attention
 
 
 def _record(backend, sparsity, fwd, fwd_bwd):
@@ -194,6 +195,7 @@ def _reference(q, k, v, mask, case, *, block_q, block_kv):
 def test_suite_calls_compute_the_attention_they_time(case, backend):
   """What the suite times is the attention it claims: its masks, on the public API, against jax.nn."""
   block_q, block_kv = 64, 32
+  causal_option = {"is_causal": True} if case.is_causal else {}
   q, k, v, d_out = inputs.random_qkv(
     jax.random.key(2), batch=1, seq_len=case.seq_len, heads=case.heads, head_dim=case.head_dim,
     kv_heads=case.kv_heads, dtype=jnp.float32,
@@ -202,8 +204,8 @@ def test_suite_calls_compute_the_attention_they_time(case, backend):
   dense_forward, dense_forward_backward = attention_benchmark.dense_fns(case, implementation="xla")
   for sparsity in case.sparsities:
     mask = inputs.suite_mask(jax.random.key(3), case, sparsity, batch=1, block_q=block_q, block_kv=block_kv)
-    forward, forward_backward, mask_forward = attention_benchmark.sparse_fns(
-      case, backend, block_q=block_q, block_kv=block_kv, topk=0.5, interpret=backend != "xla"
+    forward, forward_backward = attention_benchmark.sparse_fns(
+      case, backend, block_q=block_q, block_kv=block_kv, interpret=backend != "xla"
     )
     reason = attention_benchmark.why_unsupported(forward, q, k, v, mask)
     if reason is not None:
@@ -222,7 +224,13 @@ def test_suite_calls_compute_the_attention_they_time(case, backend):
       np.testing.assert_allclose(expected, dense_forward(q, k, v), atol=2e-5, rtol=2e-5)
       for got, want in zip(expected_grads, dense_forward_backward(q, k, v, d_out)):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
-  assert mask_forward(q, k, v).shape == q.shape
+  interpret = backend != "xla"
+  mask_forward = attention_benchmark.sparse_attention_fn(
+    case, backend, topk=0.5, block_q=block_q, block_kv=block_kv, interpret=interpret
+  )
+  options = dict(block_q=block_q, block_kv=block_kv, backend=backend, interpret=interpret)
+  topk_mask = attention.block_mask(q, k, topk=0.5, topp=0.0, mode="topk", **options, **causal_option)
+  np.testing.assert_allclose(mask_forward(q, k, v), forward(q, k, v, topk_mask), atol=1e-6, rtol=1e-6)
 
 
 def test_unsupported_rows_give_the_librarys_reason():
@@ -407,3 +415,24 @@ def test_diffusers_step_runs_where_torch_and_diffusers_are_installed():
   result = dit_diffusers.run(fields, latent=(3, 8, 8), text_len=8, runs=1, compile=False)
   assert result["output_shape"] == [1, 4, 3, 8, 8] and result["eager_ms"] > 0
   assert "norm2" in result["kept_in_float32"] and "compiled_ms" not in result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["--kv-heads", "1"], ["--causal"]], ids=["mha", "gqa", "causal"])
+def test_attention_command_times_every_backend_or_says_why_not(tmp_path, extra):
+  out = tmp_path / "attention.json"
+  argv = ["--seq-len", "2040", "--heads", "2", "--sparsity", "0.5", "0.0", "--out", str(out), *extra]
+  attention_benchmark.main(argv)
+  payload = json.loads(out.read_text())
+  backends = ["mosaic", "triton"] if results.on_hopper() else ["triton"]
+  for backend in backends:
+    for target in (0.5, 0.0):
+      timed = [r for r in payload["records"] if r["backend"] == backend and r["target_sparsity"] == target]
+      why_not = [s for s in payload["skipped"] if s["backend"] == backend and s["target_sparsity"] == target]
+      assert len(timed) == 1 or why_not, (backend, target)
+      for r in timed:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > r["fwd_ms"] and r["cudnn_fwd_ms"] > 0
+        assert r["sparsity"] == pytest.approx(target, abs=0.05) and r["is_causal"] == ("--causal" in extra)
+  if not extra:  # MHA, non-causal: every backend runs today, and the dense rows have targets
+    assert len(payload["records"]) == 2 * len(backends) and not payload["skipped"]
+    assert {t["what"] for t in payload["targets"]} >= {f"{b} 2040x2x128 dense: forward over cuDNN" for b in backends}
