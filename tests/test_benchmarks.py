@@ -436,3 +436,32 @@ def test_attention_command_times_every_backend_or_says_why_not(tmp_path, extra):
   if not extra:  # MHA, non-causal: every backend runs today, and the dense rows have targets
     assert len(payload["records"]) == 2 * len(backends) and not payload["skipped"]
     assert {t["what"] for t in payload["targets"]} >= {f"{b} 2040x2x128 dense: forward over cuDNN" for b in backends}
+
+
+@pytest.mark.parametrize("scheme", ["ulysses", "ring", "usp"])
+def test_sequence_parallel_calls_equal_plain_sparse_attention(scheme):
+  from benchmarks import sequence_parallel
+
+  devices = jax.devices()[:1]
+  q, k, v, d_out = inputs.random_qkv(jax.random.key(4), batch=1, seq_len=256, heads=2, head_dim=32, dtype=jnp.float32)
+  settings = dict(topk=0.25, block_q=64, block_kv=32)
+  plain_forward, plain_forward_backward, no_sharding = sequence_parallel.scheme_fns("plain", devices, **settings)
+  assert no_sharding is None
+  try:
+    forward, forward_backward, sharding = sequence_parallel.scheme_fns(scheme, devices, **settings)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"sparge_jax.parallel has no {scheme} attention yet: {e}")
+  placed = [jax.device_put(x, sharding) for x in (q, k, v, d_out)]
+  np.testing.assert_allclose(forward(*placed[:3]), plain_forward(q, k, v), atol=1e-5, rtol=1e-5)
+  for got, want in zip(forward_backward(*placed), plain_forward_backward(q, k, v, d_out)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_parallel_overheads_are_over_plain_sparse_attention():
+  from benchmarks import sequence_parallel
+
+  times = {("plain", "fwd"): 1.0, ("plain", "fwd_bwd"): 4.0, ("ring", "fwd"): 1.01, ("ring", "fwd_bwd"): 4.2}
+  rows = {(r["scheme"], r["what"]): r for r in sequence_parallel.overheads(times)}
+  assert rows.keys() == {("ring", "fwd"), ("ring", "fwd_bwd")}
+  assert rows[("ring", "fwd")]["over_plain"] == pytest.approx(1.01) and rows[("ring", "fwd")]["met"]
+  assert rows[("ring", "fwd_bwd")]["over_plain"] == pytest.approx(1.05) and not rows[("ring", "fwd_bwd")]["met"]
