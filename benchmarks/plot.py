@@ -5,7 +5,7 @@
 
 From `python -m benchmarks.attention` records: speedup over cuDNN, forward and forward+backward, with the
 ideal 1/(1 − s) line, one line per (backend, case, results file) where a case has several sparsities; other
-cases appear as single points. From one `python -m benchmarks.mask` file: each input kind's stages as
+cases appear as single points; FlexAttention's rows (`benchmarks.flex_attention`), over torch's cuDNN, too. From one `python -m benchmarks.mask` file: each input kind's stages as
 stacked bars, against the read floor and 15% of the sparse forward.
 """
 
@@ -90,7 +90,8 @@ def _speedup_figure(plt, runs):
     ax.plot(ideal_s, [1 / (1 - s) for s in ideal_s], "k--", lw=1, label="ideal 1/(1−s)")
     for name, payload in runs:
       groups = {}
-      for r in payload["records"]:
+      flex = [dict(r, backend="FlexAttention") for r in payload.get("flex_attention", {}).get("records", [])]
+      for r in payload["records"] + flex:
         # Older files have no "case": one kv head per query head, not causal.
         case = r.get("case", f"{r['seq_len']}x{r['heads']}x{r['head_dim']}")
         groups.setdefault((r["backend"], case), []).append(r)

@@ -49,7 +49,8 @@ def test_plot_writes_a_figure(tmp_path):
   results_file = tmp_path / "r.json"
   records = [_record("mosaic", s, 1 / (1.1 - s), 0.8 / (1.1 - s)) for s in (0.0, 0.8, 0.9, 0.95)]
   records.append(dict(_record("mosaic", 0.95, 19.0, 15.0), case="32760x32x128 GQA 32/8", heads=32, kv_heads=8))
-  results.write_results(str(results_file), {"records": records})
+  flex = [dict(_record("flex", s, 0.7 / (1.1 - s), 0.7 / (1.1 - s)), case="32760x12x128") for s in (0.0, 0.95)]
+  results.write_results(str(results_file), {"records": records, "flex_attention": {"records": flex}})
   out = tmp_path / "speedup.png"
   plot.main([str(results_file), "--out", str(out)])
   assert out.stat().st_size > 10_000
