@@ -110,9 +110,9 @@ def _skip(skipped, case, backend, target, what, reason):
 def measure(case: inputs.Case, *, batch, dtype, backends, block_q, block_kv, skipped, seed=0):
   """Records for one case: cuDNN once, then each backend at each sparsity. Appends skipped rows (with the
   library's reason) to `skipped`."""
-  qkv_key, mask_key = jax.random.split(jax.random.PRNGKey(seed))
+  key = jax.random.PRNGKey(seed)
   q, k, v, d_out = inputs.random_qkv(
-    qkv_key,
+    key,
     batch=batch,
     seq_len=case.seq_len,
     heads=case.heads,
@@ -146,7 +146,7 @@ def measure(case: inputs.Case, *, batch, dtype, backends, block_q, block_kv, ski
   # One compiled forward and forward+backward per backend serve every sparsity: the mask is an argument.
   apis = {backend: sparse_fns(case, backend, block_q=block_q, block_kv=block_kv) for backend in backends}
   for target in case.sparsities:
-    mask = inputs.suite_mask(mask_key, case, target, batch=batch, block_q=block_q, block_kv=block_kv)
+    mask = inputs.suite_mask(inputs.mask_key(key), case, target, batch=batch, block_q=block_q, block_kv=block_kv)
     kept_fraction[target] = float(jnp.mean(mask))
     sparsity_of[target] = 1.0 - kept_fraction[target] / allowed_fraction  # of the allowed blocks
     calls[("tables", target)] = (jax.jit(index_table.index_tables), (mask,))  # what the GPU backends build
@@ -299,11 +299,11 @@ HEADER = (
 def sweep(case: inputs.Case, *, dtype, block_q, block_kv):
   """Kernel-only times (tables prebuilt) for launch settings of the Triton forward and backward, at the
   case's first sparsity."""
-  qkv_key, mask_key = jax.random.split(jax.random.PRNGKey(1))
+  key = jax.random.PRNGKey(1)
   q, k, v, d_out = inputs.random_qkv(
-    qkv_key, batch=1, seq_len=case.seq_len, heads=case.heads, head_dim=case.head_dim, dtype=dtype
+    key, batch=1, seq_len=case.seq_len, heads=case.heads, head_dim=case.head_dim, dtype=dtype
   )
-  mask = inputs.suite_mask(mask_key, case, case.sparsities[0], batch=1, block_q=block_q, block_kv=block_kv)
+  mask = inputs.suite_mask(inputs.mask_key(key), case, case.sparsities[0], batch=1, block_q=block_q, block_kv=block_kv)
   (kv_index, kv_count), (q_index, q_count) = jax.jit(mask_lib.index_tables)(mask)
   common = dict(block_q=block_q, block_kv=block_kv, scale=case.head_dim**-0.5)
   tables = dict(kv_block_index=kv_index, kv_block_count=kv_count, q_block_index=q_index, q_block_count=q_count)

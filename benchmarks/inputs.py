@@ -67,11 +67,17 @@ def kept_count(sparsity: float, n_blocks):
 
 def random_qkv(key, *, batch: int, seq_len: int, heads: int, head_dim: int, kv_heads: int | None = None, dtype):
   """(q, k, v, d_out), standard normal: q and d_out [batch, seq_len, heads, head_dim], k and v
-  [batch, seq_len, kv_heads, head_dim] (kv_heads defaults to heads)."""
+  [batch, seq_len, kv_heads, head_dim] (kv_heads defaults to heads). They use the first four keys of
+  `split(key, 5)` and `mask_key(key)` the fifth, as the suite has always drawn them."""
   kv_heads = heads if kv_heads is None else kv_heads
-  keys = jax.random.split(key, 4)
+  keys = jax.random.split(key, 5)[:4]
   q_shape, kv_shape = (batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim)
   return tuple(jax.random.normal(k, s, dtype) for k, s in zip(keys, (q_shape, kv_shape, kv_shape, q_shape)))
+
+
+def mask_key(key):
+  """The key of the mask that goes with `random_qkv(key, ...)`."""
+  return jax.random.split(key, 5)[4]
 
 
 def random_block_mask(key, batch: int, heads: int, n_q_blocks: int, n_kv_blocks: int, kept: int):

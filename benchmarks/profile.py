@@ -66,13 +66,13 @@ def main(argv=None):
   if jax.default_backend() != "gpu":
     parser.error("this profile reads GPU kernel times and needs a CUDA GPU")
 
-  qkv_key, mask_key = jax.random.split(jax.random.PRNGKey(0))
+  key = jax.random.PRNGKey(0)
   shape = (1, args.seq_len, args.heads, args.head_dim)
   q, k, v, d_out = inputs.random_qkv(
-    qkv_key, batch=1, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, dtype=jnp.bfloat16
+    key, batch=1, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, dtype=jnp.bfloat16
   )
   case = inputs.Case(args.seq_len, args.heads, args.head_dim, (args.sparsity,))
-  mask = inputs.suite_mask(mask_key, case, args.sparsity, batch=1, block_q=128, block_kv=64)
+  mask = inputs.suite_mask(inputs.mask_key(key), case, args.sparsity, batch=1, block_q=128, block_kv=64)
   sparse = lambda q, k, v, mask: attention.block_sparse_attention(q, k, v, mask, backend=args.backend)
   calls = {
     "block_mask": (jax.jit(lambda q, k: attention.block_mask(q, k, backend=args.backend)), (q, k)),

@@ -87,9 +87,9 @@ def main(argv=None):
   if args.devices and len(devices) < args.devices:
     parser.error(f"--devices {args.devices}: only {len(devices)} devices")
 
-  qkv_key = jax.random.PRNGKey(0)
+  key = jax.random.PRNGKey(0)
   q, k, v, d_out = inputs.random_qkv(
-    qkv_key, batch=1, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, dtype=jnp.bfloat16
+    key, batch=1, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, dtype=jnp.bfloat16
   )
   calls, skipped, reference = {}, [], None
   for scheme in ("plain", *SCHEMES):
