@@ -191,11 +191,19 @@ def main(argv=None):
   flex = torch.compile(flex_attention, dynamic=False)
   check_error = check_flex(flex, device=device)
   print(f"check: flex vs masked dense attention, largest difference {check_error:.2e}", flush=True)
-  if not check_error < 1e-3:
+  # A wrong block (kept or skipped) moves outputs by O(0.1); TF32 matmuls, if torch allows them, by ~1e-3.
+  if not check_error < 2e-2:
     raise SystemExit(f"error: FlexAttention disagrees with masked dense attention ({check_error:.2e})")
-  flex_records = []
+  flex_records, skipped = [], []
   for case in flex_cases():
-    flex_records += measure(case, flex=flex, device=device)
+    try:
+      flex_records += measure(case, flex=flex, device=device)
+    except Exception as e:  # one case failing (say, to compile) must not hide the others
+      skipped.append(
+        dict(case=case.label, reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+      )
+      print(f"skip {case.label}: {skipped[-1]['reason']}", flush=True)
+      torch.cuda.empty_cache()
 
   path = args.out or results.results_path("attention", name)
   ours = results.read_results(path).get("records", []) if os.path.exists(path) else []
@@ -205,6 +213,7 @@ def main(argv=None):
     "versions": torch_timing.versions(),
     "check_max_abs_error": check_error,
     "records": flex_records,
+    "skipped": skipped,
   }
   results.add_sections(path, {"flex_attention": {**results.provenance(name), **section}, "flex_comparison": comparison})
   if not ours:
