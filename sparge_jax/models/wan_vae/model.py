@@ -8,15 +8,16 @@ Causality over time. Every 3x3x3 convolution is causal: frame t sees frames t-2.
 before the first. The video runs in chunks, as diffusers does (encode: the first frame, then 4 frames at a
 time; decode: one latent frame at a time), and each causal convolution carries the last two frames of its
 input from one chunk to the next: the cache, an explicit pytree threaded through a `jax.lax.scan` over
-the chunks, so memory stays that of one chunk however long the video, and the chunk step compiles once.
-The first chunk differs (the temporal resamplers skip their time convolution there: one frame in, one
-out), so a call traces two programs, the first chunk and the scan's step.
+the chunks, so memory stays that of one chunk (plus the output) however long the video, and the network
+is traced twice whatever the number of frames: once for the first chunk, which differs (the temporal
+resamplers skip their time convolution there: one frame in, one out), and once for the scan's step.
+A jitted call compiles once per input shape.
 
 Caches are nested tuples mirroring the modules; `None` in place of a module's cache means "the start of
 the video" (zeros for convolutions, and the first-chunk rule for the temporal resamplers).
 
-Dtypes: parameters in `param_dtype`, activations in `dtype`; RMS norms, softmax and convolution
-accumulation in float32.
+Dtypes: parameters in `param_dtype`, activations in `dtype`; RMS norms and the attention softmax in
+float32.
 
 Logical axis names (`nnx.with_partitioning`, as in `sparge_jax.models.wan`): "vae_channels" on the output
 channels of every kernel, bias and norm scale; all other axes replicated. A VAE of this size is usually
@@ -92,6 +93,9 @@ class WanVAEConfig:
     for name in ("latents_mean", "latents_std"):
       if len(getattr(self, name)) != self.z_dim:
         raise ValueError(f"{name} must have z_dim = {self.z_dim} entries, got {len(getattr(self, name))}")
+    for name in ("latents_mean", "latents_std"):
+      if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in getattr(self, name)):
+        raise ValueError(f"{name} must be numbers, got {list(getattr(self, name))}")
     if not all(s > 0 for s in self.latents_std):
       raise ValueError(f"latents_std must be positive, got {list(self.latents_std)}")
 
@@ -156,24 +160,19 @@ class Conv(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
     if math.prod(self.window) == 1:
-      y = jnp.einsum("...c,cd->...d", x, kernel.reshape(kernel.shape[-2:]), preferred_element_type=jnp.float32)
+      y = jnp.einsum("...c,cd->...d", x, kernel.reshape(kernel.shape[-2:]))
     else:
       if padding is None:
         spatial = [((k - 1) // 2,) * 2 for k in self.window[-2:]]
         padding = [(0, 0)] * (len(self.window) - 2) + spatial
       spatial_dims = "DHW"[-len(self.window) :]
       layout = ("N" + spatial_dims + "C", spatial_dims + "IO", "N" + spatial_dims + "C")
-      y = jax.lax.conv_general_dilated(
-        x, kernel, self.stride, padding, dimension_numbers=layout, preferred_element_type=jnp.float32
-      )
-    return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+      y = jax.lax.conv_general_dilated(x, kernel, self.stride, padding, dimension_numbers=layout)
+    return y + self.bias[...].astype(self.dtype)
 
 
 class CausalConv3d(Conv):
   """Conv3d causal in time: each output frame sees this and the previous `window[0] - 1` input frames."""
-
-  def __init__(self, in_channels, out_channels, window, dtypes: _Dtypes, rngs: nnx.Rngs):
-    super().__init__(in_channels, out_channels, window, dtypes, rngs)
 
   def causal(self, x, cache):
     """x: [batch, frames, height, width, in]; cache: [batch, window[0] - 1, height, width, in], the input's
