@@ -22,6 +22,7 @@ from sparge_jax.models.wan_vae import (
   normalize_latents,
 )
 from sparge_jax.models.wan_vae.loading import WEIGHTS_NAME
+from sparge_jax.models.wan_vae.model import Decoder, Encoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wan_vae_tiny"
 CHANNELS_LAST = (0, 2, 3, 4, 1)  # diffusers is [batch, channels, frames, height, width]
@@ -125,6 +126,23 @@ def test_full_size_shapes_for_81_frames():
   assert decoded.shape == (1, 81, 16, 24, 3) and decoded.dtype == jnp.bfloat16
   params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(vae, nnx.Param)))
   assert 125e6 < params < 130e6  # the published Wan2.1 VAE's 126.9M
+
+
+@pytest.mark.parametrize("latent_frames", [2, 5])
+def test_network_is_traced_twice_for_any_length(vae, monkeypatch, latent_frames):
+  """The first chunk and the scan's step: no per-chunk unrolling, so compile time does not grow with frames."""
+  calls = {"encoder": 0, "decoder": 0}
+  for name, module in (("encoder", Encoder), ("decoder", Decoder)):
+
+    def counted(self, *args, _name=name, _call=module.__call__, **kwargs):
+      calls[_name] += 1
+      return _call(self, *args, **kwargs)
+
+    monkeypatch.setattr(module, "__call__", counted)
+  video = jax.ShapeDtypeStruct((1, 1 + 4 * (latent_frames - 1), 16, 24, 3), jnp.float32)
+  latents = nnx.eval_shape(lambda vae, video: vae.encode(video), vae, video)
+  nnx.eval_shape(lambda vae, latents: vae.decode(latents), vae, latents)
+  assert calls == {"encoder": 2, "decoder": 2}
 
 
 def test_bad_inputs_raise(vae):

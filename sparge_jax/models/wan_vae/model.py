@@ -254,7 +254,7 @@ class MidBlock(nnx.Module):
 class Resample(nnx.Module):
   """Halve or double height and width, and for the "3d" modes also time.
 
-  upsample: nearest 2x, then a 3x3 conv to `out_dim` channels; upsample3d first doubles the frames with
+  upsample: nearest 2x, then a 3x3 conv to dim / 2 channels; upsample3d first doubles the frames with
   a causal (3, 1, 1) conv to 2 * dim channels, the two halves being frames 2t and 2t + 1. Cache: that
   conv's. In the first chunk it is skipped (one frame stays one), and its cache stays zeros: the
   frames it later sees start after the first.
@@ -263,10 +263,10 @@ class Resample(nnx.Module):
   the first chunk it is skipped: one frame stays one.
   """
 
-  def __init__(self, dim: int, mode: str, dtypes: _Dtypes, rngs: nnx.Rngs, *, out_dim: int | None = None):
+  def __init__(self, dim: int, mode: str, dtypes: _Dtypes, rngs: nnx.Rngs):
     self.mode = mode
     if mode.startswith("upsample"):
-      self.resample = Conv(dim, out_dim or dim // 2, (3, 3), dtypes, rngs)
+      self.resample = Conv(dim, dim // 2, (3, 3), dtypes, rngs)
       self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), dtypes, rngs) if mode == "upsample3d" else None
     elif mode.startswith("downsample"):
       self.resample = Conv(dim, dim, (3, 3), dtypes, rngs, stride=(2, 2))
