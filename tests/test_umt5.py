@@ -2,7 +2,10 @@
 written by scripts/make_umt5_fixture.py)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -27,7 +30,8 @@ from sparge_jax.models.umt5 import (
   umt5_xxl,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "umt5_tiny"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "umt5_tiny"
 ENCODER = FIXTURE / "text_encoder"
 
 
@@ -159,6 +163,40 @@ def test_load_onto_a_mesh(io):
   assert encoder.embedding.embedding[...].sharding.spec == P(None, "fsdp")
   out = encoder(io["input_ids"], io["attention_mask"])
   assert _max_error(out, io["last_hidden_state"]) <= 1e-4
+
+
+FOUR_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+from safetensors.numpy import load_file
+from sparge_jax.models.umt5 import load_umt5_encoder
+io = load_file("tests/fixtures/umt5_tiny/io.safetensors")
+mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
+rules = [("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor")]
+for folder in ("text_encoder", "text_encoder_sharded"):
+  encoder = load_umt5_encoder("tests/fixtures/umt5_tiny/" + folder, dtype=jnp.float32, mesh=mesh, rules=rules)
+  query, down = encoder.blocks.query.kernel[...], encoder.blocks.ffn_down.kernel[...]
+  assert query.sharding.spec == P(None, "fsdp", "tensor") and query.addressable_shards[0].data.shape == (3, 16, 12)
+  assert down.sharding.spec == P(None, "tensor", "fsdp") and down.addressable_shards[0].data.shape == (3, 24, 16)
+  assert encoder.embedding.embedding[...].addressable_shards[0].data.shape == (68, 16)
+  out = nnx.jit(lambda model, ids, mask: model(ids, mask))(encoder, io["input_ids"], io["attention_mask"])
+  assert float(np.abs(np.asarray(out) - io["last_hidden_state"]).max()) <= 1e-4
+print("ok")
+"""
+
+
+def test_load_sharded_over_four_devices():
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT),
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-5000:]
 
 
 def test_random_init_has_the_checkpoint_structure():

@@ -65,14 +65,11 @@ class UMT5Config:
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_max_distance"):
-      value = getattr(self, name)
-      if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    buckets = self.relative_attention_num_buckets
-    if not isinstance(buckets, int | np.integer) or isinstance(buckets, bool) or buckets < 4:
-      raise ValueError(
-        f"relative_attention_num_buckets must be an integer >= 4 (2 directions x exact and log bins), got {buckets!r}"
-      )
+      _check_integer(name, getattr(self, name), 1, "a positive integer")
+    # Two directions, each with at least one exact and one logarithmic bucket.
+    buckets = _check_integer(
+      "relative_attention_num_buckets", self.relative_attention_num_buckets, 4, "an integer >= 4"
+    )
     if self.relative_attention_max_distance <= buckets // 4:
       raise ValueError(
         f"relative_attention_max_distance must exceed relative_attention_num_buckets // 4 = {buckets // 4} "
@@ -83,6 +80,12 @@ class UMT5Config:
       raise ValueError(f"layer_norm_epsilon must be a positive number, got {eps!r}")
     if self.feed_forward_proj != FEED_FORWARD_PROJ:
       raise ValueError(f"feed_forward_proj must be {FEED_FORWARD_PROJ!r} (UMT5's), got {self.feed_forward_proj!r}")
+
+
+def _check_integer(name: str, value, minimum: int, description: str) -> int:
+  if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{name} must be {description}, got {value!r}")
+  return int(value)
 
 
 def umt5_xxl() -> UMT5Config:
