@@ -311,6 +311,9 @@ def test_config_errors_name_the_field(tmp_path, fields, message):
 
 
 def test_folder_errors(tmp_path):
+  for bad in (jnp.int32, "nope"):
+    with pytest.raises(ValueError, match="dtype must be a floating-point dtype"):
+      load_umt5_encoder(ENCODER, dtype=bad)
   with pytest.raises(ValueError, match="no config.json"):
     load_umt5_encoder(tmp_path)
   (tmp_path / "config.json").write_text("{not json")

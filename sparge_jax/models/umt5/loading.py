@@ -151,6 +151,19 @@ def _set_layer(stacked, layer, index):
   return jax.lax.dynamic_update_index_in_dim(stacked, layer, index, axis=0)
 
 
+def _place(weights: SafetensorsFolder, keys, layout: str, shape, dtype, sharding, stacked: bool) -> jax.Array:
+  """One parameter on the device(s); a stacked one is filled in place (its buffer donated), layer by layer."""
+  host_dtype = np.dtype(dtype)
+  if not stacked:
+    return jax.device_put(_host_tensor(weights, keys[0], layout, host_dtype), sharding)
+  layer_sharding = None if sharding is None else NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+  set_layer = jax.jit(_set_layer, donate_argnums=0, out_shardings=sharding)
+  value = jnp.zeros(shape, dtype, device=sharding)
+  for index, key in enumerate(keys):
+    value = set_layer(value, jax.device_put(_host_tensor(weights, key, layout, host_dtype), layer_sharding), index)
+  return value
+
+
 def load_umt5_encoder(
   path: str | os.PathLike,
   *,
@@ -163,6 +176,12 @@ def load_umt5_encoder(
   mesh: place each parameter sharded over it, by the logical axis names of the model docstring mapped
     through `rules` (pairs like ("embed", "fsdp"); names without a rule are replicated).
   """
+  try:
+    floating = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise ValueError(f"dtype must be a floating-point dtype (jnp.bfloat16, jnp.float32), got {dtype!r}")
   folder = Path(path)
   config_path = folder / CONFIG_NAME
   if not folder.is_dir() or not config_path.is_file():
@@ -172,34 +191,22 @@ def load_umt5_encoder(
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{config_path}: cannot be read as JSON ({e})") from None
   config = config_from_transformers(fields, source=str(config_path))
-  weights = SafetensorsFolder(folder, WEIGHTS_NAME)
 
   abstract = nnx.eval_shape(lambda: UMT5Encoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype))
   graphdef, state = nnx.split(abstract)
   flat = [(tuple(str(p) for p in path), v) for path, v in nnx.to_flat_state(state)]
-  plan = _expected_tensors(config, flat)
-  embedding_key = _check_tensors(folder, plan, flat, weights.shapes)
-  plan[("embedding", "embedding")] = ((embedding_key,), "same")
-
   specs = {}
   if mesh is not None:
     with nnx.logical_axis_rules(_complete_rules(rules, flat)):
       specs = {tuple(str(p) for p in k): v.get_value() for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
-  host_dtype = np.dtype(dtype)
-  placed = []
-  for path, variable in flat:
-    keys, layout = plan[path]
-    sharding = None if mesh is None else NamedSharding(mesh, specs[path])
-    if path[0] != "blocks":
-      value = jax.device_put(_host_tensor(weights, keys[0], layout, host_dtype), sharding)
-    else:
-      # Filled in place (the stacked buffer is donated), one layer on the host at a time.
-      layer_sharding = None if mesh is None else NamedSharding(mesh, P(*specs[path][1:]))
-      set_layer = jax.jit(_set_layer, donate_argnums=0, out_shardings=sharding)
-      value = jnp.zeros(variable.shape, dtype, device=sharding)
-      for index, key in enumerate(keys):
-        layer = jax.device_put(_host_tensor(weights, key, layout, host_dtype), layer_sharding)
-        value = set_layer(value, layer, index)
-    placed.append((path, variable.replace(value=value)))
-  weights.close()
+  plan = _expected_tensors(config, flat)
+  with SafetensorsFolder(folder, WEIGHTS_NAME) as weights:
+    embedding_key = _check_tensors(folder, plan, flat, weights.shapes)
+    plan[("embedding", "embedding")] = ((embedding_key,), "same")
+    placed = []
+    for path, variable in flat:
+      keys, layout = plan[path]
+      sharding = None if mesh is None else NamedSharding(mesh, specs[path])
+      value = _place(weights, keys, layout, variable.shape, dtype, sharding, stacked=path[0] == "blocks")
+      placed.append((path, variable.replace(value=value)))
   return nnx.merge(graphdef, nnx.from_flat_state(placed))
