@@ -38,6 +38,7 @@ from flax import nnx
 
 from experiments import configs, evaluation
 from sparge_jax import attention
+from sparge_jax.files import atomic_write
 from sparge_jax.models.wan import AttentionConfig
 from train import distill
 from train.configs import Config, cli, from_dict
@@ -176,9 +177,8 @@ def write_frames_figure(workdir: str, sparsity: float, path: str, *, videos: int
         ax.set_title(f"video {i // frames}, frame {picks[i % frames]}", fontsize=6)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  with atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   return True
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=run["seed"],
         data_path=data_path,
       )
-      summary = distill.train(config, run_dir, progress=False)
+      summary = distill.run(config, run_dir, progress=False)
       params = evaluation.load_model(config, run_dir, attention_config)[2]
     metrics, videos = evaluate(
       base, run_graphdef, params, attention_config, teacher, data, noise, context, flags["sample_steps"]

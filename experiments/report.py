@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from sparge_jax.files import atomic_write
 from train.configs import cli
 
 FLAGS = {
@@ -36,9 +37,8 @@ def _load(results: str, name: str):
 
 def _save(fig, path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  with atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
 
 
 def _heatmaps(figures: str, name: str, data) -> list[str]:
@@ -210,10 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(flags["notes"]) as f:
       lines += ["", f.read()]
   os.makedirs(os.path.dirname(flags["out"]) or ".", exist_ok=True)
-  tmp = f"{flags['out']}.tmp"
-  with open(tmp, "w") as f:
+  with atomic_write(flags["out"], "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
-  os.replace(tmp, flags["out"])
   print(f"wrote {flags['out']}")
   return 0
 

@@ -5,7 +5,7 @@
 
 Each call writes the datasets if missing, trains as many steps as fit in ``--minutes`` (from the step time
 the previous piece measured, else the estimate in ``experiments.configs``), checkpoints and stops; the next
-call resumes from the workdir (``train.distill.train``). When all steps are done it writes
+call resumes from the workdir (``train.distill.run``). When all steps are done it writes
 ``<workdir>/samples.gif`` (columns: a training video | the teacher's sample for its caption from noise |
 their difference, which is not expected to be small) and ``<workdir>/teacher_done.json``.
 """
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
   existing.close()
   if done < config.steps:
     target = steps_this_piece(config, workdir, done, flags["minutes"])
-    summary = distill.train(dataclasses.replace(config, steps=target), workdir)
+    summary = distill.run(dataclasses.replace(config, steps=target), workdir)
     distill.print_summary(summary)
     done = target
   if done < config.steps:

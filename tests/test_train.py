@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import distill
+from train import distill, teacher
 from train.configs import PRESETS, cli, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +129,65 @@ def test_overrides_and_presets():
   for name, preset in PRESETS.items():
     validate(preset())
     assert preset().name == name
+
+
+# A workdir's config.json as an earlier version wrote it: the model held WanConfig's run options and the
+# attention said "backend".
+EARLIER_CONFIG_JSON = json.loads("""{"name": "tiny",
+ "model": {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
+  "out_channels": 4, "text_dim": 24, "freq_dim": 16, "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": true,
+  "eps": 1e-06, "rope_max_seq_len": 1024, "attention": {"kind": "dense", "topk": 0.03, "topp": 0.2,
+  "mode": "hybrid", "block_q": 128, "block_kv": 64, "backend": "auto"}, "remat": false, "remat_saves": [],
+  "param_dtype": "float32", "compute_dtype": "float32", "batch_axes": []},
+ "attention": {"kind": "sparse", "topk": 0.1, "topp": 0.3, "mode": "hybrid", "block_q": 32, "block_kv": 16,
+  "backend": "auto"},
+ "teacher": "random", "pretrain_teacher": {"steps": 300, "learning_rate": 0.002}, "loss": "distill",
+ "steps": 200, "batch_size": 4, "learning_rate": 0.0003, "weight_decay": 0.01, "adam_b1": 0.9, "adam_b2": 0.999,
+ "grad_clip_norm": 1.0, "warmup_steps": 10, "compute_dtype": "float32", "time": {"mean": 1.5, "std": 1.6,
+ "shift": 1.0}, "data": {"path": "", "shuffle": true, "synthetic_examples": 512, "frames": 8, "height": 16,
+ "width": 16, "text_len": 16}, "mesh": {"data": -1, "fsdp": 1}, "checkpoint_every": 50, "keep_checkpoints": 2,
+ "log_every": 1, "seed": 0}""")
+
+
+def test_config_json_round_trips_and_earlier_files_still_load():
+  import copy  # noqa: PLC0415
+
+  from train.configs import Config, from_dict, to_dict  # noqa: PLC0415
+
+  for preset in PRESETS.values():
+    assert from_dict(Config, json.loads(json.dumps(to_dict(preset())))) == preset()
+  assert from_dict(Config, EARLIER_CONFIG_JSON) == PRESETS["tiny"]()
+  triton = copy.deepcopy(EARLIER_CONFIG_JSON)
+  triton["attention"]["backend"] = "triton"
+  assert from_dict(Config, triton).attention.implementation == "triton"
+  for path, value, message in [
+    (("model", "num_layers"), "two", "config.model.num_layers: expected int, got 'two'"),
+    (("attention", "topk"), 1.5, "config.attention: topk must be in [0, 1]"),
+    (("loss",), "l1", "config.loss: 'l1' is not one of ['distill', 'diffusion']"),
+    (("data", "shufle"), True, "config.data: unknown field(s) ['shufle']"),
+  ]:
+    bad = copy.deepcopy(EARLIER_CONFIG_JSON)
+    node = bad
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ValueError) as error:
+      from_dict(Config, bad)
+    assert message in str(error.value)
+
+
+def test_validating_a_config_starts_no_jax_backend():
+  # So that jax.distributed.initialize, which must come before any backend, can follow the checks.
+  code = (
+    "from jax._src import xla_bridge; from train.configs import PRESETS, validate\n"
+    "for preset in PRESETS.values(): validate(preset())\n"
+    "assert not xla_bridge.backends_are_initialized()\n"
+    "print('ok')"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- training
@@ -357,16 +416,16 @@ def test_teacher_from_a_diffusers_folder(tmp_path):
   from flax import nnx  # noqa: PLC0415
 
   from sparge_jax.models.wan import WanModel, save_diffusers  # noqa: PLC0415
-  from train import sharding  # noqa: PLC0415
+  from train import models, sharding  # noqa: PLC0415
 
   config = PRESETS["tiny"]()
-  teacher_config, _ = distill.model_configs(config)
+  teacher_config, _ = models.model_configs(config)
   saved = WanModel(teacher_config, rngs=nnx.Rngs(7))
   save_diffusers(saved, tmp_path / "transformer")
   mesh = sharding.make_mesh(-1, 1)
   abstract = nnx.state(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))
   shardings = sharding.param_shardings(abstract, mesh)
-  params, description = distill.load_teacher(
+  params, description = teacher.load_teacher(
     str(tmp_path / "transformer"), teacher_config, abstract.to_pure_dict(), shardings, 0, mesh
   )
   assert "diffusers weights" in description
@@ -375,6 +434,6 @@ def test_teacher_from_a_diffusers_folder(tmp_path):
   wider = dataclasses.replace(teacher_config, num_layers=3)
   abstract = nnx.state(nnx.eval_shape(lambda: WanModel(wider, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match="the checkpoint has {'num_layers': 2}"):
-    distill.load_teacher(
+    teacher.load_teacher(
       str(tmp_path / "transformer"), wider, abstract.to_pure_dict(), sharding.param_shardings(abstract, mesh), 0, mesh
     )

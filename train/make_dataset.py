@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sparge_jax.models.wan import WanModel
-from train import distill, flow, sharding
-from train.configs import PRESETS, Config, cli, validate
-from train.data import MovingShapes, Source, write_dataset
+from . import flow, sharding, sources
+from .configs import PRESETS, Config, cli, validate
+from .data import MovingShapes, Source, write_dataset
+from .models import abstract_model, model_configs
+from .teacher import load_teacher
 
 FLAGS = {
   "out": None,
@@ -40,31 +41,23 @@ FLAGS = {
 
 def synthetic(config: Config, num_examples: int) -> MovingShapes:
   d = config.data
-  return MovingShapes(
-    num_examples,
-    (d.frames, d.height, d.width, config.model.in_channels),
-    (d.text_len, config.model.text_dim),
-    seed=config.seed,
-  )
+  return sources.synthetic(num_examples, d.frames, d.height, d.width, d.text_len, config.model, config.seed)
 
 
 def captions(config: Config, num_examples: int) -> Source:
   """Where teacher samples get their text: ``config.data.path`` if set, else synthetic captions."""
-  return distill.make_source(config, config.model) if config.data.path else synthetic(config, num_examples)
+  return sources.dataset(config.data.path, config.model) if config.data.path else synthetic(config, num_examples)
 
 
 def teacher_examples(
   config: Config, num_examples: int, *, num_steps: int, shift: float, seed: int
 ) -> Iterator[dict[str, np.ndarray]]:
   """Teacher samples, ``config.batch_size`` at a time; noise for example i depends on (seed, i) only."""
-  teacher_config, _ = distill.model_configs(config)
+  teacher_config, _ = model_configs(config)
   mesh = sharding.make_mesh(-1, 1)
-  abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))
-  graphdef, state = abstract
+  graphdef, state = abstract_model(teacher_config)
   shardings = sharding.param_shardings(state, mesh)
-  params, description = distill.load_teacher(
-    config.teacher, teacher_config, state.to_pure_dict(), shardings, config.seed
-  )
+  params, description = load_teacher(config.teacher, teacher_config, state.to_pure_dict(), shardings, config.seed)
   print(f"teacher: {description}")
   texts = captions(config, num_examples)
   latent_shape = (config.data.frames, config.data.height, config.data.width, config.model.in_channels)

@@ -11,6 +11,7 @@ top principal components of the teacher's samples), not a VAE decode.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -20,9 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.models.wan import WanModel
-from train import checkpoint, distill, flow, sharding
-from train.configs import Config, cli, from_dict
+from sparge_jax.files import write_bytes_atomic
+
+from . import checkpoint, flow, sharding
+from .configs import Config, cli, from_dict
+from .models import abstract_model, model_configs
+from .sources import make_source
+from .teacher import load_teacher, teacher_spec
 
 FLAGS = {"workdir": None, "num_videos": 2, "num_steps": 30, "shift": 5.0, "seed": 0, "out": None, "scale": 8}
 
@@ -46,20 +51,19 @@ def sample_pair(
 ) -> tuple[np.ndarray, np.ndarray, str]:
   """Teacher and student samples, float32 [num_videos, frames, height, width, channels] each."""
   mesh = sharding.make_mesh(-1, 1) if jax.device_count() == 1 else sharding.make_mesh(1, jax.device_count())
-  teacher_config, student_config = distill.model_configs(config)
-  abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))[1]
+  teacher_config, student_config = model_configs(config)
+  abstract = abstract_model(teacher_config)[1]
   shardings = sharding.param_shardings(abstract, mesh)
-  teacher_spec = os.path.join(workdir, "teacher") if config.pretrains_teacher else config.teacher
-  teacher_params, teacher_source = distill.load_teacher(
-    teacher_spec, teacher_config, abstract.to_pure_dict(), shardings, config.seed
+  teacher_params, teacher_source = load_teacher(
+    teacher_spec(config, workdir), teacher_config, abstract.to_pure_dict(), shardings, config.seed
   )
   student_params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
-  source = distill.make_source(config, student_config)
+  source = make_source(config, student_config)
   context = jnp.stack([source.get(i % len(source))["context"] for i in range(num_videos)])
   noise = jax.random.normal(jax.random.key(seed), (num_videos, *source.latent_shape), jnp.float32)
 
   def sampler(model_config):
-    graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(model_config, rngs=nnx.Rngs(0))))[0]
+    graphdef = abstract_model(model_config)[0]
 
     @jax.jit
     def run(params, noise, context):
@@ -91,6 +95,7 @@ def rgb_projection(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -> None:
+  """Writes the side-by-side GIF (teacher | student | 4 x |difference|, one row per video) to ``path``."""
   import imageio.v3 as iio  # noqa: PLC0415 (only needed here)
 
   basis, low, high = rgb_projection(teacher)
@@ -100,9 +105,9 @@ def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -
   panels = [to_rgb(teacher, basis, low, high, scale), to_rgb(student, basis, low, high, scale), grey]
   rows = np.concatenate(panels, axis=-2)  # [videos, frames, H, 3W, 3]
   frames = np.concatenate(list(rows), axis=-3)  # [frames, videos*H, 3W, 3]
-  tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
-  iio.imwrite(tmp, frames, duration=250, loop=0)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  iio.imwrite(buffer, frames, extension=".gif", duration=250, loop=0)
+  write_bytes_atomic(path, buffer.getvalue())
 
 
 def _check(_, flags) -> None:
