@@ -16,8 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import distill, teacher
-from train.configs import PRESETS, cli, validate
+from train import cli, distill, make_dataset, teacher
+from train.configs import PRESETS, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -105,8 +105,14 @@ def test_bad_config_fails_before_any_work(argv, message, tmp_path, capsys):
   assert not workdir.exists()
 
 
+def parse(argv, args_type=distill.Args, **kwargs):
+  args, code = cli.parse(args_type, argv, prog="test", description="", presets=PRESETS, default="tiny", **kwargs)
+  assert code is None
+  return args
+
+
 def test_overrides_and_presets():
-  config, flags = cli.parse(
+  args = parse(
     [
       "--config",
       "tiny",
@@ -117,18 +123,66 @@ def test_overrides_and_presets():
       "--config.data.shuffle=false",
       "--workdir",
       "d",
-    ],
-    PRESETS,
-    "tiny",
-    distill.FLAGS,
+    ]
   )
+  config = args.config
   assert (config.steps, config.attention.topk, config.time.shift, config.data.shuffle) == (20, 0.05, 3.0, False)
-  assert flags["workdir"] == "d" and config.attention.topp == PRESETS["tiny"]().attention.topp
-  per_head, _ = cli.parse(["--config.attention.topk=0.1,0.2"], PRESETS, "tiny", {})
+  assert args.workdir == "d" and config.attention.topp == PRESETS["tiny"]().attention.topp
+  per_head = parse(["--config.attention.topk", "0.1", "0.2"]).config
   assert per_head.attention.topk == (0.1, 0.2)
+  big = parse(["--config=wan2_1_1_3b", "--config.model.remat_saves", "qkv", "ffn_hidden"]).config
+  assert big.model.remat_saves == ("qkv", "ffn_hidden") and big.model.num_layers == 30
   for name, preset in PRESETS.items():
     validate(preset())
     assert preset().name == name
+
+
+def test_a_config_of_ones_own_from_a_python_file_or_a_saved_config_json(tmp_path):
+  from train.configs import to_dict  # noqa: PLC0415
+
+  own = tmp_path / "my_config.py"
+  own.write_text(
+    "import dataclasses\nfrom train.configs import tiny\n"
+    "def get_config():\n  return dataclasses.replace(tiny(), name='mine', steps=7)\n"
+  )
+  config = parse(["--config", str(own), "--config.seed=3"]).config
+  assert (config.name, config.steps, config.seed) == ("mine", 7, 3)
+  saved = tmp_path / "config.json"
+  saved.write_text(json.dumps(to_dict(config)))
+  assert parse([f"--config={saved}"]).config == config
+  # make_dataset reads the dataset fields of the same file.
+  dataset_args = parse(
+    ["--config", str(saved), "--out", "o"], make_dataset.Args, project=make_dataset.DatasetConfig.from_config
+  )
+  assert dataset_args.config.seed == 3 and dataset_args.config.model == config.model and dataset_args.out == "o"
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--config", "missing.py"], "--config missing.py: no such file"),
+    (["--config", "missing.json"], "--config missing.json: No such file or directory"),
+    (["--config"], "--config needs a value"),
+  ],
+)
+def test_a_config_file_that_cannot_be_read_is_named(argv, message, tmp_path, capsys):
+  assert distill.main([*argv, "--workdir", str(tmp_path / "run")]) == 1
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
+
+
+def test_help_describes_each_field_and_each_command_shows_only_its_own(capsys):
+  assert distill.main(["--help"]) == 0
+  distill_help = capsys.readouterr().out
+  for text in ("--config.steps", "Optimizer steps in all", "--config.attention.topk", "Top-k", "--workdir"):
+    assert text in distill_help
+  for ignored in ("model.attention.", "model.compute_dtype", "model.batch_axes", "model.param_dtype"):
+    assert ignored not in distill_help
+  assert make_dataset.main(["--help"]) == 0
+  dataset_help = capsys.readouterr().out
+  assert "--config.frames" in dataset_help and "--num_examples" in dataset_help
+  for trainer_only in ("learning_rate", "warmup_steps", "checkpoint_every", "attention.topk", "--workdir"):
+    assert trainer_only not in dataset_help
 
 
 # A workdir's config.json as an earlier version wrote it: the model held WanConfig's run options and the
@@ -254,7 +308,10 @@ def test_make_dataset_from_teacher_samples(trained, env, tmp_path):
       str(out_dir),
       "--source",
       "teacher",
-      *SMALL,
+      "--config.frames=4",
+      "--config.height=16",
+      "--config.width=16",
+      "--config.batch_size=8",
       f"--config.teacher={workdir}",
       "--num_examples",
       "3",

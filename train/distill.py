@@ -3,17 +3,19 @@
     python -m train.distill                                   # tiny default, minutes on a CPU
     python -m train.distill --config tiny --config.steps=20 --config.attention.topk=0.05 --workdir DIR
     python -m train.distill --config wan2_1_1_3b --config.teacher=PATH --workdir runs/wan13b
+    python -m train.distill --config my_config.py             # get_config() returns a train.configs.Config
 
-The student starts as a copy of the teacher with sparse self-attention; both see the same x_t, t and
-text (REFERENCE.md §1-2). Only the student is differentiated, optimised and checkpointed; the teacher
-is an argument of the jitted step that is never donated. Restarting with the same ``--workdir``
-resumes from its newest checkpoint. Multi-host: pass ``--coordinator_address``, ``--num_processes``
-and ``--process_id`` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every
-process; see docs/TRAINING.md.
+(``sparge-distill`` once installed.) The student starts as a copy of the teacher with sparse
+self-attention; both see the same x_t, t and text. Only the student is differentiated, optimised and
+checkpointed; the teacher is an argument of the jitted step that is never donated. Restarting with the
+same ``--workdir`` resumes from its newest checkpoint. Multi-host: pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) on every process; see docs/TRAINING.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -29,15 +31,29 @@ import optax
 
 from sparge_jax.files import write_json_atomic
 
-from . import checkpoint, sharding, teacher
-from .configs import PRESETS, Config, cli, to_dict, validate
+from . import checkpoint, cli, sharding, teacher
+from .configs import PRESETS, Config, to_dict, validate
 from .data import Loader
 from .models import abstract_model, model_configs
 from .sources import make_source
 from .step import make_loss_fn, make_optimizer, make_train_step
 
 EVAL_BATCHES = 4
-FLAGS = {"workdir": None, "coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``train.distill``."""
+
+  config: Config
+  workdir: str | None = None
+  """The run's folder (default runs/<name>-<date>-<time>); the same one again resumes its newest checkpoint."""
+  coordinator_address: str | None = None
+  """host:port of process 0, for a run over several processes (or JAX_COORDINATOR_ADDRESS)."""
+  num_processes: int | None = None
+  """Number of processes (or JAX_NUM_PROCESSES)."""
+  process_id: int | None = None
+  """This process's index (or JAX_PROCESS_ID)."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -281,14 +297,14 @@ def print_summary(summary: dict) -> None:
   print("\n".join(lines))
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: str | None, process_id: str | None) -> None:
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
   """``jax.distributed.initialize`` from flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   JAX_PROCESS_ID; does nothing when no coordinator is given (single process)."""
   address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address:
     return
-  count = num_processes or os.environ.get("JAX_NUM_PROCESSES")
-  index = process_id or os.environ.get("JAX_PROCESS_ID")
+  count = os.environ.get("JAX_NUM_PROCESSES") if num_processes is None else num_processes
+  index = os.environ.get("JAX_PROCESS_ID") if process_id is None else process_id
   for name, value in (("num_processes", count), ("process_id", index)):
     if value is None or not str(value).isdigit():
       raise ValueError(
@@ -297,19 +313,22 @@ def initialize_distributed(coordinator_address: str | None, num_processes: str |
   jax.distributed.initialize(address, int(count), int(index))
 
 
-def _check(config: Config, flags) -> None:
-  validate(config)
-  initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
-  if jax.process_count() > 1 and not flags["workdir"]:
+def check(args: Args) -> None:
+  """The checks before any work: the config's values, then the processes (nothing is traced before this)."""
+  validate(args.config)
+  initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  if jax.process_count() > 1 and not args.workdir:
     raise ValueError("--workdir is required with several processes (they must share it)")
 
 
 def main(argv: list[str] | None = None) -> int:
-  config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
+  args, code = cli.parse(
+    Args, argv, prog="train.distill", description=__doc__, presets=PRESETS, default="tiny", check=check
+  )
   if code is not None:
     return code
   try:  # a teacher that cannot be loaded, bad data, or a loss that stops being finite
-    summary = run(config, flags["workdir"] or default_workdir(config))
+    summary = run(args.config, args.workdir or default_workdir(args.config))
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

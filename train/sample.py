@@ -2,6 +2,7 @@
 
     python -m train.sample --workdir runs/tiny-20260101-120000 [--num_videos 2] [--num_steps 30]
 
+(``sparge-sample`` once installed.)
 Reads ``<workdir>/config.json`` and the newest student checkpoint, integrates both models with the
 Euler flow-matching sampler (``train.flow``, Wan's shift 5 by default) from identical noise and text
 (the first captions of the run's data), and writes ``<workdir>/samples.gif``: one row per video,
@@ -11,6 +12,7 @@ top principal components of the teacher's samples), not a VAE decode.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -23,13 +25,31 @@ from flax import nnx
 
 from sparge_jax.files import write_bytes_atomic
 
-from . import checkpoint, flow, sharding
-from .configs import Config, cli, from_dict
+from . import checkpoint, cli, flow, sharding
+from .configs import Config, from_dict
 from .models import abstract_model, model_configs
 from .sources import make_source
 from .teacher import load_teacher, teacher_spec
 
-FLAGS = {"workdir": None, "num_videos": 2, "num_steps": 30, "shift": 5.0, "seed": 0, "out": None, "scale": 8}
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``train.sample``."""
+
+  workdir: str
+  """A distillation workdir: its config.json and newest student checkpoint are read."""
+  num_videos: int = 2
+  """Videos to sample (the first captions of the run's data)."""
+  num_steps: int = 30
+  """Euler steps per sample."""
+  shift: float = 5.0
+  """Timestep shift of the sampler (Wan samples with 5)."""
+  seed: int = 0
+  """Seeds the noise."""
+  out: str | None = None
+  """The GIF to write (default <workdir>/samples.gif)."""
+  scale: int = 8
+  """Pixels per latent pixel in the GIF."""
 
 
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
@@ -110,44 +130,37 @@ def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -
   write_bytes_atomic(path, buffer.getvalue())
 
 
-def _check(_, flags) -> None:
-  workdir = flags["workdir"]
-  if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
-    raise ValueError(f"--workdir {workdir!r}: expected a distillation workdir with config.json")
+def check(args: Args) -> None:
+  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    raise ValueError(f"--workdir {args.workdir!r}: expected a distillation workdir with config.json")
   for name in ("num_videos", "num_steps", "scale"):
-    if flags[name] < 1:
-      raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-  if flags["shift"] <= 0:
-    raise ValueError(f"--shift must be > 0, got {flags['shift']}")
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.shift <= 0:
+    raise ValueError(f"--shift must be > 0, got {args.shift}")
 
 
 def main(argv: list[str] | None = None) -> int:
-  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+  args, code = cli.parse(Args, argv, prog="train.sample", description=__doc__, check=check)
   if code is not None:
     return code
-  workdir = flags["workdir"]
-  out = flags["out"] or os.path.join(workdir, "samples.gif")
+  out = args.out or os.path.join(args.workdir, "samples.gif")
   try:  # a config.json of another version, a workdir without a checkpoint, a teacher that cannot be loaded
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(args.workdir, "config.json")) as f:
       config = from_dict(Config, json.load(f))
     teacher, student, teacher_source = sample_pair(
-      config,
-      workdir,
-      num_videos=flags["num_videos"],
-      num_steps=flags["num_steps"],
-      shift=flags["shift"],
-      seed=flags["seed"],
+      config, args.workdir, num_videos=args.num_videos, num_steps=args.num_steps, shift=args.shift, seed=args.seed
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  write_gif(out, teacher, student, flags["scale"])
+  write_gif(out, teacher, student, args.scale)
   print(f"teacher: {teacher_source}")
   print(
-    f"student: {checkpoint.find_params(workdir)} ({config.attention.kind} attention, "
+    f"student: {checkpoint.find_params(args.workdir)} ({config.attention.kind} attention, "
     f"topk {config.attention.topk}, topp {config.attention.topp})"
   )
-  print(f"{flags['num_videos']} videos, {flags['num_steps']} Euler steps, shift {flags['shift']}")
+  print(f"{args.num_videos} videos, {args.num_steps} Euler steps, shift {args.shift}")
   print(
     f"PSNR student vs teacher: {psnr(teacher, student):.2f} dB "
     f"(per video: {', '.join(f'{psnr(t, s):.2f}' for t, s in zip(teacher, student))})"

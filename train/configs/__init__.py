@@ -9,6 +9,7 @@ compiles anything, so it runs before ``jax.distributed.initialize``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import jax.numpy as jnp
@@ -30,11 +31,13 @@ __all__ = [
   "ModelConfig",
   "PretrainConfig",
   "TimeConfig",
+  "checker",
   "from_dict",
   "load_config",
   "tiny",
   "to_dict",
   "validate",
+  "validate_model",
   "wan2_1_14b",
   "wan2_1_1_3b",
 ]
@@ -262,8 +265,10 @@ def wan2_1_14b() -> Config:
 PRESETS = {"tiny": tiny, "wan2_1_1_3b": wan2_1_1_3b, "wan2_1_14b": wan2_1_14b}
 
 
-def _checker(config):
-  def check(ok: bool, field: str, requirement: str):
+def checker(config) -> Callable[[bool, str, str], None]:
+  """``check(ok, field, requirement)``: ValueError ``--config.FIELD=VALUE: requirement`` unless ``ok``."""
+
+  def check(ok: bool, field: str, requirement: str) -> None:
     if not ok:
       value = config
       for part in field.split("."):
@@ -275,7 +280,7 @@ def _checker(config):
 
 def validate_model(config) -> None:
   """Checks ``config.model`` (a ``ModelConfig``) and its fit with ``config.attention`` if it has one."""
-  check, m = _checker(config), config.model
+  check, m = checker(config), config.model
   for name in (
     "num_attention_heads",
     "attention_head_dim",
@@ -306,7 +311,7 @@ def validate(config: Config) -> None:
   The attention settings validate themselves when an ``AttentionConfig`` is built; here only their fit
   with the model (one topk / topp per head) is checked.
   """
-  check = _checker(config)
+  check = checker(config)
   validate_model(config)
   check(bool(config.teacher) or config.loss == "diffusion", "teacher", "must be set for loss=distill")
   check(config.pretrain_teacher.steps >= 0, "pretrain_teacher.steps", "must be >= 0")
