@@ -139,9 +139,13 @@ def _message(event, args_type: type, argv: Sequence[str]) -> str | None:
   return None
 
 
-def _prog(command: str) -> str:
+def command(module: str) -> str:
+  """How to run the command ``module`` (e.g. "train.sample") the way this process was started: its console
+  script (``sparge-sample``) when installed, else ``python -m train.sample``."""
   script = os.path.basename(sys.argv[0]) if sys.argv else ""
-  return script if script.startswith("sparge-") else f"python -m {command}"
+  if script.startswith("sparge-"):
+    return "sparge-" + module.rsplit(".", 1)[-1].replace("_", "-")
+  return f"python -m {module}"
 
 
 def _split_config_spec(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -179,7 +183,7 @@ def parse(
   Returns ``(args, None)``, or ``(None, exit_code)`` once the help or the error has been printed.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  prog = _prog(prog)
+  prog = command(prog)
   try:
     instance = tyro.MISSING_NONPROP
     if presets is not None:

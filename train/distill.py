@@ -292,7 +292,7 @@ def print_summary(summary: dict) -> None:
     f"checkpoints:  {summary['checkpoints']}",
     f"TensorBoard:  tensorboard --logdir {workdir}",
     f"metrics:      {os.path.join(workdir, 'metrics.jsonl')} (per step), {os.path.join(workdir, 'summary.json')}",
-    f"samples:      python -m train.sample --workdir {workdir}",
+    f"samples:      {cli.command('train.sample')} --workdir {workdir}",
   ]
   print("\n".join(lines))
 

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to {args.out} "
     f"(latents {manifest['latent_shape']}, text {manifest['text_shape']})"
   )
-  print(f"train on it: python -m train.distill --config.data.path={args.out}")
+  print(f"train on it: {cli.command('train.distill')} --config.data.path={args.out}")
   return 0
 
 
