@@ -108,13 +108,13 @@ class UniPCMultistep:
     `set_timesteps`; sample: the initial noise (only its shape is used)."""
     timesteps, sigmas = common.check_schedule(timesteps, sigmas)
     shape = jnp.shape(sample)
-    zero = jnp.zeros((), jnp.int32)
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers, so a jitted step may donate the state
     return UniPCState(
       timesteps=timesteps,
       sigmas=sigmas,
-      step_index=zero,
-      lower_order_nums=zero,
-      last_order=zero,
+      step_index=zero(),
+      lower_order_nums=zero(),
+      last_order=zero(),
       model_outputs=jnp.zeros((self.solver_order, *shape), jnp.float32),
       last_sample=jnp.zeros(shape, jnp.float32),
     )
