@@ -20,7 +20,6 @@ import sys
 import types
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -238,12 +237,21 @@ def tiny_folder(folder, *, seed: int = 0, **transformer) -> Path:
   z_dim = json.loads((folder / "vae" / "config.json").read_text())["z_dim"]
 
   config = dataclasses.replace(tiny(), text_dim=text_dim, in_channels=z_dim, out_channels=z_dim, **transformer)
-  model = WanModel(config, rngs=nnx.Rngs(seed))
-  # Zero-initialised biases and tables would hide mistakes: random everything, scaled to keep it stable.
-  key = jax.random.key(seed + 1)
-  for i, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-    noise = jax.random.normal(jax.random.fold_in(key, i), variable.shape, variable.dtype)
-    variable[...] = variable[...] + 0.1 * noise
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
+  # Every parameter random (zero biases or unit norms would hide mistakes), drawn on the host: quick.
+  rng = np.random.default_rng(seed)
+  params = []
+  for path, variable in nnx.to_flat_state(abstract):
+    shape = variable.shape
+    fan_in = int(np.prod(shape[1 if path[0] == "blocks" else 0 : -1]))
+    if path[-1] == "scale":
+      value = 1 + 0.1 * rng.normal(size=shape)
+    elif len(shape) - (path[0] == "blocks") >= 2 and path[-1] not in ("modulation", "head_modulation"):
+      value = rng.normal(size=shape) / np.sqrt(fan_in)
+    else:
+      value = 0.1 * rng.normal(size=shape)
+    params.append((path, variable.replace(value=jnp.asarray(value, variable.dtype))))
+  model = nnx.merge(graphdef, nnx.from_flat_state(params))
   save_diffusers(model, folder / "transformer")
   (folder / "scheduler").mkdir()
   (folder / "scheduler" / "scheduler_config.json").write_text(

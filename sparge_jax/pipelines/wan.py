@@ -59,7 +59,9 @@ def check_folder(folder: str | os.PathLike, *, transformer: bool = True) -> Path
   needed = [s for s in SUBFOLDERS if transformer or s != "transformer"]
   missing = [s for s in needed if not (folder / s).is_dir()]
   if missing:
-    raise ValueError(f"model folder {folder} is not a Wan diffusers folder: it has no {', '.join(missing)}/")
+    raise ValueError(
+      f"model folder {folder} is not a Wan diffusers folder: it has no {', '.join(m + '/' for m in missing)}"
+    )
   return folder
 
 
