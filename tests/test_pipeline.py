@@ -295,3 +295,27 @@ def test_generate_with_a_distilled_student(folder, pipe, size, tmp_path):
   import imageio.v3 as iio
 
   np.testing.assert_array_equal(np.stack([iio.imread(p) for p in sorted(out.iterdir())]), expected)
+
+
+# ------------------------------------------------------------------------------- benchmarks.generate
+
+
+def test_generate_benchmark_at_a_tiny_size(tmp_path):
+  from benchmarks import generate
+
+  out = tmp_path / "results" / "generate.json"
+  args = ["--model", "tiny", "--size", "tiny", "--steps", "3", "--dtype", "float32", "--out", str(out)]
+  assert generate.main([*args, "--variants", "dense", "dense-first", "--no-baseline"]) == 0
+  assert generate.main([*args, "--baseline-only"]) == 0  # torch is not installed here: recorded as skipped
+  (key,) = json.loads(out.read_text())["runs"]
+  run = json.loads(out.read_text())["runs"][key]
+  assert key == "tiny-tiny-3steps" and set(run) == {"jax", "diffusers", "speedups"}  # the calls add up
+  assert run["jax"]["tokens"] == 18 and set(run["jax"]["variants"]) == {"dense", "dense-first"}
+  for record in run["jax"]["variants"].values():
+    assert record["total_s"] == pytest.approx(
+      run["jax"]["text_encoding_s"] + record["denoising_s"] + record["decode_s"]
+    )
+  schedule = run["jax"]["variants"]["dense-first"]["schedule"]
+  assert schedule["topk"] == generate.SPARSE_TOPK and schedule["dense_steps"] == 1 and schedule["dense_layers"] == 1
+  assert "dense-first_vs_dense_denoising" in run["speedups"]
+  assert [p.name for p in out.parent.iterdir()] == ["generate.json"]

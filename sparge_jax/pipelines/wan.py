@@ -272,12 +272,14 @@ class WanPipeline:
     num_steps: int = 50,
     schedule: AttentionSchedule | None = None,
     flow_shift: float = 3.0,
+    decode: bool = True,
   ) -> None:
-    """Compile the denoising step and the decoder for these shapes ahead of `denoise` and `decode`
-    (which then start at once), without running them. Arguments as `denoise`'s."""
+    """Compile the denoising step (and with `decode` the decoder) for these shapes ahead of `denoise` and
+    `decode`, which then start at once, without running them. Arguments as `denoise`'s."""
     step, args = self._denoise_call(noise, context, negative_context, num_steps, 1.0, schedule, flow_shift)
     step.lower(*args).compile()
-    self._decode.lower(self._vae_state, jax.ShapeDtypeStruct(noise.shape, jnp.float32)).compile()
+    if decode:
+      self._decode.lower(self._vae_state, jax.ShapeDtypeStruct(noise.shape, jnp.float32)).compile()
 
   @functools.cached_property
   def _decode(self):
