@@ -6,7 +6,11 @@ VAE of `sparge_jax.models.umt5` / `wan_vae` where those exist, else the stand-in
 
 import dataclasses
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import imageio_ffmpeg
 import jax
@@ -190,6 +194,36 @@ def test_bad_inputs_are_named(folder, pipe, size, inputs):
     WanPipeline.from_pretrained(folder / "transformer")
 
 
+SHARDED = r"""
+import sys
+sys.path.insert(0, "tests")
+import jax, jax.numpy as jnp, numpy as np
+import t2v_standins
+from sparge_jax.pipelines.wan import WanPipeline
+
+assert jax.device_count() == 2
+folder = t2v_standins.tiny_folder(sys.argv[1])
+mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+sharded = WanPipeline.from_pretrained(folder, dtype=jnp.float32, mesh=mesh, rules=[("embed", "fsdp")])
+kernel = sharded.transformer.blocks.ffn_in.kernel[...]
+assert kernel.sharding.spec[1] == "fsdp" and kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2
+single = WanPipeline.from_pretrained(folder, dtype=jnp.float32)
+video = [p("a fox", height=32, width=48, num_frames=9, num_steps=2, progress=False) for p in (sharded, single)]
+assert video[0].shape == (1, 9, 32, 48, 3)
+assert np.abs(video[0].astype(int) - video[1]).max() <= 1, np.abs(video[0].astype(int) - video[1]).max()
+print("ok")
+"""
+
+
+def test_pipeline_shards_the_transformer_over_a_mesh(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  root = pathlib.Path(__file__).parent.parent
+  done = subprocess.run(
+    [sys.executable, "-c", SHARDED, str(tmp_path / "Wan-tiny")], cwd=root, env=env, capture_output=True, text=True
+  )
+  assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_default_flow_shift_is_wans():
   assert default_flow_shift(480, 832) == 3.0 and default_flow_shift(720, 1280) == 5.0
 
@@ -319,3 +353,31 @@ def test_generate_benchmark_at_a_tiny_size(tmp_path):
   assert schedule["topk"] == generate.SPARSE_TOPK and schedule["dense_steps"] == 1 and schedule["dense_layers"] == 1
   assert "dense-first_vs_dense_denoising" in run["speedups"]
   assert [p.name for p in out.parent.iterdir()] == ["generate.json"]
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_pipeline_full_keep_matches_dense_and_schedules_compile_once(tmp_path, monkeypatch):
+  """On a GPU in bf16 with head_dim 64 and 64-token tiles (the Mosaic kernels on Hopper, Triton elsewhere)."""
+  folder = t2v_standins.tiny_folder(tmp_path / "Wan-gpu", attention_head_dim=64)
+  tiles = AttentionConfig(block_q=64, block_kv=64)
+  pipe = WanPipeline.from_pretrained(folder, dtype=jnp.bfloat16, attention=tiles)
+  height = width = 16 * pipe.spatial_factor  # 8 x 8 patches: 64 tokens a frame, 3 frames
+  shape = pipe.latent_shape(1, height, width, 2 * pipe.temporal_factor + 1)
+  noise = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+  embeddings = pipe.encode_prompts([PROMPT, NEGATIVE])
+  run = dict(num_steps=4, progress=False)
+  dense = np.asarray(pipe.denoise(noise, embeddings[:1], embeddings[1:], **run))
+  traces = []
+  call = WanModel.__call__
+  monkeypatch.setattr(WanModel, "__call__", lambda self, *a, **k: traces.append(1) or call(self, *a, **k))
+  full_keep = AttentionSchedule(topk=(1.0, 1.0, 1.0, 0.999), topp=0.0)  # not dense by the rule: the sparse kernel
+  kept = np.asarray(pipe.denoise(noise, embeddings[:1], embeddings[1:], schedule=full_keep, **run))
+  sparse = AttentionSchedule(topk=0.25, topp=0.0, dense_steps=1)
+  pipe.denoise(noise, embeddings[:1], embeddings[1:], schedule=sparse, **run)
+  assert len(traces) == 1
+  assert np.abs(kept - dense).max() <= 0.03 * np.abs(dense).max()
+  video = pipe.decode(jnp.asarray(kept))
+  assert video.shape == (1, shape[1] * pipe.temporal_factor - pipe.temporal_factor + 1, height, width, 3)

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from sparge_jax.config import MODES, check_fraction
-from sparge_jax.models.wan.model import LayerSparsity
+from sparge_jax.models.wan import LayerSparsity
 
 __all__ = ["AttentionSchedule", "LayerSparsity"]
 

@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 from sparge_jax import schedulers
 from sparge_jax.config import AttentionConfig
 from sparge_jax.models import umt5, wan_vae
-from sparge_jax.models.wan import WanModel, load_diffusers
-from sparge_jax.models.wan.model import LayerSparsity
+from sparge_jax.models.wan import LayerSparsity, WanModel, load_diffusers
 from sparge_jax.pipelines.schedule import AttentionSchedule
 
 # The negative prompt of diffusers' Wan2.1 examples (an English rendering of Wan's own).
@@ -129,7 +128,8 @@ class WanPipeline:
     Wan examples keep it in float32). transformer: use this model (e.g. a distilled student) instead of
     the folder's transformer/. attention: the loaded transformer's self-attention settings (the rule's
     mode, block sizes and implementation also serve `AttentionSchedule`s). mesh, rules: shard every
-    model's parameters over `mesh` by their logical axis names mapped through `rules`.
+    model's parameters over `mesh` (with `AxisType.Auto` axes: XLA places the activations) by their
+    logical axis names mapped through `rules`, e.g. `[("embed", "fsdp")]`.
     """
     folder = check_folder(folder, transformer=transformer is None)
     if transformer is None:
