@@ -78,6 +78,11 @@ def _as_prompts(name: str, value) -> list[str]:
   return prompts
 
 
+def _check_guidance(guidance) -> None:
+  if isinstance(guidance, bool) or not (isinstance(guidance, (int, float)) and np.isfinite(guidance)):
+    raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -105,7 +110,6 @@ class WanPipeline:
       )
     self.tokenizer, self.text_encoder, self.transformer, self.vae = tokenizer, text_encoder, transformer, vae
     self.scheduler = scheduler
-    self._text_graphdef, self._text_state = nnx.split(text_encoder)
     self._vae_graphdef, self._vae_state = nnx.split(vae)
     self._steps = {}
     self.temporal_factor, self.spatial_factor = _scale_factors(self._vae_graphdef, self._vae_state, vae.config.z_dim)
@@ -165,8 +169,7 @@ class WanPipeline:
   def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """prompts -> text embeddings [len(prompts), 512, d_model] in the transformer's compute dtype, padded
     with zeros past each prompt's tokens (as diffusers' Wan pipeline)."""
-    encoder = nnx.merge(self._text_graphdef, self._text_state)
-    embeddings = umt5.encode_prompts(self.tokenizer, encoder, list(prompts), max_length=MAX_TEXT_LENGTH)
+    embeddings = umt5.encode_prompts(self.tokenizer, self.text_encoder, list(prompts), max_length=MAX_TEXT_LENGTH)
     return jnp.asarray(embeddings).astype(self.transformer.config.compute_dtype)
 
   def _step(self, scheduler: schedulers.Scheduler, guided: bool, attention: str):
@@ -202,8 +205,7 @@ class WanPipeline:
   def _denoise_call(self, noise, context, negative_context, num_steps, guidance, schedule, flow_shift):
     """(the jitted step, its first arguments) for `denoise`, every argument checked."""
     num_steps = _check_int("num_steps", num_steps, 1)
-    if isinstance(guidance, bool) or not (isinstance(guidance, (int, float)) and np.isfinite(guidance)):
-      raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    _check_guidance(guidance)
     config = self.transformer.config
     if jnp.ndim(noise) != 5 or jnp.shape(noise)[-1] != config.in_channels:
       raise ValueError(f"noise must be [batch, frames, height, width, {config.in_channels}], got {jnp.shape(noise)}")
@@ -219,14 +221,14 @@ class WanPipeline:
       attention = "scheduled"
       tables = schedule.tables(num_steps, config.num_layers, config.num_attention_heads)
 
-    scheduler = schedulers.with_shift(self.scheduler, flow_shift)
-    timesteps, sigmas = scheduler.set_timesteps(num_steps)
+    timesteps, sigmas = schedulers.with_shift(self.scheduler, flow_shift).set_timesteps(num_steps)
     latents = jnp.array(noise, jnp.float32)  # a copy: the step donates it, the caller keeps its noise
-    state = scheduler.init_state(timesteps, sigmas, latents)
+    state = self.scheduler.init_state(timesteps, sigmas, latents)
     guided = negative_context is not None
     if guided:
       context = jnp.concatenate([context, negative_context])
-    step = self._step(scheduler, guided, attention)
+    # The shift only places the sigmas (host side): one compiled step serves every shift.
+    step = self._step(self.scheduler, guided, attention)
     return step, (nnx.state(self.transformer), state, latents, context, jnp.float32(guidance), tables)
 
   def denoise(
@@ -328,6 +330,7 @@ class WanPipeline:
     shape = self.latent_shape(len(prompts), height, width, num_frames)
     _check_int("seed", seed, 0)
     flow_shift = default_flow_shift(height, width) if flow_shift is None else flow_shift
+    _check_guidance(guidance)
     guided = guidance > 1
     embeddings = self.encode_prompts(prompts + negatives if guided else prompts)
     context, negative_context = (
