@@ -6,9 +6,11 @@
 
 At step i the pipeline passes `LayerSparsity(tables.topk[i], tables.topp[i])` to the transformer inside
 its one jitted step, so a schedule is data: changing it, or moving from step to step, compiles nothing.
-A dense (step, layer) gets topk = topp = 1, the sparse rule keeping every block, rather than a branch
-to the dense kernel: a traced branch costs a host round trip per layer on GPU, and the block-sparse kernel
-with every block kept runs at about dense attention's speed.
+A dense (step, layer) gets topk = topp = 1, the sparse rule keeping every block, rather than a traced
+branch to the dense kernel: XLA's GPU conditional reads its predicate back to the host (a wait for the
+device per layer and step), while the block-sparse kernel with every block kept runs at about dense
+attention's speed and the mask costs little beside it. A run dense throughout (`is_dense`) uses the dense
+kernel.
 """
 
 from __future__ import annotations
