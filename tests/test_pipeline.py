@@ -6,6 +6,7 @@ VAE of `sparge_jax.models.umt5` / `wan_vae` where those exist, else the stand-in
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -42,8 +43,9 @@ def pipe(folder):
 
 @pytest.fixture(scope="module")
 def size(pipe):
-  """(height, width, frames) of a small video: 2 x 3 patches of latents, 3 latent frames."""
-  multiple = pipe.spatial_factor * pipe.transformer.config.patch_size[1]
+  """(height, width, frames) of a small video with 3 latent frames, in multiples of 16 (which train.generate
+  asks of Wan's sizes): 2 x 3 patches with Wan's VAE."""
+  multiple = math.lcm(16, pipe.spatial_factor * pipe.transformer.config.patch_size[1])
   return 2 * multiple, 3 * multiple, 2 * pipe.temporal_factor + 1
 
 
