@@ -20,7 +20,7 @@ The baseline runs in a subprocess (so the two frameworks do not share the GPU's 
 diffusers import: diffusers' `WanPipeline` with its default attention (SDPA) on the same shapes, steps and
 scheduler, text embeddings from transformers' `UMT5EncoderModel` (timed apart; skipped without transformers)
 and the decode as the pipeline does it. Results merge into benchmarks/results/generate-<device>.json
-(`--out`), keyed by model and size, so separate calls (JAX, baseline, 14B) add up.
+(`--out`), keyed by model, size and steps, so separate calls (variants, baseline, 14B) add up.
 """
 
 from __future__ import annotations
@@ -269,6 +269,7 @@ def run_jax(args) -> dict:
       t0 = time.perf_counter()
       pipe.decode(latents)
       record["decode_s"] = time.perf_counter() - t0
+      record["text_encoding_s"] = text_s  # this call's, as variants of several calls share a file
       record["total_s"] = text_s + denoise_s + record["decode_s"]
     record["peak_bytes_so_far"] = _peak_bytes()
     result["variants"][variant] = record
@@ -517,7 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(out) as f:
       results = json.load(f)
   key = f"{args.model}-{args.size}" + (f"-per-step{args.per_step}" if args.per_step else f"-{args.steps}steps")
-  merged = results.get("runs", {}).get(key, {}) | entry
+  merged = results.get("runs", {}).get(key, {})
+  for name, value in entry.items():  # a later call's variants join an earlier call's
+    if name == "jax" and "variants" in merged.get("jax", {}):
+      value = merged["jax"] | value | {"variants": merged["jax"]["variants"] | value["variants"]}
+    merged[name] = value
   merged["speedups"] = _speedups(merged)
   results |= {"device": timing.device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
   results.setdefault("runs", {})[key] = merged
