@@ -1,7 +1,8 @@
 """Student checkpoints with orbax: ``<workdir>/checkpoints/<step>/{params,opt_state,meta}``.
 
 ``params`` and ``opt_state`` are plain pytrees of (sharded) arrays; ``meta`` is JSON (``META_FIELDS``:
-step, data position, RNG key data, the run's config; ``save`` adds ``checksums`` of every array). Orbax writes each step to a temporary directory
+step, data position, RNG key data, the run's config; ``save`` adds ``checksums`` of every array and
+the ``sha256`` of meta itself). Orbax writes each step to a temporary directory
 and renames it when complete, so a run killed mid-save leaves only whole checkpoints behind; the
 half-written temporary directory is removed on the next start.
 
@@ -22,9 +23,12 @@ failed save (a full disk) raises ``SaveFailed``, which says which earlier step i
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -183,6 +187,12 @@ def checksums(tree: Any) -> dict[str, int]:
   return {name: int(np.asarray(leaf.addressable_data(0))) for name, leaf in _leaves(sums).items()}
 
 
+def _meta_digest(meta: dict) -> str:
+  """sha256 of a meta's canonical JSON without its own digest: a changed value in valid JSON shows."""
+  rest = {k: v for k, v in meta.items() if k != "sha256"}
+  return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def _everywhere(ok: bool) -> bool:
   """True when `ok` on every process (each reads the same step; all must take the same one)."""
   if jax.process_count() == 1:
@@ -193,6 +203,14 @@ def _everywhere(ok: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------- the manager
+
+
+def _join_orbax_threads(timeout_s: float = 300.0) -> None:
+  """Waits for orbax's writer threads: when one item of a save fails, orbax stops waiting for the
+  others, whose threads go on writing into the step's temporary directory."""
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
+      thread.join(timeout_s)
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -250,6 +268,7 @@ class Checkpoints:
     if self._manager is None:
       self._manager = self._open()
     meta = {**meta, "checksums": {"params": checksums(params), "opt_state": checksums(opt_state)}}
+    meta["sha256"] = _meta_digest(meta)
     try:
       self._manager.save(
         step,
@@ -278,13 +297,18 @@ class Checkpoints:
       raise self._failed(step, e) from e
 
   def _failed(self, step: int, error: Exception) -> SaveFailed:
+    # Orbax's threads may still be writing the failed step's other items, and its list of steps is
+    # stale: close the manager (which waits for them), remove the temporaries, open a fresh one.
+    manager, self._manager = self._manager, None
+    try:
+      manager.close()
+    except Exception:  # the first error is the one to report
+      pass
+    _join_orbax_threads()
     if jax.process_index() == 0:  # a full disk wants its space back
       for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")):
         shutil.rmtree(tmp, ignore_errors=True)
-    try:
-      self._manager.reload()  # orbax's list of steps is stale after a failed save
-    except Exception:  # the save's error is the one to report
-      pass
+    self._manager = self._open()
     earlier = [s for s in self.steps() if s < step]
     kept = (
       f"the previous checkpoint, step {earlier[-1]} ({self.step_dir(earlier[-1])}), is kept"
@@ -313,6 +337,8 @@ class Checkpoints:
       if not os.path.isdir(os.path.join(step_dir, item)):
         raise DamagedCheckpoint(step_dir, step, item, "missing", "is missing")
     meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+    if isinstance(meta, dict) and "sha256" in meta and meta["sha256"] != _meta_digest(meta):
+      raise DamagedCheckpoint(step_dir, step, "meta", "checksum", "differs from its saved sha256")
     problem = meta_problem(meta, step)
     if problem:
       raise DamagedCheckpoint(step_dir, step, "meta", "invalid", problem)

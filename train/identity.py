@@ -9,12 +9,15 @@ the same except ``FREE_FIELDS``:
 - ``checkpoint_every``, ``keep_checkpoints``, ``log_every``: when to save and to log;
 - ``mesh``: how the devices split the same global batch (restores go onto the new shardings);
 - ``model.remat``, ``model.remat_saves``: memory traded for recomputation, the same results;
-- ``attention.implementation`` (and the older ``attention.backend``): which kernels run the same rule.
+- ``attention.implementation`` (and the older ``attention.backend``): which kernels run the same rule;
+- ``model.attention``, ``model.compute_dtype``, ``model.param_dtype``, ``model.batch_axes``: the
+  trainer ignores these and sets them itself (from ``attention``, ``compute_dtype`` and the mesh).
 
 Anything else (model, teacher, data, attention rule, loss, optimizer and schedule, dtype, seed, batch
 size, ...) differs only when allowed by name, ``--allow-config-change=seed,attention.topk`` (a field or
 a group such as ``attention``); the trainer records each allowed change in the workdir's history.
-Fields a newer version adds are part of the identity until listed here.
+A field only one of the two configs has (one written by another version) is not compared: new fields
+are part of the identity from the first run that records them.
 
     changes = check_resume(stored_config, to_dict(config), allow=parse_allowed(flag, to_dict(config)))
 """
@@ -38,9 +41,12 @@ FREE_FIELDS = (
   "model.remat_saves",
   "attention.implementation",
   "attention.backend",
+  "model.attention",
+  "model.compute_dtype",
+  "model.param_dtype",
+  "model.batch_axes",
 )
 OVERRIDE_FLAG = "--allow-config-change"
-ABSENT = "(absent)"  # how a field that one side lacks is shown
 
 
 class ConfigChanged(CommandError):
@@ -77,13 +83,14 @@ def _canonical(value: Any) -> Any:
 
 
 def differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """``{field: (stored value, new value)}`` for each identity field (not in ``FREE_FIELDS``) that differs."""
+  """``{field: (stored value, new value)}`` for each identity field (not in ``FREE_FIELDS``) that both
+  configs have and that differs."""
   old, now = flatten(stored), flatten(new)
   changes = {}
-  for field in sorted(set(old) | set(now)):
+  for field in sorted(set(old) & set(now)):
     if is_free(field):
       continue
-    a, b = _canonical(old.get(field, ABSENT)), _canonical(now.get(field, ABSENT))
+    a, b = _canonical(old[field]), _canonical(now[field])
     if a != b:
       changes[field] = (a, b)
   return changes
@@ -106,10 +113,6 @@ def parse_allowed(spec: str | Sequence[str] | None, config: Mapping[str, Any]) -
   return tuple(names)
 
 
-def _show(value: Any) -> str:
-  return value if value == ABSENT else json.dumps(value)
-
-
 def check_resume(
   stored: Mapping[str, Any], new: Mapping[str, Any], *, allow: Iterable[str] = (), step: int | None = None
 ) -> dict[str, tuple[Any, Any]]:
@@ -124,7 +127,7 @@ def check_resume(
   refused = {f: c for f, c in changes.items() if f not in allowed}
   if refused:
     at = f" at step {step}" if step is not None else ""
-    listed = "; ".join(f"{f}: {_show(a)} -> {_show(b)}" for f, (a, b) in refused.items())
+    listed = "; ".join(f"{f}: {json.dumps(a)} -> {json.dumps(b)}" for f, (a, b) in refused.items())
     raise ConfigChanged(
       f"the config differs from the checkpoint{at} being resumed in {len(refused)} field(s): {listed}. "
       f"Resume with the stored values, start a new --workdir, or pass {OVERRIDE_FLAG}={','.join(refused)} "

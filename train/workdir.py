@@ -155,19 +155,29 @@ class Lock:
     if self._file is not None:
       raise RuntimeError(f"{self.path} is already held by this Lock")
     while self._file is None:
-      f = open(self.path, "a+")  # held until release
+      try:
+        fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+      except FileExistsError:
+        try:
+          fd, created = os.open(self.path, os.O_RDWR), False
+        except FileNotFoundError:  # its holder released it just now
+          continue
+      f = os.fdopen(fd, "r+")  # held until release
       try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
-        f.seek(0)
         holder = _holder(f.read())
         f.close()
         raise self._busy(holder) from None
       except OSError as e:
-        f.close()
         if e.errno not in _NO_FLOCK:
+          f.close()
           raise
-        self._acquire_exclusive_file()
+        if created:  # an exclusive creation is the lock where flock is missing
+          self._hold(f)
+        else:
+          f.close()
+          self._acquire_exclusive_file()
         return self
       # A releasing holder unlinks the file; if it did so between our open and our flock, we hold a
       # lock on a file nobody else can see: open the current one again.
@@ -178,14 +188,16 @@ class Lock:
       if not same:
         f.close()
         continue
-      f.seek(0)
       self._take_over(_holder(f.read()))
-      f.seek(0)
-      f.truncate()
-      f.write(_holder_text() + "\n")
-      f.flush()
-      self._file = f
+      self._hold(f)
     return self
+
+  def _hold(self, f) -> None:
+    f.seek(0)
+    f.truncate()
+    f.write(_holder_text() + "\n")
+    f.flush()
+    self._file = f
 
   def _busy(self, holder: dict) -> WorkdirBusy:
     return WorkdirBusy(
@@ -212,9 +224,7 @@ class Lock:
         with contextlib.suppress(FileNotFoundError):
           os.remove(self.path)
         continue
-      self._file = os.fdopen(fd, "w")
-      self._file.write(_holder_text() + "\n")
-      self._file.flush()
+      self._hold(os.fdopen(fd, "r+"))
       return
     raise self._busy({})
 
