@@ -25,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from train import checkpoint, errors, identity, workdir
+from train import checkpoint, errors, identity, resume, workdir
 from train.configs import tiny, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -647,3 +647,40 @@ def test_a_finished_run_asked_for_fewer_steps_changes_nothing():
     "the workdir is already at step 20, past --config.steps=5; nothing was changed "
     "(pass --config.steps above 20 to train further, or use a new --workdir)"
   )
+
+
+# ----------------------------------------------------------------------------- resume: the pieces together
+
+
+def test_resume_checks_the_config_and_keeps_the_workdir_records_consistent(tmp_path, capfd):
+  run = str(tmp_path)
+  directory = tmp_path / "checkpoints"
+  metrics = tmp_path / workdir.METRICS_NAME
+  metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))  # a run killed before saving
+  params, opt_state = _abstract(_state(0)[0]), _abstract(_state(0)[1])
+  with checkpoint.Checkpoints(str(directory), keep=3) as checkpoints:
+    assert resume.resume(checkpoints, params, opt_state, {"seed": 3, "steps": 10}, run) is None
+  assert metrics.read_text() == "" and [r["event"] for r in workdir.read_history(run)] == ["start"]
+
+  saved = _save(directory, [2, 4])
+  metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
+  before = (metrics.read_text(), workdir.read_history(run), sorted(os.listdir(directory)))
+  with checkpoint.Checkpoints(str(directory), keep=3) as checkpoints:
+    with pytest.raises(identity.ConfigChanged, match="at step 4 being resumed in 1 field"):
+      resume.resume(checkpoints, params, opt_state, {"seed": 4, "steps": 10}, run)
+    with pytest.raises(identity.AlreadyPast, match="already at step 4, past --config.steps=3"):
+      resume.resume(checkpoints, params, opt_state, {"seed": 3, "steps": 3}, run)
+  assert (metrics.read_text(), workdir.read_history(run), sorted(os.listdir(directory))) == before  # unchanged
+
+  _truncate(str(directory / "4" / "opt_state"))
+  capfd.readouterr()
+  with checkpoint.Checkpoints(str(directory), keep=3) as checkpoints:
+    restored = resume.resume(checkpoints, params, opt_state, {"seed": 4, "steps": 10}, run, allow=["seed"])
+  assert restored.step == 2
+  _assert_same(restored.params, saved[2][0])
+  assert capfd.readouterr().err.startswith("warning: checkpoint step 4 is damaged (opt_state ")
+  assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+  records = workdir.read_history(run)[1:]
+  assert [r["event"] for r in records] == ["damaged_checkpoint", "config_change", "resume"]
+  assert records[0]["moved_to"] == str(directory / "damaged" / "4-opt_state-unreadable")
+  assert (records[1]["step"], records[1]["changes"]) == (2, {"seed": [3, 4]})
