@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +271,6 @@ def test_an_error_of_check_meta_passes_through_and_moves_nothing(tmp_path):
 
 
 def test_no_directory_until_the_first_save_and_no_threads_after_close(tmp_path):
-  threads = set(threading.enumerate())
   directory = tmp_path / "run" / "checkpoints"
   with pytest.raises(ValueError, match="teacher"):
     with checkpoint.Checkpoints(str(directory), keep=2) as checkpoints:
@@ -281,7 +279,7 @@ def test_no_directory_until_the_first_save_and_no_threads_after_close(tmp_path):
   assert not os.path.exists(tmp_path / "run")
   _save(directory, [1])
   assert sorted(os.listdir(directory)) == ["1"]
-  assert not [t for t in set(threading.enumerate()) - threads if t.is_alive()]
+  assert not checkpoint.orbax_threads()
   (tmp_path / "file").write_text("")
   with pytest.raises(errors.CommandError, match="exists and is not a directory"):
     checkpoint.Checkpoints(str(tmp_path / "file"), keep=1)
@@ -290,7 +288,6 @@ def test_no_directory_until_the_first_save_and_no_threads_after_close(tmp_path):
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capfd):
   """ENOSPC injected into orbax's JSON writer, with keep=1: the only older step must survive."""
   directory = tmp_path / "checkpoints"
-  threads = set(threading.enumerate())
   saved = _save(directory, [1], keep=1)
   params, opt_state = saved[1]
 
@@ -311,7 +308,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
   )
   assert capfd.readouterr().err == ""  # orbax's thread tracebacks are not printed
   assert sorted(os.listdir(directory)) == ["1"]  # the temporary directory is gone too
-  assert not [t for t in set(threading.enumerate()) - threads if t.is_alive()]
+  assert not checkpoint.orbax_threads()
   with checkpoint.Checkpoints(str(directory), keep=1) as checkpoints:
     restored = checkpoints.restore_latest(_abstract(params), _abstract(opt_state))
   assert restored.step == 1 and not restored.moved_aside

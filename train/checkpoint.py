@@ -173,7 +173,10 @@ def _word_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(words, dtype=jnp.uint32)
 
 
-_word_sums = jax.jit(lambda tree: jax.tree.map(_word_sum, tree))
+@jax.jit
+def _word_sums(tree: Any) -> jax.Array:
+  """The `_word_sum` of each leaf, in leaf order, as one uint32 vector (one transfer to the host)."""
+  return jnp.stack([_word_sum(x) for x in jax.tree.leaves(tree)] or [jnp.uint32(0)])
 
 
 def checksums(tree: Any) -> dict[str, int]:
@@ -182,9 +185,15 @@ def checksums(tree: Any) -> dict[str, int]:
   Orbax keeps no checksum of array values, so a flipped or overwritten byte inside a data file would
   restore silently; ``Checkpoints`` stores these with each step and compares them on restore.
   """
+  names = list(_leaves(tree))
   sums = _word_sums(tree)
-  # The sums are replicated scalars: every process reads its own copy.
-  return {name: int(np.asarray(leaf.addressable_data(0))) for name, leaf in _leaves(sums).items()}
+  if sums.is_fully_replicated:  # the usual case: every process reads its own copy
+    sums = np.asarray(sums.addressable_data(0))
+  else:
+    from jax.experimental import multihost_utils  # noqa: PLC0415 (rare)
+
+    sums = multihost_utils.process_allgather(sums, tiled=True)
+  return {name: int(value) for name, value in zip(names, sums)}
 
 
 def _meta_digest(meta: dict) -> str:
@@ -205,12 +214,20 @@ def _everywhere(ok: bool) -> bool:
 # ----------------------------------------------------------------------------- the manager
 
 
+def orbax_threads() -> list[threading.Thread]:
+  """Orbax's live threads (writers, finalizers), other than the caller's."""
+  return [
+    t
+    for t in threading.enumerate()
+    if type(t).__module__.startswith("orbax.") and t is not threading.current_thread() and t.is_alive()
+  ]
+
+
 def _join_orbax_threads(timeout_s: float = 300.0) -> None:
-  """Waits for orbax's writer threads: when one item of a save fails, orbax stops waiting for the
-  others, whose threads go on writing into the step's temporary directory."""
-  for thread in threading.enumerate():
-    if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
-      thread.join(timeout_s)
+  """Waits for orbax's threads: when one item of a save fails, orbax stops waiting for the others,
+  whose threads go on writing into the step's temporary directory; ``close`` leaves some finishing."""
+  for thread in orbax_threads():
+    thread.join(timeout_s)
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -438,6 +455,8 @@ class Checkpoints:
     except Exception:
       if failure is None:
         raise
+    finally:
+      _join_orbax_threads()
     if failure is not None:
       raise failure
 
