@@ -22,17 +22,14 @@ Variants (cumsum c[r, j] = kept columns up to and including j):
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import timing
+from benchmarks import inputs, results, timing
 from pallas_kernels.block_mask import triton_index_table as index_table
 from sparge_jax import mask as mask_lib
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _cumsum_matmul(flat):
@@ -88,12 +85,6 @@ VARIANTS = {
 }
 
 
-def random_mask(key, heads: int, rows: int, cols: int, sparsity: float):
-  keep = max(1, round((1 - sparsity) * cols))
-  scores = jax.random.uniform(key, (1, heads, rows, cols))
-  return scores >= jnp.sort(scores, axis=-1)[..., cols - keep][..., None]
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--heads", type=int, default=12)
@@ -104,10 +95,14 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   if min(args.heads, args.rows, args.cols) < 1 or not all(0 <= s < 1 for s in args.sparsity):
     parser.error("--heads/--rows/--cols must be >= 1 and --sparsity in [0, 1)")
-  rows = []
-  print(f"device: {timing.device_name()}; mask [1, {args.heads}, {args.rows}, {args.cols}], forward + transposed table")
+  found = []
+  print(
+    f"device: {results.device_name()}; mask [1, {args.heads}, {args.rows}, {args.cols}], forward + transposed table"
+  )
   for sparsity in args.sparsity:
-    mask = random_mask(jax.random.key(0), args.heads, args.rows, args.cols, sparsity)
+    mask = inputs.random_block_mask(
+      jax.random.key(0), 1, args.heads, args.rows, args.cols, inputs.kept_count(sparsity, args.cols)
+    )
     expected = mask_lib.index_tables(mask)
     for name, variant in VARIANTS.items():
 
@@ -121,17 +116,17 @@ def main(argv=None) -> None:
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))
       )
       ms = timing.median_ms(both, mask) if same else None
-      rows.append({"sparsity": sparsity, "variant": name, "equal": same, "ms": ms})
+      found.append({"sparsity": sparsity, "variant": name, "equal": same, "ms": ms})
       print(f"sparsity {sparsity:.2f} {name:>15}: {'WRONG' if not same else f'{ms:.4f} ms'}", flush=True)
-  out = args.out or os.path.join(RESULTS, f"index-tables-{timing.device_slug()}.json")
-  timing.write_results(
+  out = args.out or results.results_path("index-tables")
+  results.write_results(
     out,
     {
       "command": "python -m benchmarks.index_tables",
       "heads": args.heads,
       "rows": args.rows,
       "cols": args.cols,
-      "results": rows,
+      "results": found,
     },
   )
   print(f"wrote {out}")

@@ -5,9 +5,9 @@
 
 Two kinds of input, both bf16, batch 1:
 - random: Q and K standard normal, as in `benchmarks.attention`. Pooled rows are nearly uniform, so Top-p
-  decides (the default hybrid keeps ~20% of the blocks) and the selection runs its Top-p search.
+  decides (the default hybrid keeps many blocks) and the selection runs its Top-p search.
 - structured: the same plus a slowly varying component of position, shared by neighbouring tokens as in
-  video; pooled rows are skewed and Top-k decides (~3% kept), as in trained models.
+  video; pooled rows are skewed and Top-k decides, as in trained models (`inputs.qk_inputs`).
 For each, the kernel time (`timing.device_ms`, busy) of: the read floor (XLA summing Q and K, the bytes any
 pooling must read), pooling, pooled logits, selection, forward table, dK/dV table (transpose + table), and
 `block_mask` plus both tables as one call; then the sparse forward at 0.95 (a random mask, as the attention
@@ -18,30 +18,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import timing
+from benchmarks import inputs, results, timing
 from pallas_kernels.block_mask import triton_index_table as index_table
 from pallas_kernels.block_mask import triton_pool as mask_pool
 from pallas_kernels.block_mask import triton_select as mask_select
 from sparge_jax import attention
-
-
-def inputs(kind: str, shape, seed: int = 0):
-  """(q, k) bf16 of `shape` [batch, seq, heads, dim]; kind "random" or "structured" (module docstring)."""
-  kq, kk, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q, k = jax.random.normal(kq, shape), jax.random.normal(kk, shape)
-  if kind == "structured":
-    position = jnp.arange(shape[1])[None, :, None, None] / shape[1]
-    phase = jax.random.normal(kb, (1, 1) + shape[2:])
-    q = q + 2.0 * jnp.sin(6.0 * position + phase)
-    k = k + 2.0 * jnp.cos(5.0 * position + phase)
-  elif kind != "random":
-    raise ValueError(f"kind must be 'random' or 'structured', got {kind!r}")
-  return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
 
 
 def stage_calls(q, k, *, topk: float, topp: float, block_q: int = 128, block_kv: int = 64, interpret: bool = False):
@@ -80,38 +65,37 @@ def stage_calls(q, k, *, topk: float, topp: float, block_q: int = 128, block_kv:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--seq-len", type=int, default=32760)
-  parser.add_argument("--heads", type=int, default=12)
-  parser.add_argument("--head-dim", type=int, default=128)
+  inputs.add_shape_arguments(parser)
   parser.add_argument("--topk", type=float, default=0.03)
   parser.add_argument("--topp", type=float, default=0.2)
   parser.add_argument("--out", default=None, help="default benchmarks/results/mask-<device>.json")
   args = parser.parse_args(argv)
-  if args.seq_len < 1 or args.heads < 1 or args.head_dim not in (64, 128):
-    parser.error("--seq-len and --heads must be >= 1, --head-dim 64 or 128")
+  inputs.check_positive(parser, args, "seq_len", "heads")
+  if args.head_dim not in (64, 128):
+    parser.error(f"--head-dim must be 64 or 128, got {args.head_dim}")
   if not (0 <= args.topk <= 1 and 0 <= args.topp <= 1):
     parser.error("--topk and --topp must lie in [0, 1]")
   if jax.default_backend() != "gpu":
     parser.error("this benchmark reads GPU kernel times and needs a CUDA GPU")
 
-  from benchmarks.attention import random_block_mask  # benchmarks.attention imports this module
-
   shape = (1, args.seq_len, args.heads, args.head_dim)
   print(
-    f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  hybrid Top-k {args.topk} "
+    f"device: {results.device_name()}  jax {jax.__version__}  shape {shape}  hybrid Top-k {args.topk} "
     f"∪ Top-p {args.topp}"
   )
-  q, k = inputs("random", shape)
+  q, k = inputs.qk_inputs("random", shape)
   v = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.bfloat16)
   n_q, n_kv = -(-args.seq_len // 128), -(-args.seq_len // 64)
-  forward_mask = random_block_mask(jax.random.PRNGKey(2), 1, args.heads, n_q, n_kv, max(1, round(0.05 * n_kv)))
+  forward_mask = inputs.random_block_mask(
+    jax.random.PRNGKey(2), 1, args.heads, n_q, n_kv, inputs.kept_count(0.95, n_kv)
+  )
   forward = timing.device_ms({"forward": (jax.jit(attention.block_sparse_attention), (q, k, v, forward_mask))})
   forward_us = forward["forward"].span * 1e3
   print(f"sparse forward at 0.95 (random mask): {forward_us:.1f} µs")
 
-  results = {}
+  by_kind = {}
   for kind in ("random", "structured"):
-    q, k = inputs(kind, shape)
+    q, k = inputs.qk_inputs(kind, shape)
     calls, mask = stage_calls(q, k, topk=args.topk, topp=args.topp)
     whole_mask = calls["mask + both tables"][0](q, k)[0]
     if not bool(jnp.all(whole_mask == mask)):
@@ -125,10 +109,10 @@ def main(argv=None):
       f"  mask + both tables = {whole / times['read floor (XLA sum of Q and K)']:.2f}x the read floor, "
       f"{whole / forward_us:.1%} of the sparse forward"
     )
-    results[kind] = {"kept_fraction": float(jnp.mean(mask)), "kernel_us": times, "share_of_forward": whole / forward_us}
+    by_kind[kind] = {"kept_fraction": float(jnp.mean(mask)), "kernel_us": times, "share_of_forward": whole / forward_us}
 
-  path = args.out or os.path.join("benchmarks", "results", f"mask-{timing.device_slug()}.json")
-  timing.write_results(
+  path = args.out or results.results_path("mask")
+  results.write_results(
     path,
     {
       "command": "python -m benchmarks.mask",
@@ -138,7 +122,7 @@ def main(argv=None):
       "topk": args.topk,
       "topp": args.topp,
       "forward_us": forward_us,
-      "results": results,
+      "results": by_kind,
     },
   )
   print(f"\nwrote {path}")

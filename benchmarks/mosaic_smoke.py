@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from benchmarks.attention import random_block_mask
+from benchmarks.inputs import random_block_mask
+from benchmarks.results import device_name
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
 from sparge_jax import attention
@@ -55,7 +56,7 @@ def main(argv=None):
   parser.add_argument("--sparsity", type=float, default=0.95)
   parser.add_argument("--sweep", action="store_true")
   args = parser.parse_args(argv)
-  print(f"device {timing.device_name()}, jax {jax.__version__}")
+  print(f"device {device_name()}, jax {jax.__version__}")
 
   block_q, block_kv, dtype = 128, 64, jnp.bfloat16
   shape = (1, args.seq_len, args.heads, args.head_dim)

@@ -4,9 +4,9 @@
     python -m benchmarks.plot benchmarks/results/mask-nvidia-h100-80gb-hbm3.json --out docs/mask.png
 
 From `python -m benchmarks.attention` records: speedup over cuDNN, forward and forward+backward, with the
-ideal 1/(1 − s) line, one line per (backend, shape, results file) for the 128-dim Wan2.1-1.3B shape family;
-other shapes appear as single points. From one `python -m benchmarks.mask` file: each input kind's stages
-as stacked bars, against the read floor and 15% of the sparse forward.
+ideal 1/(1 − s) line, one line per (backend, case, results file) where a case has several sparsities; other
+cases appear as single points; FlexAttention's rows (`benchmarks.flex_attention`), over torch's cuDNN, too. From one `python -m benchmarks.mask` file: each input kind's stages as
+stacked bars, against the read floor and 15% of the sparse forward.
 """
 
 from __future__ import annotations
@@ -90,11 +90,14 @@ def _speedup_figure(plt, runs):
     ax.plot(ideal_s, [1 / (1 - s) for s in ideal_s], "k--", lw=1, label="ideal 1/(1−s)")
     for name, payload in runs:
       groups = {}
-      for r in payload["records"]:
-        groups.setdefault((r["backend"], r["seq_len"], r["heads"], r["head_dim"]), []).append(r)
-      for (backend, seq_len, heads, head_dim), records in sorted(groups.items()):
+      flex = [dict(r, backend="FlexAttention") for r in payload.get("flex_attention", {}).get("records", [])]
+      for r in payload["records"] + flex:
+        # Older files have no "case": one kv head per query head, not causal.
+        case = r.get("case", f"{r['seq_len']}x{r['heads']}x{r['head_dim']}")
+        groups.setdefault((r["backend"], case), []).append(r)
+      for (backend, case), records in sorted(groups.items()):
         records.sort(key=lambda r: r["sparsity"])
-        label = f"{backend} {seq_len}×{heads}×{head_dim} ({name})"
+        label = f"{backend} {case} ({name})"
         style = "o:" if len(records) > 1 else "s"  # dotted: only the markers are measurements
         ax.plot([r["sparsity"] for r in records], [r[key] for r in records], style, label=label)
     ax.set_yscale("log")

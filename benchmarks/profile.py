@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import timing
-from benchmarks.attention import random_block_mask
+from benchmarks import inputs, results, timing
 from sparge_jax import attention
 
 
@@ -56,26 +54,25 @@ def _print(title, times):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--seq-len", type=int, default=32760)
-  parser.add_argument("--heads", type=int, default=12)
-  parser.add_argument("--head-dim", type=int, default=128)
+  inputs.add_shape_arguments(parser)
   parser.add_argument("--sparsity", type=float, default=0.95)
   parser.add_argument("--backend", default="auto", choices=attention.BACKENDS)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default=None, help="default benchmarks/results/profile-<device>.json")
   args = parser.parse_args(argv)
-  if args.seq_len < 1 or args.heads < 1 or args.head_dim < 1 or args.repeats < 1:
-    parser.error("--seq-len, --heads, --head-dim and --repeats must be >= 1")
+  inputs.check_positive(parser, args, "seq_len", "heads", "head_dim", "repeats")
   if not 0 <= args.sparsity < 1:
     parser.error("--sparsity must lie in [0, 1)")
   if jax.default_backend() != "gpu":
     parser.error("this profile reads GPU kernel times and needs a CUDA GPU")
 
-  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  key = jax.random.PRNGKey(0)
   shape = (1, args.seq_len, args.heads, args.head_dim)
-  q, k, v, d_out = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:4])
-  n_q, n_kv = -(-args.seq_len // 128), -(-args.seq_len // 64)
-  mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, max(1, round((1 - args.sparsity) * n_kv)))
+  q, k, v, d_out = inputs.random_qkv(
+    key, batch=1, seq_len=args.seq_len, heads=args.heads, head_dim=args.head_dim, dtype=jnp.bfloat16
+  )
+  case = inputs.Case(args.seq_len, args.heads, args.head_dim, (args.sparsity,))
+  mask = inputs.suite_mask(inputs.mask_key(key), case, args.sparsity, batch=1, block_q=128, block_kv=64)
   sparse = lambda q, k, v, mask: attention.block_sparse_attention(q, k, v, mask, backend=args.backend)
   calls = {
     "block_mask": (jax.jit(lambda q, k: attention.block_mask(q, k, backend=args.backend)), (q, k)),
@@ -87,15 +84,15 @@ def main(argv=None):
     "dense_attention forward (cuDNN)": (jax.jit(attention.dense_attention), (q, k, v)),
   }
   print(
-    f"device: {timing.device_name()}  jax {jax.__version__}  shape {shape}  sparsity "
+    f"device: {results.device_name()}  jax {jax.__version__}  shape {shape}  sparsity "
     f"{1 - float(jnp.mean(mask)):.3f}  backend {args.backend}"
   )
-  results = {}
+  kernels = {}
   for title, (fn, call_args) in calls.items():
-    results[title] = kernel_times_us(fn, *call_args, repeats=args.repeats)
-    _print(title, results[title])
-  path = args.out or os.path.join("benchmarks", "results", f"profile-{timing.device_slug()}.json")
-  timing.write_results(
+    kernels[title] = kernel_times_us(fn, *call_args, repeats=args.repeats)
+    _print(title, kernels[title])
+  path = args.out or results.results_path("profile")
+  results.write_results(
     path,
     {
       "command": "python -m benchmarks.profile",
@@ -103,7 +100,7 @@ def main(argv=None):
       "heads": args.heads,
       "head_dim": args.head_dim,
       "sparsity": args.sparsity,
-      "kernels_us_per_call": results,
+      "kernels_us_per_call": kernels,
     },
   )
   print(f"\nwrote {path}")

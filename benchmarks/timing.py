@@ -1,8 +1,7 @@
-"""Timing and results-file helpers shared by the benchmarks."""
+"""Timing shared by the benchmarks: wall-clock medians, and device time per call from a `jax.profiler` trace."""
 
 from __future__ import annotations
 
-import datetime
 import glob
 import gzip
 import json
@@ -135,27 +134,3 @@ def busy_periods_us(events, *, device: str, min_idle_us: float) -> list[tuple[fl
   if begin is not None:
     periods.append((end - begin, busy))
   return periods
-
-
-def device_name() -> str:
-  device = jax.devices()[0]
-  return getattr(device, "device_kind", device.platform)
-
-
-def device_slug() -> str:
-  return "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
-
-
-def write_results(path: str, payload: dict) -> None:
-  """Write `payload` (plus device, jax version, date) as JSON atomically: temp file, then rename."""
-  payload = {
-    "device": device_name(),
-    "jax_version": jax.__version__,
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    **payload,
-  }
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
-    json.dump(payload, f, indent=2)
-    tmp = f.name
-  os.replace(tmp, path)

@@ -353,7 +353,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Image, display
 from tqdm.auto import tqdm
 
-from train import configs, distill
+from train import configs, distill, models
 
 config = configs.tiny()
 if SMALL:
@@ -363,7 +363,7 @@ if SMALL:
         data=dataclasses.replace(config.data, frames=4, height=8, width=16, synthetic_examples=8))
 configs.validate(config)
 WORKDIR = distill.default_workdir(config)  # a new directory per run; the same one would resume
-teacher_config, student_config = distill.model_configs(config)
+teacher_config, student_config = models.model_configs(config)
 print(f"model: {config.model.num_layers} layers, {config.model.num_attention_heads} heads of "
       f"{config.model.attention_head_dim}; videos: {config.data.frames} x {config.data.height} x "
       f"{config.data.width} latents; student attention: {student_config.attention}")
@@ -375,7 +375,7 @@ print(f"teacher pretraining: {config.pretrain_teacher.steps} steps; distillation
     """\
 ## 2. Train
 
-`distill.train` runs both phases and logs every step to `metrics.jsonl` (the teacher's phase under
+`distill.run` runs both phases and logs every step to `metrics.jsonl` (the teacher's phase under
 `teacher/`). A helper thread reads those files to draw the progress bars and the loss curves while
 training runs here.""",
   ),
@@ -429,7 +429,7 @@ def watch():
 monitor = threading.Thread(target=watch, daemon=True)
 monitor.start()
 try:
-    summary = distill.train(config, WORKDIR, progress=False)
+    summary = distill.run(config, WORKDIR, progress=False)
 finally:
     stop.set()
     monitor.join()
