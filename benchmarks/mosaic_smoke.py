@@ -1,9 +1,8 @@
 """First GPU run of the Mosaic GPU block-sparse kernels: compile, check against Triton, time both.
 
     python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
-    python -m benchmarks.mosaic_smoke --sweep         # also the mosaic variants: forward v1 and default,
-                                                      # backward v1, the persistent dQ and dK/dV variants,
-                                                      # delta by XLA or inside the dQ kernel, 128-key dQ steps
+    python -m benchmarks.mosaic_smoke --sweep         # also the `MosaicTuning` settings that fit: pipeline
+                                                      # depths, dK/dV dealing, CTA counts
     python -m benchmarks.mosaic_smoke --head-dim 64 --sweep   # deeper pipelines, which fit at head_dim 64
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
@@ -24,6 +23,7 @@ import numpy as np
 from benchmarks import timing
 from benchmarks.attention import random_block_mask
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
+from pallas_kernels.block_sparse_attention import mosaic_pipeline
 from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
 from sparge_jax import attention
 from sparge_jax import mask as mask_lib
@@ -45,6 +45,25 @@ def _step(name, fn, results):
     print(f"[{name}] FAILED: {type(e).__name__}: {str(e)[:2000]}")
     traceback.print_exc(limit=4)
   return results[name]
+
+
+def sweep_variants(head_dim):
+  """(forward, backward) lists of `MosaicTuning` settings to time against the defaults: those that fit
+  in shared memory at head_dim (MOSAIC_NOTES.md has what each measured)."""
+  sms = mosaic_pipeline.num_sms()
+  if head_dim == 128:
+    forward = (dict(forward_stages=1), dict(num_ctas=sms - 4))
+    backward = (
+      dict(dq_stages=3),  # one Q/dO row slot instead of two
+      dict(dkv_stages=1),  # two K/V slots per dK/dV pair, no Q/dO double buffering
+      dict(dkv_balanced=False),  # dK/dV lanes dealt round-robin
+      dict(num_ctas=sms - 4),
+    )
+  else:
+    forward = tuple(dict(forward_stages=n) for n in (3, 4))
+    backward = tuple(dict(dq_stages=d, dkv_stages=s) for d in (2, 3, 4) for s in (2, 3) if (d, s) != (2, 2))
+    backward += (dict(dkv_balanced=True),)
+  return forward, backward
 
 
 def main(argv=None):
@@ -74,7 +93,7 @@ def main(argv=None):
 
   def backward_fn(module, **tuning):
     return jax.jit(
-      lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(q, k, v, o, l, do, i, c, qi, qc, **blocks, **tuning)
+      lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(q, k, v, o, l, do, None, i, c, qi, qc, **blocks, **tuning)
     )
 
   fwd_args = (q, k, v, kv_index, kv_count)
@@ -139,38 +158,7 @@ def main(argv=None):
     to_time[name] = (fn, bwd_args(triton_fwd))
 
   if args.sweep and mosaic_fwd:
-    if args.head_dim == 128:
-      # Forward: v1 and the default only (the other settings were slower: benchmarks/NOTES.md).
-      forward_variants = (
-        dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
-        dict(num_stages=2, kv_blocks_per_step=2, persistent=True),
-      )
-      # v1 (one CTA per tile, precomputed delta); persistent dK/dV with one K/V slot per pair (2 Q/dO
-      # stages) or two (1 stage: SMEM); then persistent dQ (two row slots: at most 2 K/V stages) on
-      # top of each; the default (delta formed inside the dQ kernel) against the XLA reduce.
-      v1 = dict(dq_stages=3, dq_persistent=False, dkv_stages=2, delta_in_dq=False)
-      backward_variants = (
-        v1 | dict(dkv_persistent=False),
-        v1 | dict(dkv_persistent=True),
-        v1 | dict(dkv_stages=1, dkv_persistent=True),
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True, delta_in_dq=False),
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
-        # the default's dK/dV pairs dealt round-robin instead of by q count
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True, dkv_balanced=False),
-        # 128-key dQ steps fit beside one row slot only: no persistence
-        dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
-      )
-    else:
-      # Half the shared memory per tile: deeper pipelines fit (never timed at head_dim 64 before).
-      forward_variants = tuple(dict(num_stages=n, kv_blocks_per_step=2, persistent=True) for n in (2, 3, 4))
-      backward_variants = tuple(
-        dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True, delta_in_dq=delta)
-        for d in (2, 3, 4)
-        for s in (2, 3)
-        for delta in (False, True)
-      )
-      backward_variants += (dict(dkv_balanced=True),)  # dealt by q count (the default only at 128)
+    forward_variants, backward_variants = sweep_variants(args.head_dim)
     for tuning in forward_variants:
       _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
     if triton_fwd and mosaic_bwd:

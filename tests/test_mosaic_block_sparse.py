@@ -17,70 +17,26 @@ from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference, token_mask
 from sparge_jax import mask as mask_lib
 
-# (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
-# that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs
-# hold two), head dims 64 and 128; the default kernels, two kv blocks per step (odd and even counts),
-# persistent CTAs running 2 or 3 work items each; v1 (one CTA per tile, no persistence); persistent dK/dV with one K/V slot per pair (head_dim
-# 128: 6 items on 4 pairs) and with two (head_dim 64), persistent dQ with one compute warpgroup.
+# (batch, q_len, kv_len, heads, head_dim, block_q, dtype, tuning): lengths that are not block multiples,
+# one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs hold two), head dims 64 and 128,
+# odd and even kv counts (two kv blocks per forward step); the defaults (one work item per CTA), and
+# persistent CTAs running 2 or 3 work items each, so Q slots, row slots, K/V slots and rings carry over.
 CASES = [
-  (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
-  (
-    1,
-    136,
-    200,
-    1,
-    64,
-    128,
-    jnp.bfloat16,
-    dict(persistent=False, kv_blocks_per_step=1, num_stages=4),
-    dict(dq_persistent=False, dkv_persistent=False, dq_stages=3),
-  ),  # v1: one CTA per tile
-  (
-    2,
-    130,
-    180,
-    1,
-    128,
-    128,
-    jnp.float16,
-    dict(kv_blocks_per_step=2, num_stages=2, persistent=False),
-    dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2),
-  ),
-  (
-    1,
-    200,
-    128,
-    2,
-    64,
-    64,
-    jnp.bfloat16,
-    dict(persistent=3, num_stages=2),
-    dict(dq_persistent=3, dkv_persistent=True, delta_in_dq=False),
-  ),
-  # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them).
-  (
-    1,
-    264,
-    320,
-    1,
-    64,
-    128,
-    jnp.bfloat16,
-    dict(persistent=2, num_stages=4, kv_blocks_per_step=2),
-    dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True, delta_in_dq=False),
-  ),
-  # delta = rowsum(dO·O) formed inside the dQ kernel (the default): persistent CTAs carrying O loads
-  # across items, and one CTA per tile; head_dim 128 (two O parts per row tile) and 64 (one). The
-  # precomputed delta (delta_in_dq=False) runs in the two cases above.
-  (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(dq_persistent=3)),
-  (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(dq_persistent=False)),
-  # persistent dQ with two kv blocks per step: one Q/dO row slot at head_dim 128 (two do not fit)
-  (1, 264, 300, 2, 128, 128, jnp.bfloat16, {}, dict(dq_kv_blocks_per_step=2, dq_persistent=2)),
-  # head_dim 64 with one kv block per step (Q stays in shared memory) and dK/dV pairs dealt by
-  # balanced_schedule (the default only at head_dim 128)
-  (1, 296, 328, 2, 64, 128, jnp.bfloat16, dict(kv_blocks_per_step=1), dict(dkv_balanced=True)),
+  (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}),
+  # head_dim 128: delta formed from two O column parts per row tile; dK/dV with one K/V slot per pair
+  # (6 items on 4 lanes)
+  (2, 130, 180, 1, 128, 128, jnp.float16, dict(num_ctas=2)),
+  (2, 264, 200, 2, 128, 128, jnp.bfloat16, dict(num_ctas=3)),
+  # one compute warpgroup per CTA
+  (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(num_ctas=3)),
+  # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them)
+  (1, 264, 320, 1, 64, 128, jnp.bfloat16, dict(num_ctas=2, forward_stages=4, dq_stages=4, dkv_stages=3)),
+  # dQ with one Q/dO row slot (two do not fit beside 3 K/V stages at head_dim 128); dK/dV lanes dealt by
+  # balanced_schedule at head_dim 64 (the default only at 128)
+  (1, 264, 300, 2, 128, 128, jnp.bfloat16, dict(dq_stages=3, num_ctas=2)),
+  (1, 296, 328, 2, 64, 128, jnp.bfloat16, dict(dkv_balanced=True)),
 ]
-# Compiled, the TMA copies need lengths in whole 8-row tiles (the public API sends others to triton).
+# Compiled, the TMA copies need lengths in whole 8-row tiles.
 COMPILED_CASES = [case for case in CASES if case[1] % 8 == 0 and case[2] % 8 == 0]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
@@ -126,6 +82,7 @@ def _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=True, **tuning)
     out,
     lse,
     d_out,
+    None,
     kv_index,
     kv_count,
     q_index,
@@ -167,11 +124,11 @@ def _check_backward(grads, q, k, v, d_out, mask, block_q):
 
 
 def _check_case(case, interpret):
-  *shape, block_q, dtype, forward_tuning, backward_tuning = case
+  *shape, block_q, dtype, tuning = case
   q, k, v, d_out, mask = _problem(len(shape) + shape[1], *shape, block_q, dtype)
-  out, lse = _forward(q, k, v, mask, block_q, interpret=interpret, **forward_tuning)
+  out, lse = _forward(q, k, v, mask, block_q, interpret=interpret, **tuning)
   _check_forward(out, lse, q, k, v, mask, block_q)
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=interpret, **backward_tuning)
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=interpret, **tuning)
   _check_backward(grads, q, k, v, d_out, mask, block_q)
 
 
@@ -199,18 +156,12 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   assert int(kv_count.max()) > 2 and int(q_count.max()) * (block_q // 64) > 2
   races = plgpu.InterpretGPUParams(detect_races=True)
 
-  out, lse = _forward(q, k, v, mask, block_q, interpret=races, num_stages=2)
+  out, lse = _forward(q, k, v, mask, block_q, interpret=races)
   assert not get_races().races_found
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2, dkv_stages=2)
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races)
   assert not get_races().races_found  # the dK/dV kernel, the last one run
-  grads_precomputed_delta = _backward(
-    q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2, delta_in_dq=False, dq_persistent=2
-  )
-  assert not get_races().races_found
-  # persistent dQ with one row slot (two do not fit beside 5 stages of 128 keys), 2 items per CTA
-  grads_one_row_slot = _backward(
-    q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=5, dq_kv_blocks_per_step=2, dq_persistent=2
-  )
+  # two dQ CTAs: row slots and the K/V ring carry over from item to item
+  grads_two_ctas = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, num_ctas=2)
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
 
@@ -218,8 +169,7 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   ref_out = masked_attention_reference(f32(q), f32(k), f32(v), mask, block_q=block_q, block_kv=BLOCK_KV)
   assert cases.rel_err(out, ref_out) <= TOL[jnp.float16]
   _check_backward(grads, q, k, v, d_out, mask, block_q)
-  _check_backward(grads_precomputed_delta, q, k, v, d_out, mask, block_q)
-  _check_backward(grads_one_row_slot, q, k, v, d_out, mask, block_q)
+  _check_backward(grads_two_ctas, q, k, v, d_out, mask, block_q)
 
 
 def test_forward_variants_match_reference_without_races(capsys):
@@ -243,9 +193,7 @@ def test_forward_variants_match_reference_without_races(capsys):
     mask,
     block_q,
     interpret=plgpu.InterpretGPUParams(detect_races=True),
-    persistent=2,
-    kv_blocks_per_step=2,
-    num_stages=2,
+    num_ctas=2,
   )
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out
@@ -253,9 +201,9 @@ def test_forward_variants_match_reference_without_races(capsys):
 
 
 def test_persistent_backward_matches_reference_without_races(capsys):
-  """Persistent dQ (2 CTAs: 3 of the 6 q-block items each, two compute warpgroups) and dK/dV (3 CTAs,
-  6 pairs: 2 or 3 of the 16 kv-block items each, dealt by `balanced_schedule`, two K/V slots), so row slots, K/V slots and both rings
-  carry over from item to item; lengths multiples of 8 but not of the blocks, an empty q row (dQ = 0)
+  """Persistent dQ (3 CTAs: 2 of the 6 q-block items each, two compute warpgroups) and dK/dV (3 CTAs,
+  6 lanes: 2 or 3 of the 16 kv-block items each, dealt by `balanced_schedule`, two K/V slots), so row
+  slots, K/V slots and both rings carry over from item to item; lengths multiples of 8 but not of the blocks, an empty q row (dQ = 0)
   and an empty kv column (dK = dV = 0), odd and even counts, under race detection."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
 
@@ -278,9 +226,7 @@ def test_persistent_backward_matches_reference_without_races(capsys):
     mask,
     block_q,
     interpret=plgpu.InterpretGPUParams(detect_races=True),
-    dq_persistent=2,
-    dq_stages=2,
-    dkv_persistent=3,
+    num_ctas=3,
     dkv_balanced=True,
   )
   assert not get_races().races_found  # the dK/dV kernel, the last one run
@@ -304,81 +250,40 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
   lse = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
   blocks = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim**-0.5)
   export = lambda f, *args: jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
-  forward = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks), x, x, x, table(n_q, n_kv), count(n_q))
-  backward = export(
-    lambda *a: mosaic_block_sparse.backward(*a, **blocks),
-    x,
-    x,
-    x,
-    x,
-    lse,
-    x,
-    table(n_q, n_kv),
-    count(n_q),
-    table(n_kv, n_q),
-    count(n_kv),
-  )
-  assert forward.count("mosaic_gpu") >= 1 and backward.count("mosaic_gpu") >= 2
+
+  def export_forward(**tuning):
+    return export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning), x, x, x, table(n_q, n_kv), count(n_q))
+
+  def export_backward(**tuning):
+    def backward(q, k, v, out, lse, d_out, *tables):
+      return mosaic_block_sparse.backward(q, k, v, out, lse, d_out, None, *tables, **blocks, **tuning)
+
+    return export(backward, x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+
+  assert export_forward().count("mosaic_gpu") >= 1 and export_backward().count("mosaic_gpu") >= 2
   deep = head_dim == 64  # deeper pipelines fit in shared memory only at head_dim 64
+  for tuning in (dict(forward_stages=4 if deep else 1), dict(num_ctas=7)):
+    assert export_forward(**tuning).count("mosaic_gpu") >= 1, tuning
   for tuning in (
-    dict(kv_blocks_per_step=2, num_stages=2),
-    dict(persistent=True),
-    dict(persistent=True, kv_blocks_per_step=2, num_stages=4 if deep else 2),
+    dict(dq_stages=3),  # one Q/dO row slot at head_dim 128
+    dict(dkv_stages=1),  # two K/V slots per dK/dV pair at head_dim 128
+    dict(dq_stages=4 if deep else 2, dkv_stages=3 if deep else 2),
+    dict(dkv_balanced=head_dim != 128),
   ):
-    variant = export(
-      lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning), x, x, x, table(n_q, n_kv), count(n_q)
-    )
-    assert variant.count("mosaic_gpu") >= 1, tuning
-  for tuning in (
-    dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
-    dict(dq_stages=3, dq_persistent=False, dkv_persistent=False),  # v1
-    dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
-    dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),  # two K/V slots
-    dict(dq_stages=4 if deep else 2, dq_persistent=True, dkv_stages=3 if deep else 2, dkv_persistent=True),
-    dict(delta_in_dq=False),
-    dict(delta_in_dq=False, dq_persistent=False),
-  ):
-    variant = export(
-      lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
-      x,
-      x,
-      x,
-      x,
-      lse,
-      x,
-      table(n_q, n_kv),
-      count(n_q),
-      table(n_kv, n_q),
-      count(n_kv),
-    )
-    assert variant.count("mosaic_gpu") >= 2, tuning
-
-
-@pytest.mark.parametrize(
-  "change,message",
-  [
-    (dict(dtype=jnp.float32), "triton"),
-    (dict(head_dim=96), "head_dim"),
-    (dict(block_q=256), "block_q"),
-  ],
-)
-def test_rejects_what_the_kernels_do_not_cover(change, message):
-  args = dict(dtype=jnp.bfloat16, head_dim=64, block_q=128) | change
-  q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, args["head_dim"], args["dtype"])
-  mask = jnp.ones((1, 1, -(-128 // args["block_q"]), 2), bool)
-  with pytest.raises(ValueError, match=message):
-    _forward(q, k, v, mask, args["block_q"])
+    assert export_backward(**tuning).count("mosaic_gpu") >= 2, tuning
 
 
 @pytest.mark.parametrize(
   "tuning,message",
   [
-    (dict(kv_blocks_per_step=3), "kv_blocks_per_step"),
-    (dict(kv_blocks_per_step=2, num_stages=3, persistent=True), "num_stages"),  # 288 KB of SMEM
-    (dict(persistent=0), "persistent"),
+    (dict(kv_blocks_per_step=2), "kv_blocks_per_step"),  # not a setting (any more)
+    (dict(forward_stages=3), "forward_stages"),  # 288 KB of SMEM at head_dim 128
+    (dict(forward_stages=0), "forward_stages"),
+    (dict(num_ctas=0), "num_ctas"),
+    (dict(dkv_balanced="yes"), "dkv_balanced"),
   ],
 )
-def test_rejects_forward_variants_that_do_not_exist(tuning, message):
+def test_rejects_forward_tuning_that_does_not_exist(tuning, message):
   q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   with pytest.raises(ValueError, match=message):
     _forward(q, k, v, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
@@ -387,13 +292,13 @@ def test_rejects_forward_variants_that_do_not_exist(tuning, message):
 @pytest.mark.parametrize(
   "tuning,message",
   [
-    (dict(dkv_persistent=0), "dkv_persistent"),
-    (dict(dq_persistent=-1), "dq_persistent"),
-    (dict(dkv_stages=3), "dkv_stages"),  # 256 KB of SMEM at head_dim 128
-    (dict(dq_stages=4, dq_kv_blocks_per_step=2), "dq_stages"),  # even one row slot: 336 KB
+    (dict(dq_persistent=True), "dq_persistent"),
+    (dict(num_ctas=-1), "num_ctas"),
+    (dict(dkv_stages=3), "dkv_stages"),  # 259 KB of SMEM at head_dim 128
+    (dict(dq_stages=5), "dq_stages"),  # even one row slot: 228 KB
   ],
 )
-def test_rejects_backward_variants_that_do_not_exist(tuning, message):
+def test_rejects_backward_tuning_that_does_not_exist(tuning, message):
   q, k, v, d_out = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   lse = jnp.zeros((1, 1, 128), jnp.float32)
   with pytest.raises(ValueError, match=message):
