@@ -4,16 +4,22 @@
 and conventions as `triton` and `xla`): every work item is one tile and loops only over the blocks its
 table row lists, so skipped blocks cost nothing and no two CTAs write the same output (no atomics).
 Softmax runs in base 2 in float32; `lse` is the natural-log log-sum-exp [batch, heads, q_len]; a row with
-no kept block outputs 0 and has lse = -inf.
+no kept block outputs 0 and has lse = -inf. Query head n reads kv head n // (heads // kv_heads) (GQA,
+MQA) by its TMA addresses, never a copy of K and V per query head; dK and dV sum over a kv head's query
+heads inside the kernel. Keys past `kv_seq_lengths[b]` and, with `is_causal`, keys after their query get
+a large finite negative score, only in the steps whose blocks hold such keys. The lse cotangent enters
+delta = rowsum(dO·O) - d_lse where the dQ kernel forms it.
 
 The kernels (the design follows jax's `attention_mgpu.py`, FlashAttention-3 style):
 - `mosaic_forward`: out and lse; a CTA's compute warpgroups share one K/V stream.
-- `mosaic_dq`: dQ over the forward table; it also forms delta = rowsum(dO·O) for dK/dV.
+- `mosaic_dq`: dQ over the forward table; it also forms delta for dK/dV.
 - `mosaic_dkv`: dK and dV over the transposed table, two kv blocks per CTA.
 - `mosaic_pipeline`: what they share (the K/V ring, the products, the key mask, the launch).
 All three are persistent (one CTA per SM looping over work items) and warp specialised (a memory
 warpgroup streams tiles by TMA into rings of shared-memory slots for the compute warpgroups). Ragged
-lengths cost nothing extra: TMA loads fill out-of-range rows with zeros and TMA stores drop them.
+lengths cost nothing extra where they are multiples of 8: TMA loads fill out-of-range rows with zeros and
+TMA stores drop them. TMA of the (8, 64)-tiled layout takes whole 8-row tiles only, so other lengths are
+zero padded to them first (a copy of the inputs, and a slice of the outputs).
 
 What the kernels take is stated by the module constants below (the backend table reads them). The
 settings a caller may choose are the fields of `MosaicTuning`, passed to `forward` and `backward` as
@@ -38,7 +44,7 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # wgmma takes 16-bit
 HEAD_DIMS = (64, 128)
 BLOCK_Q = (64, 128)  # one or two compute warpgroups of 64 rows
 BLOCK_KV = (64,)
-SEQ_MULTIPLE = 8  # q_len and kv_len: TMA of the (8, 64)-tiled layout takes whole 8-row tiles
+SEQ_MULTIPLE = None  # any q_len and kv_len (lengths that are not multiples of 8 are zero padded: a copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +91,13 @@ def _shared_memory_error(name, value, head_dim, needed):
   )
 
 
-def _assert_supported(q, k, v, block_q, block_kv):
+def _assert_supported(q, k, v, block_q, block_kv, kv_seq_lengths):
   assert q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype, (q.dtype, k.dtype, v.dtype)
   assert q.shape[-1] in HEAD_DIMS and k.shape[-1] == q.shape[-1] == v.shape[-1], (q.shape, k.shape, v.shape)
+  assert k.shape == v.shape and q.shape[2] % k.shape[2] == 0, (q.shape, k.shape, v.shape)
   assert block_q in BLOCK_Q and block_kv in BLOCK_KV, (block_q, block_kv)
-
-
-def _not_yet(kv_seq_lengths, is_causal, d_lse=None):
-  for name, value in (("kv_seq_lengths", kv_seq_lengths), ("d_lse", d_lse)):
-    if value is not None:
-      raise NotImplementedError(f"{name}: not yet in the mosaic kernels")
-  if is_causal:
-    raise NotImplementedError("is_causal: not yet in the mosaic kernels")
+  if kv_seq_lengths is not None:
+    assert kv_seq_lengths.shape == q.shape[:1] and kv_seq_lengths.dtype == jnp.int32, kv_seq_lengths
 
 
 def forward(
@@ -116,13 +117,15 @@ def forward(
 ):
   """Block-sparse attention forward.
 
-  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim], heads % kv_heads == 0
+  (query head n reads kv head n // (heads // kv_heads)).
   kv_block_index: int32 [batch, heads, n_q_blocks, n_kv_blocks]; kv_block_count: int32 [batch, heads, n_q_blocks].
-  tuning: `MosaicTuning` fields.
+  kv_seq_lengths: int32 [batch] or None: keys from kv_seq_lengths[b] on take no part.
+  is_causal: query i attends keys j ≤ i only (top-left aligned); the tables list no block wholly above
+  the diagonal. tuning: `MosaicTuning` fields.
   Returns (out [batch, q_len, heads, head_dim], lse float32 [batch, heads, q_len]).
   """
-  _not_yet(kv_seq_lengths, is_causal)
-  _assert_supported(q, k, v, block_q, block_kv)
+  _assert_supported(q, k, v, block_q, block_kv, kv_seq_lengths)
   tuning = _tuning(tuning)
   smem = mosaic_forward.smem_bytes(block_q, block_kv, q.shape[-1], tuning.forward_stages)
   if smem + mp.SMEM_OVERHEAD > mp.SMEM_BYTES:
@@ -133,29 +136,51 @@ def forward(
     v,
     kv_block_index,
     kv_block_count,
+    kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
     scale=scale,
+    is_causal=bool(is_causal),
     tuning=tuning,
     interpret=interpret,
   )
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "tuning", "interpret"))
-def _forward(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, tuning, interpret):
-  return mosaic_forward.forward_call(
-    q,
-    k,
-    v,
+def _pad_to_tiles(x):
+  """[batch, length, heads, head_dim] -> zero padded to whole 8-row tiles, which TMA needs."""
+  padding = -x.shape[1] % 8
+  return x if padding == 0 else jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0)))
+
+
+def _pad_rows(x, length):
+  """[batch, heads, q_len] -> [batch, heads, length], zero padded: whole tiles for the TMA."""
+  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[-1])))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "is_causal", "tuning", "interpret"))
+def _forward(
+  q, k, v, kv_block_index, kv_block_count, kv_seq_lengths, *, block_q, block_kv, scale, is_causal, tuning, interpret
+):
+  q_len, kv_len = q.shape[1], k.shape[1]
+  out, lse = mosaic_forward.forward_call(
+    _pad_to_tiles(q),
+    _pad_to_tiles(k),
+    _pad_to_tiles(v),
     kv_block_index,
     kv_block_count,
+    kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
     scale=scale,
+    kv_len=kv_len,
+    causal=is_causal,
     stages=tuning.forward_stages,
     ctas=mp.persistent_ctas(tuning.num_ctas, kv_block_count.size),
     interpret=interpret,
   )
+  if out.shape[1] != q_len:
+    out, lse = out[:, :q_len], lse[..., :q_len]
+  return out, lse
 
 
 def backward(
@@ -181,12 +206,14 @@ def backward(
 ):
   """Gradients (dq, dk, dv) of `forward`: dQ over the forward table, dK/dV over the transposed one.
 
-  out, lse: `forward`'s results; d_out: [batch, q_len, heads, head_dim], the cotangent of out.
-  q_block_index: int32 [batch, heads, n_kv_blocks, n_q_blocks]; q_block_count: int32 [batch, heads, n_kv_blocks].
-  tuning: `MosaicTuning` fields.
+  out, lse: `forward`'s results; d_out: [batch, q_len, heads, head_dim], the cotangent of out; d_lse:
+  float32 [batch, heads, q_len], the cotangent of lse, or None (zero).
+  q_block_index: int32 [batch, kv_heads, n_kv_blocks, group · n_q_blocks], group = heads // kv_heads, entry
+  member · n_q_blocks + q_block for query head kv_head · group + member; q_block_count: int32
+  [batch, kv_heads, n_kv_blocks]. dk and dv sum over each kv head's query heads.
+  kv_seq_lengths, is_causal, tuning: as `forward`'s. Returns (dq, dk, dv) in the shapes of q, k, v.
   """
-  _not_yet(kv_seq_lengths, is_causal, d_lse)
-  _assert_supported(q, k, v, block_q, block_kv)
+  _assert_supported(q, k, v, block_q, block_kv, kv_seq_lengths)
   tuning = _tuning(tuning)
   dim = q.shape[-1]
   dq_smem = functools.partial(mosaic_dq.smem_bytes, block_q, block_kv, dim, tuning.dq_stages)
@@ -205,13 +232,16 @@ def backward(
     out,
     lse,
     d_out,
+    d_lse,
     kv_block_index,
     kv_block_count,
     q_block_index,
     q_block_count,
+    kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
     scale=scale,
+    is_causal=bool(is_causal),
     tuning=tuning,
     row_slots=row_slots,
     kv_slots=kv_slots,
@@ -219,13 +249,9 @@ def backward(
   )
 
 
-def _pad_rows(x, length):
-  """[batch, heads, q_len] -> [batch, heads, length], zero padded: whole tiles for the TMA."""
-  return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[-1])))
-
-
 @functools.partial(
-  jax.jit, static_argnames=("block_q", "block_kv", "scale", "tuning", "row_slots", "kv_slots", "interpret")
+  jax.jit,
+  static_argnames=("block_q", "block_kv", "scale", "is_causal", "tuning", "row_slots", "kv_slots", "interpret"),
 )
 def _backward(
   q,
@@ -234,23 +260,35 @@ def _backward(
   out,
   lse,
   d_out,
+  d_lse,
   kv_block_index,
   kv_block_count,
   q_block_index,
   q_block_count,
+  kv_seq_lengths,
   *,
   block_q,
   block_kv,
   scale,
+  is_causal,
   tuning,
   row_slots,
   kv_slots,
   interpret,
 ):
-  batch, _, heads, dim = q.shape
+  batch, q_len, heads, dim = q.shape
+  kv_len, kv_heads = k.shape[1:3]
   n_q_blocks, n_kv_blocks = kv_block_index.shape[-2:]
+  padded_len = n_q_blocks * block_q
+  if is_causal or kv_seq_lengths is not None:
+    # A row whose listed keys are all masked has lse = -inf: make its probabilities exp(s - lse) zero.
+    lse = jnp.where(jnp.isneginf(lse), -mp.MASKED, lse)
   # lse zero padded: padded rows (zero q and dO, so zero delta) then add exactly zero to dK and dV.
-  lse = _pad_rows(lse, n_q_blocks * block_q)
+  lse = _pad_rows(lse, padded_len)
+  if d_lse is not None:
+    d_lse = _pad_rows(d_lse.astype(jnp.float32), padded_len)
+  q, k, v, out, d_out = (_pad_to_tiles(x) for x in (q, k, v, out, d_out))
+  masks = dict(kv_len=kv_len, causal=is_causal)
   dq, delta = mosaic_dq.dq_call(
     q,
     k,
@@ -258,17 +296,20 @@ def _backward(
     out,
     d_out,
     lse,
+    d_lse,
     kv_block_index,
     kv_block_count,
+    kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
     scale=scale,
+    **masks,
     stages=tuning.dq_stages,
     row_slots=row_slots,
     ctas=mp.persistent_ctas(tuning.num_ctas, batch * heads * n_q_blocks),
     interpret=interpret,
   )
-  dkv_ctas = mp.persistent_ctas(tuning.num_ctas, pl.cdiv(batch * heads * n_kv_blocks, mosaic_dkv.PAIRS))
+  dkv_ctas = mp.persistent_ctas(tuning.num_ctas, pl.cdiv(batch * kv_heads * n_kv_blocks, mosaic_dkv.PAIRS))
   balanced = dim == 128 if tuning.dkv_balanced is None else tuning.dkv_balanced
   schedule = None
   if balanced:  # kv blocks differ in how many q blocks they serve: deal them so every lane does about as much
@@ -283,12 +324,19 @@ def _backward(
     q_block_index,
     q_block_count,
     schedule,
+    kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
     scale=scale,
+    n_q_blocks=n_q_blocks,
+    causal=is_causal,
     stages=tuning.dkv_stages,
     kv_slots=kv_slots,
     ctas=dkv_ctas,
     interpret=interpret,
   )
+  if dq.shape[1] != q_len:
+    dq = dq[:, :q_len]
+  if dk.shape[1] != kv_len:
+    dk, dv = dk[:, :kv_len], dv[:, :kv_len]
   return dq, dk, dv

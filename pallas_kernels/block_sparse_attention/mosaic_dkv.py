@@ -2,10 +2,12 @@
 
 A CTA holds two (compute, memory) warpgroup pairs, one kv block each (adjacent kv blocks have different q
 lists, so the pairs run independently). Each pair is a persistent lane: it runs work items (kv block,
-head, batch) dealt round-robin or by `schedule.balanced_schedule` (the q lists differ in length). Its
+kv head, batch) dealt round-robin or by `schedule.balanced_schedule` (the q lists differ in length). Its
 memory warpgroup loads each item's K and V into one of `kv_slots` slots (freed once the dK/dV stores,
 staged there, have read it) and runs one ring of Q, dO, lse and delta 64-row sub-tiles, from the
-transposed table, through all the pair's items.
+transposed table, through all the pair's items. With GQA an item's table lists the q blocks of all the
+kv head's query heads (entry member · n_q_blocks + q block, query head kv_head · group + member), so dK
+and dV sum over the group in registers and are stored once.
 
 Within a step Sᵀ = K Qᵀ and dPᵀ = V dOᵀ are issued together and Pᵀ is formed under dPᵀ's wgmma, then
 dV += Pᵀ dO is issued and dSᵀ formed under it before dK += dSᵀ Q.
@@ -29,24 +31,25 @@ PAIRS = 2  # (compute, memory) warpgroup pairs per CTA, one kv block each
 class DkvSchedule(NamedTuple):
   """A `schedule.balanced_schedule` of the work items over the (CTA, pair) lanes."""
 
-  items: Any  # int32 [lanes, rounds]: item w = kv_block + n_kv_blocks·(head + heads·batch)
+  items: Any  # int32 [lanes, rounds]: item w = kv_block + n_kv_blocks·(kv_head + kv_heads·batch)
   count: Any  # int32 [lanes]
 
 
 class DkvInputs(NamedTuple):
-  q_block_index: Any  # int32 [batch, heads, n_kv_blocks, n_q_blocks]
-  q_block_count: Any  # int32 [batch, heads, n_kv_blocks]
+  q_block_index: Any  # int32 [batch, kv_heads, n_kv_blocks, group · n_q_blocks]: entries member · n_q_blocks + q block
+  q_block_count: Any  # int32 [batch, kv_heads, n_kv_blocks]
   schedule: DkvSchedule | None  # None: items dealt round-robin
-  q: Any  # [batch, q_len, heads, head_dim]
-  k: Any  # [batch, kv_len, heads, head_dim]
+  q: Any  # [batch, q_len, heads, head_dim]; query head kv_head · group + member
+  k: Any  # [batch, kv_len, kv_heads, head_dim]
   v: Any
   d_out: Any  # [batch, q_len, heads, head_dim]
   lse: Any  # float32 [batch, heads, n_q_blocks·block_q], zero padded
   delta: Any  # float32 [batch, heads, n_q_blocks·block_q], zero padded
+  kv_seq_lengths: Any  # int32 [batch]: valid keys per batch; None: kv_len
 
 
 class DkvOutputs(NamedTuple):
-  dk: Any  # [batch, kv_len, heads, head_dim]
+  dk: Any  # [batch, kv_len, kv_heads, head_dim]
   dv: Any
 
 
@@ -80,10 +83,21 @@ def kv_slots_that_fit(block_kv, head_dim, stages):
   return 2 if smem_bytes(block_kv, head_dim, stages, 2) + mp.SMEM_OVERHEAD <= mp.SMEM_BYTES else 1
 
 
-def _dkv_kernel(inputs: DkvInputs, outputs: DkvOutputs, scratch: DkvScratch, *, scale, block_q, block_kv, ctas):
+def _causal_mask(scores_t, first_key, first_row):
+  """Sᵀ [keys, queries] of the keys from first_key on and the queries from first_row on, with every key
+  after its query at MASKED."""
+  keys = plgpu.broadcasted_iota(jnp.int32, scores_t.shape, 0, layout=plgpu.Layout.WGMMA) + first_key
+  queries = plgpu.broadcasted_iota(jnp.int32, scores_t.shape, 1, layout=plgpu.Layout.WGMMA) + first_row
+  return jnp.where(keys <= queries, scores_t, mp.MASKED)
+
+
+def _dkv_kernel(
+  inputs: DkvInputs, outputs: DkvOutputs, scratch: DkvScratch, *, scale, block_q, block_kv, n_q_blocks, causal, ctas
+):
   wg = lax.axis_index("wg")
   pair = lax.rem(wg, PAIRS)  # warpgroups pair and pair + PAIRS serve one kv block
-  batch_size, heads, n_kv_blocks = inputs.q_block_count.shape
+  batch_size, kv_heads, n_kv_blocks = inputs.q_block_count.shape
+  group = inputs.q.shape[2] // kv_heads  # query heads per kv head
   kv_slots = scratch.k.shape[0] // PAIRS
   num_stages = scratch.q.shape[0] // PAIRS
   sub_tiles = block_q // mp.WG_ROWS  # q blocks stream as 64-row sub-tiles
@@ -92,19 +106,28 @@ def _dkv_kernel(inputs: DkvInputs, outputs: DkvOutputs, scratch: DkvScratch, *, 
   dim = q_ref.shape[-1]
   score_scale = scale * mp.LOG2E
   lane = lax.axis_index("ctas") * PAIRS + pair
-  counts = (n_kv_blocks, heads, batch_size)
+  counts = (n_kv_blocks, kv_heads, batch_size)
   if inputs.schedule is None:
     work = mp.round_robin_items(lane, ctas * PAIRS, counts)
   else:
     work = mp.scheduled_items(lane, inputs.schedule.items, inputs.schedule.count, counts)
 
   def column(item):
-    kv_block, head, batch = item
+    kv_block, kv_head, batch = item
     return (
-      inputs.q_block_index.at[batch, head, kv_block],
-      inputs.q_block_count[batch, head, kv_block] * sub_tiles,
+      inputs.q_block_index.at[batch, kv_head, kv_block],
+      inputs.q_block_count[batch, kv_head, kv_block] * sub_tiles,
       pl.ds(kv_block * block_kv, block_kv),
     )
+
+  def sub_tile(q_index, kv_head, t):
+    """(query head, first row) of sub-tile t of a column whose table entries are q_index."""
+    entry = q_index[lax.div(t, sub_tiles)]
+    if group == 1:
+      q_head, q_block = kv_head, entry
+    else:
+      q_head, q_block = kv_head * group + lax.div(entry, n_q_blocks), lax.rem(entry, n_q_blocks)
+    return q_head, q_block * block_q + lax.rem(t, sub_tiles) * mp.WG_ROWS
 
   def stage(r):  # ring step r (counted over the pair's items) -> its Q/dO slot
     return pair * num_stages + lax.rem(r, num_stages)
@@ -117,24 +140,29 @@ def _dkv_kernel(inputs: DkvInputs, outputs: DkvOutputs, scratch: DkvScratch, *, 
     plgpu.set_max_registers(232, action="increase")  # 2·232 + 2·24 = 4·128 per CTA
 
     def grad_keys(i, item, done):
-      _, head, batch = item
-      _, steps, keys = column(item)
+      kv_block, kv_head, batch = item
+      q_index, steps, keys = column(item)
       slot = kv_slot(i)
       k_tile, v_tile = scratch.k.at[slot], scratch.v.at[slot]
       plgpu.barrier_wait(scratch.kv_loaded.at[2 * slot])  # loaded ahead of time
       plgpu.barrier_wait(scratch.kv_loaded.at[2 * slot + 1])
       ds_tile = None if scratch.d_scores is None else scratch.d_scores.at[pair]
 
-      def step(t, carry):
+      def step_of(t, carry, first_row=None):
+        """One sub-tile step; first_row given: keys after their query (first_row: the sub-tile's first
+        row) are masked."""
         dk, dv = carry
         s = stage(done + t)
         q_tile, do_tile = scratch.q.at[s], scratch.d_out.at[s]
         plgpu.barrier_wait(scratch.q_loaded.at[s])
 
         def probs_of(scores_t):
+          if first_row is not None:
+            scores_t = _causal_mask(scores_t, kv_block * block_kv, first_row)
           plgpu.barrier_wait(scratch.lse_loaded.at[s])
           lse2 = plgpu.load(scratch.lse.at[s], layout=mp.COL) * mp.LOG2E
-          # Keys past kv_len need no mask: their rows of dK and dV are never stored.
+          # Keys past kv_len need no mask: their rows of dK and dV are never stored (and rows past
+          # kv_seq_lengths are zeroed below).
           return jnp.exp2(scores_t * score_scale - mp.col_broadcast(lse2, scores_t.shape))
 
         # Sᵀ = K Qᵀ and dPᵀ = V dOᵀ together, Pᵀ formed under dPᵀ's wgmma.
@@ -156,13 +184,30 @@ def _dkv_kernel(inputs: DkvInputs, outputs: DkvOutputs, scratch: DkvScratch, *, 
         plgpu.barrier_arrive(scratch.q_free.at[s])
         return dk, dv
 
+      def step(t, carry):
+        if not causal:
+          return step_of(t, carry)
+        # Only sub-tiles crossing the diagonal pay for the mask. The branch holds the whole step, so that
+        # no branch sits inside a product's flight.
+        first_row = sub_tile(q_index, kv_head, t)[1]
+        return lax.cond(
+          kv_block * block_kv + block_kv - 1 > first_row,
+          lambda carry: step_of(t, carry, first_row),
+          lambda carry: step_of(t, carry),
+          carry,
+        )
+
       zeros = plgpu.layout_cast(jnp.zeros((block_kv, dim), jnp.float32), plgpu.Layout.WGMMA)
       dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
+      if inputs.kv_seq_lengths is not None:  # keys past the batch's length take no part: zero gradients
+        key = plgpu.broadcasted_iota(jnp.int32, dk.shape, 0, layout=plgpu.Layout.WGMMA) + kv_block * block_kv
+        valid = key < inputs.kv_seq_lengths[batch]
+        dk, dv = jnp.where(valid, dk, 0.0), jnp.where(valid, dv, 0.0)
       k_tile[...] = (dk * scale).astype(dtype)
       v_tile[...] = dv.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_tile, outputs.dk.at[batch, keys, head], commit_group=False)
-      plgpu.copy_smem_to_gmem(v_tile, outputs.dv.at[batch, keys, head], commit_group=False)
+      plgpu.copy_smem_to_gmem(k_tile, outputs.dk.at[batch, keys, kv_head], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_tile, outputs.dv.at[batch, keys, kv_head], commit_group=False)
       plgpu.commit_smem_to_gmem_group()
       # The K/V slot is free once the stores have read it.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -177,23 +222,26 @@ def _dkv_kernel(inputs: DkvInputs, outputs: DkvOutputs, scratch: DkvScratch, *, 
     plgpu.set_max_registers(24, action="decrease")
 
     def stream(i, item, done):
-      _, head, batch = item
+      _, kv_head, batch = item
       q_index, steps, keys = column(item)
 
       def load(t, wait_free):
         s = stage(done + t)
-        rows = pl.ds(q_index[lax.div(t, sub_tiles)] * block_q + lax.rem(t, sub_tiles) * mp.WG_ROWS, mp.WG_ROWS)
+        q_head, first_row = sub_tile(q_index, kv_head, t)
+        rows = pl.ds(first_row, mp.WG_ROWS)
         wait_free(scratch.q_free.at[s])
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], scratch.q.at[s], scratch.q_loaded.at[s])
-        plgpu.copy_gmem_to_smem(inputs.lse.at[batch, head, rows], scratch.lse.at[s], scratch.lse_loaded.at[s])
-        plgpu.copy_gmem_to_smem(inputs.d_out.at[batch, rows, head], scratch.d_out.at[s], scratch.d_out_loaded.at[s])
-        plgpu.copy_gmem_to_smem(inputs.delta.at[batch, head, rows], scratch.delta.at[s], scratch.delta_loaded.at[s])
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, q_head], scratch.q.at[s], scratch.q_loaded.at[s])
+        plgpu.copy_gmem_to_smem(inputs.lse.at[batch, q_head, rows], scratch.lse.at[s], scratch.lse_loaded.at[s])
+        plgpu.copy_gmem_to_smem(inputs.d_out.at[batch, rows, q_head], scratch.d_out.at[s], scratch.d_out_loaded.at[s])
+        plgpu.copy_gmem_to_smem(inputs.delta.at[batch, q_head, rows], scratch.delta.at[s], scratch.delta_loaded.at[s])
 
       def load_kv():
         slot = kv_slot(i)
         pl.when(i >= kv_slots)(lambda: plgpu.barrier_wait(scratch.kv_free.at[slot]))  # item i - kv_slots's
-        plgpu.copy_gmem_to_smem(inputs.k.at[batch, keys, head], scratch.k.at[slot], scratch.kv_loaded.at[2 * slot])
-        plgpu.copy_gmem_to_smem(inputs.v.at[batch, keys, head], scratch.v.at[slot], scratch.kv_loaded.at[2 * slot + 1])
+        plgpu.copy_gmem_to_smem(inputs.k.at[batch, keys, kv_head], scratch.k.at[slot], scratch.kv_loaded.at[2 * slot])
+        plgpu.copy_gmem_to_smem(
+          inputs.v.at[batch, keys, kv_head], scratch.v.at[slot], scratch.kv_loaded.at[2 * slot + 1]
+        )
 
       def load_ring(t):
         load(t, lambda barrier: pl.when(done + t >= num_stages)(lambda: plgpu.barrier_wait(barrier)))
@@ -223,10 +271,13 @@ def dkv_call(
   q_block_index,
   q_block_count,
   schedule,
+  kv_seq_lengths,
   *,
   block_q,
   block_kv,
   scale,
+  n_q_blocks,
+  causal,
   stages,
   kv_slots,
   ctas,
@@ -235,8 +286,9 @@ def dkv_call(
   """One launch of the dK/dV kernel on `ctas` CTAs of PAIRS lanes each.
 
   lse, delta: float32 [batch, heads, n_q_blocks·block_q], zero padded (padded rows, with zero q and dO,
-  then add exactly zero). schedule: a `DkvSchedule`, or None for round-robin.
-  Returns (dk, dv), [batch, kv_len, heads, head_dim] each.
+  then add exactly zero). schedule: a `DkvSchedule`, or None for round-robin; kv_seq_lengths: int32
+  [batch] or None; causal: query i attends keys j ≤ i.
+  Returns (dk, dv), [batch, kv_len, kv_heads, head_dim] each, summed over each kv head's query heads.
   """
   dim = q.shape[-1]
   ring = PAIRS * stages
@@ -257,8 +309,10 @@ def dkv_call(
     d_scores=mp.tiled_smem((PAIRS, block_kv, mp.WG_ROWS), q.dtype) if interpret else None,
   )
   return mp.call_kernel(
-    lambda *refs: _dkv_kernel(*refs, scale=scale, block_q=block_q, block_kv=block_kv, ctas=ctas),
-    DkvInputs(q_block_index, q_block_count, schedule, q, k, v, d_out, lse, delta),
+    lambda *refs: _dkv_kernel(
+      *refs, scale=scale, block_q=block_q, block_kv=block_kv, n_q_blocks=n_q_blocks, causal=causal, ctas=ctas
+    ),
+    DkvInputs(q_block_index, q_block_count, schedule, q, k, v, d_out, lse, delta, kv_seq_lengths),
     DkvOutputs(dk=jax.ShapeDtypeStruct(k.shape, k.dtype), dv=jax.ShapeDtypeStruct(v.shape, v.dtype)),
     scratch,
     ctas=ctas,

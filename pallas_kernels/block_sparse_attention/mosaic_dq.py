@@ -31,11 +31,13 @@ class DqInputs(NamedTuple):
   kv_block_index: Any  # int32 [batch, heads, n_q_blocks, n_kv_blocks]
   kv_block_count: Any  # int32 [batch, heads, n_q_blocks]
   q: Any  # [batch, q_len, heads, head_dim]
-  k: Any  # [batch, kv_len, heads, head_dim]
+  k: Any  # [batch, kv_len, kv_heads, head_dim]
   v: Any
   d_out: Any  # [batch, q_len, heads, head_dim]
   lse: Any  # float32 [batch, heads, n_q_blocks·block_q], zero padded
   out: Any  # [batch, q_len, heads, head_dim]
+  d_lse: Any  # float32 [batch, heads, n_q_blocks·block_q], zero padded: the cotangent of lse; None: zero
+  kv_seq_lengths: Any  # int32 [batch]: valid keys per batch; None: kv_len
 
 
 class DqOutputs(NamedTuple):
@@ -47,8 +49,8 @@ class DqScratch(NamedTuple):
   q: Any  # SMEM [row_slots, compute_wgs, 64, head_dim]: Q, then the dQ tile staged for its store
   d_out: Any  # SMEM [row_slots, compute_wgs, 64, head_dim]
   lse: Any  # SMEM float32 [row_slots, compute_wgs, 64]
-  delta: Any  # SMEM float32 [row_slots, compute_wgs, 64]: delta staged for its store
-  rows_loaded: Any  # barriers [row_slots · compute_wgs], one arrival per row copy (Q, dO, lse)
+  delta: Any  # SMEM float32 [row_slots, compute_wgs, 64]: d_lse's rows, then delta staged for its store
+  rows_loaded: Any  # barriers [row_slots · compute_wgs], one arrival per row copy (Q, dO, lse, d_lse)
   rows_free: Any  # barriers [row_slots · compute_wgs]: the item's dQ store has read its Q slot
   kv: mp.KvRing
   d_scores: Any  # interpreter only: SMEM [compute_wgs, 64, 64], dS staged for wgmma; None compiled
@@ -61,13 +63,13 @@ def smem_bytes(block_q, block_kv, head_dim, stages, row_slots):
   return (2 * row_slots * block_q + 2 * stages * block_kv) * head_dim * 2 + block_q * O_PART * 2
 
 
-def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scale, block_kv, ctas):
+def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scale, block_kv, kv_len, causal, ctas):
   wg = lax.axis_index("wg")
   q_ref = inputs.q
   batch_size, heads, n_q_blocks = inputs.kv_block_count.shape
   row_slots, compute_wgs = scratch.q.shape[:2]
   num_stages = scratch.kv.k.shape[0]
-  kv_len = inputs.k.shape[1]
+  group = heads // inputs.k.shape[2]  # query heads per kv head
   dtype = q_ref.dtype
   dim = q_ref.shape[-1]
   score_scale = scale * mp.LOG2E
@@ -86,14 +88,17 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
     return pl.ds(item[0] * (compute_wgs * mp.WG_ROWS) + w * mp.WG_ROWS, mp.WG_ROWS)
 
   def row_copies(item, slot, w):
-    """(source, destination) of warpgroup w's Q, dO and lse rows; all arrive on one barrier."""
+    """(source, destination) of warpgroup w's Q, dO, lse (and d_lse) rows; all arrive on one barrier."""
     _, head, batch = item
     rows = wg_rows(item, w)
-    return (
+    copies = (
       (q_ref.at[batch, rows, head], scratch.q.at[slot, w]),
       (inputs.d_out.at[batch, rows, head], scratch.d_out.at[slot, w]),
       (inputs.lse.at[batch, head, rows], scratch.lse.at[slot, w]),
     )
+    if inputs.d_lse is None:
+      return copies
+    return copies + ((inputs.d_lse.at[batch, head, rows], scratch.delta.at[slot, w]),)
 
   def load_out_part(item, h):
     """TMA of columns [64·h, 64·h + 64) of this warpgroup's O rows of `item` into scratch.out."""
@@ -104,9 +109,9 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
       scratch.out_loaded.at[wg],
     )
 
-  def row_delta(i, item, slot):
-    """rowsum(dO·O) of this warpgroup's rows of `item` (its first O part already requested), stored
-    to outputs.delta; then requests the first O part of the next item."""
+  def row_delta(i, item, slot, d_lse):
+    """rowsum(dO·O) - d_lse (d_lse None: zero) of this warpgroup's rows of `item` (its first O part
+    already requested), stored to outputs.delta; then requests the first O part of the next item."""
     delta = None
     for h in range(dim // O_PART):
       if h > 0:
@@ -118,6 +123,8 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
       delta = part if delta is None else delta + part
       plgpu.commit_smem()  # every thread has read the O tile before the next TMA overwrites it
     pl.when(i + 1 < work.count)(lambda: load_out_part(work.item_at(i + 1), 0))
+    if d_lse is not None:
+      delta = delta - d_lse
     _, head, batch = item
     delta_tile = scratch.delta.at[slot, wg]
     delta_tile[...] = delta
@@ -136,10 +143,21 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
       plgpu.barrier_wait(scratch.rows_loaded.at[slot * compute_wgs + wg])  # loaded ahead of time
       q_tile, do_tile = scratch.q.at[slot, wg], scratch.d_out.at[slot, wg]
       lse2 = plgpu.load(scratch.lse.at[slot, wg], layout=mp.ROW) * mp.LOG2E
+      # d_lse's rows share the delta slot, which row_delta overwrites (after warpgroup barriers).
+      d_lse = None if inputs.d_lse is None else plgpu.load(scratch.delta.at[slot, wg], layout=mp.ROW)
       pl.when(i == 0)(lambda: load_out_part(item, 0))  # later items': requested by the previous one
-      delta = row_delta(i, item, slot)
+      delta = row_delta(i, item, slot, d_lse)
 
-      mask_keys = mp.key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len, kv_per_step=1)
+      mask_keys = mp.key_mask(
+        kv_index,
+        count,
+        block_kv=block_kv,
+        kv_len=kv_len,
+        kv_per_step=1,
+        kv_length=None if inputs.kv_seq_lengths is None else jnp.minimum(inputs.kv_seq_lengths[batch], kv_len),
+        first_row=q_block * (compute_wgs * mp.WG_ROWS) + wg * mp.WG_ROWS if causal else None,
+        diagonal_blocks=pl.cdiv(compute_wgs * mp.WG_ROWS, block_kv),
+      )
 
       def ring_slot(c):
         return lax.rem(done + c, num_stages)
@@ -206,6 +224,7 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
     def stream(i, item, done):
       q_block, head, batch = item
       kv_index, count, steps = row_table(item)
+      kv_head = head if group == 1 else lax.div(head, group)
       slot = row_slot(i)
       for w in range(compute_wgs):
         barrier = slot * compute_wgs + w
@@ -215,8 +234,8 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
       mp.stream_kv(
         kv_index,
         count,
-        inputs.k.at[batch, :, head],
-        inputs.v.at[batch, :, head],
+        inputs.k.at[batch, :, kv_head],
+        inputs.v.at[batch, :, kv_head],
         ring,
         block_kv=block_kv,
         num_stages=num_stages,
@@ -238,18 +257,23 @@ def dq_call(
   out,
   d_out,
   lse,
+  d_lse,
   kv_block_index,
   kv_block_count,
+  kv_seq_lengths,
   *,
   block_q,
   block_kv,
   scale,
+  kv_len,
+  causal,
   stages,
   row_slots,
   ctas,
   interpret,
 ):
-  """One launch of the dQ kernel. lse: float32 [batch, heads, n_q_blocks·block_q], zero padded.
+  """One launch of the dQ kernel; arguments as `mosaic_forward.forward_call`'s, and
+  lse, d_lse (or None): float32 [batch, heads, n_q_blocks·block_q], zero padded.
 
   Returns (dq [batch, q_len, heads, head_dim], delta float32 [batch, heads, n_q_blocks·block_q]).
   """
@@ -262,7 +286,7 @@ def dq_call(
     d_out=mp.tiled_smem((*rows, dim), d_out.dtype),
     lse=plgpu.SMEM(rows, jnp.float32),
     delta=plgpu.SMEM(rows, jnp.float32),
-    rows_loaded=plgpu.Barrier(num_arrivals=3, num_barriers=row_slots * compute_wgs),
+    rows_loaded=plgpu.Barrier(num_arrivals=3 if d_lse is None else 4, num_barriers=row_slots * compute_wgs),
     rows_free=plgpu.Barrier(num_barriers=row_slots * compute_wgs),
     kv=mp.KvRing.scratch(stages, block_kv, dim, k.dtype, blocks_per_step=1, compute_wgs=compute_wgs),
     d_scores=mp.tiled_smem((compute_wgs, mp.WG_ROWS, block_kv), q.dtype) if interpret else None,
@@ -270,8 +294,8 @@ def dq_call(
     out_loaded=plgpu.Barrier(num_barriers=compute_wgs),
   )
   return mp.call_kernel(
-    lambda *refs: _dq_kernel(*refs, scale=scale, block_kv=block_kv, ctas=ctas),
-    DqInputs(kv_block_index, kv_block_count, q, k, v, d_out, lse, out),
+    lambda *refs: _dq_kernel(*refs, scale=scale, block_kv=block_kv, kv_len=kv_len, causal=causal, ctas=ctas),
+    DqInputs(kv_block_index, kv_block_count, q, k, v, d_out, lse, out, d_lse, kv_seq_lengths),
     DqOutputs(
       dq=jax.ShapeDtypeStruct(q.shape, q.dtype), delta=jax.ShapeDtypeStruct((batch, heads, padded_len), jnp.float32)
     ),

@@ -2,7 +2,8 @@
 
 A CTA runs `compute_wgs` compute warpgroups of 64 rows each (one q block of 64·compute_wgs rows) and one
 memory warpgroup. The CTAs are persistent: CTA j runs work items (q block, head, batch) j, j + ctas, ...,
-q blocks fastest, so the CTAs running at one time share a head's K/V in L2. The memory warpgroup loads
+q blocks fastest, so the CTAs running at one time share a kv head's K/V in L2 (query head n reads kv
+head n // group). The memory warpgroup loads
 each item's Q into one of two slots and runs one K/V ring (`KvRing`, two kept kv blocks per 128-key slot)
 through all its items, so the next item's loads overlap this item's last steps and epilogue. With two
 compute warpgroups they ping-pong on a schedule barrier, so one's softmax runs under the other's wgmma.
@@ -27,8 +28,9 @@ class ForwardInputs(NamedTuple):
   kv_block_index: Any  # int32 [batch, heads, n_q_blocks, n_kv_blocks]
   kv_block_count: Any  # int32 [batch, heads, n_q_blocks]
   q: Any  # [batch, q_len, heads, head_dim]
-  k: Any  # [batch, kv_len, heads, head_dim]
+  k: Any  # [batch, kv_len, kv_heads, head_dim]
   v: Any
+  kv_seq_lengths: Any  # int32 [batch]: valid keys per batch; None: kv_len
 
 
 class ForwardOutputs(NamedTuple):
@@ -51,7 +53,9 @@ def smem_bytes(block_q, block_kv, head_dim, stages):
   return (2 * block_q + 2 * stages * KV_BLOCKS_PER_STEP * block_kv) * head_dim * 2
 
 
-def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: ForwardScratch, *, scale, block_kv, ctas):
+def _forward_kernel(
+  inputs: ForwardInputs, outputs: ForwardOutputs, scratch: ForwardScratch, *, scale, block_kv, kv_len, causal, ctas
+):
   wg = lax.axis_index("wg")
   q_ref = inputs.q
   dtype = q_ref.dtype
@@ -62,9 +66,10 @@ def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: For
   block_q = compute_wgs * mp.WG_ROWS
   kv_per_step = KV_BLOCKS_PER_STEP
   step_keys = kv_per_step * block_kv
-  kv_len = inputs.k.shape[1]
+  group = heads // inputs.k.shape[2]  # query heads per kv head
   score_scale = scale * mp.LOG2E
   ring, schedule = scratch.kv, scratch.schedule
+  masks_rows = causal or inputs.kv_seq_lengths is not None  # a row may then have listed keys but none valid
   work = mp.round_robin_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
 
   def sync_schedule():
@@ -97,7 +102,16 @@ def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: For
       if scratch.probs is None and dim == 64:
         q_operand = plgpu.load(q_tile, (), layout=plgpu.Layout.WGMMA)
 
-      mask_keys = mp.key_mask(kv_index, count, block_kv=block_kv, kv_len=kv_len, kv_per_step=kv_per_step)
+      mask_keys = mp.key_mask(
+        kv_index,
+        count,
+        block_kv=block_kv,
+        kv_len=kv_len,
+        kv_per_step=kv_per_step,
+        kv_length=None if inputs.kv_seq_lengths is None else jnp.minimum(inputs.kv_seq_lengths[batch], kv_len),
+        first_row=q_block * block_q + wg * mp.WG_ROWS if causal else None,
+        diagonal_blocks=pl.cdiv(block_q, block_kv),
+      )
 
       def ring_slot(c):
         return lax.rem(done + c, num_stages)
@@ -156,8 +170,13 @@ def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: For
         pl.when(wg == 0)(sync_schedule)
 
       empty = row_sum == 0.0
+      if masks_rows:  # every listed key masked: the scores were all MASKED
+        empty = empty | (row_max == mp.MASKED)
       safe_sum = jnp.where(empty, 1.0, row_sum)
-      q_tile[...] = (acc * mp.row_broadcast(1.0 / safe_sum, acc.shape)).astype(dtype)
+      out = acc * mp.row_broadcast(1.0 / safe_sum, acc.shape)
+      if masks_rows:  # such a row's probabilities were exp2 of the rounding error of MASKED·scale: not 0
+        out = jnp.where(mp.row_broadcast(jnp.where(empty, 1.0, 0.0), acc.shape) > 0.0, 0.0, out)
+      q_tile[...] = out.astype(dtype)
       lse_tile = scratch.lse.at[wg]
       lse_tile[...] = jnp.where(empty, -jnp.inf, row_max * scale + jnp.log(safe_sum))
       plgpu.commit_smem()
@@ -179,6 +198,7 @@ def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: For
     def stream(i, item, done):
       q_block, head, batch = item
       kv_index, count, steps = row_table(item)
+      kv_head = head if group == 1 else lax.div(head, group)
       for w in range(compute_wgs):
         barrier = q_slot(i) * compute_wgs + w
         pl.when(i >= 2)(lambda: plgpu.barrier_wait(scratch.q_free.at[barrier]))  # item i - 2's
@@ -187,8 +207,8 @@ def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: For
       mp.stream_kv(
         kv_index,
         count,
-        inputs.k.at[batch, :, head],
-        inputs.v.at[batch, :, head],
+        inputs.k.at[batch, :, kv_head],
+        inputs.v.at[batch, :, kv_head],
         ring,
         block_kv=block_kv,
         num_stages=num_stages,
@@ -201,9 +221,27 @@ def _forward_kernel(inputs: ForwardInputs, outputs: ForwardOutputs, scratch: For
     mp.drain(work.count, 2, lambda i: [scratch.q_free.at[q_slot(i) * compute_wgs + w] for w in range(compute_wgs)])
 
 
-def forward_call(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, scale, stages, ctas, interpret):
+def forward_call(
+  q,
+  k,
+  v,
+  kv_block_index,
+  kv_block_count,
+  kv_seq_lengths,
+  *,
+  block_q,
+  block_kv,
+  scale,
+  kv_len,
+  causal,
+  stages,
+  ctas,
+  interpret,
+):
   """One launch of the forward kernel on `ctas` CTAs with a ring of `stages` K/V slots.
 
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, ≥ kv_len, kv_heads, head_dim], keys from kv_len on
+  (zero padding) masked; kv_seq_lengths: int32 [batch] or None; causal: query i attends keys j ≤ i.
   Returns (out [batch, q_len, heads, head_dim], lse float32 [batch, heads, q_len]).
   """
   batch, q_len, heads, dim = q.shape
@@ -220,8 +258,8 @@ def forward_call(q, k, v, kv_block_index, kv_block_count, *, block_q, block_kv, 
     probs=mp.tiled_smem((compute_wgs, mp.WG_ROWS, step_keys), q.dtype) if interpret else None,
   )
   out, lse = mp.call_kernel(
-    lambda *refs: _forward_kernel(*refs, scale=scale, block_kv=block_kv, ctas=ctas),
-    ForwardInputs(kv_block_index, kv_block_count, q, k, v),
+    lambda *refs: _forward_kernel(*refs, scale=scale, block_kv=block_kv, kv_len=kv_len, causal=causal, ctas=ctas),
+    ForwardInputs(kv_block_index, kv_block_count, q, k, v, kv_seq_lengths),
     ForwardOutputs(
       out=jax.ShapeDtypeStruct(q.shape, q.dtype),
       lse=jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32),

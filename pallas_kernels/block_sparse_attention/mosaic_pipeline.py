@@ -216,24 +216,64 @@ def drain_kv(steps, num_stages, ring: KvRing):
   drain(steps, num_stages, lambda c: (ring.k_free.at[lax.rem(c, num_stages)], ring.v_free.at[lax.rem(c, num_stages)]))
 
 
-def key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step):
-  """(scores [rows, kv_per_step·block_kv], step) -> scores with keys that do not exist at MASKED:
-  keys past kv_len and, at an odd count's last step, the repeated block.
+def key_mask(kv_index, count, *, block_kv, kv_len, kv_per_step, kv_length=None, first_row=None, diagonal_blocks=0):
+  """(scores [64, kv_per_step·block_kv], step) -> scores with the keys that take no part at MASKED.
 
-  Only a row's last step can hold either (rows list their kv blocks ascending, so the partial last
-  block comes last), so only that step pays for the compare and select.
+  kv_index, count: the row's table entries and their count; kv_len: the static key count of the arrays.
+  Those keys are: keys past kv_len (or past kv_length, a traced per-batch count, when given), the repeated
+  block of an odd count's last step and, when first_row is given (causal), keys after the query row, where
+  first_row is the tile's first query row.
+
+  Only a row's last step can hold a partial or repeated block (rows list their kv blocks ascending, so the
+  partial block comes last), and with causal masking only the blocks crossing the diagonal, at most
+  `diagonal_blocks` (those of the q block's rows) and also the row's last: so only those steps pay for
+  the compares and the select.
   """
-  if kv_per_step == 1 and kv_len % block_kv == 0:
-    return lambda scores, c: scores
+  if kv_length is None and first_row is None:
+    if kv_per_step == 1 and kv_len % block_kv == 0:
+      return lambda scores, c: scores
+    steps = ceil_div(count, kv_per_step)
+    last = jnp.maximum(count - 1, 0)
+    last_valid = (last - (steps - 1) * kv_per_step) * block_kv + jnp.minimum(
+      kv_len - kv_index[last] * block_kv, block_kv
+    )
+
+    def mask_last(scores):
+      cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
+      return jnp.where(cols < last_valid, scores, MASKED)
+
+    return lambda scores, c: lax.cond(c == steps - 1, mask_last, lambda scores: scores, scores)
+
+  assert kv_per_step in (1, 2), kv_per_step
+  limit = kv_len if kv_length is None else kv_length
   steps = ceil_div(count, kv_per_step)
-  last = jnp.maximum(count - 1, 0)
-  last_valid = (last - (steps - 1) * kv_per_step) * block_kv + jnp.minimum(kv_len - kv_index[last] * block_kv, block_kv)
+  first_masked = steps - 1
+  if first_row is not None:
+    # Blocks with a key after the tile's first row: b·block_kv + block_kv - 1 > first_row.
+    threshold = lax.div(first_row + 1, block_kv)
+    crossing = 0
+    for m in range(diagonal_blocks):
+      entry = count - 1 - m
+      crossing += ((entry >= 0) & (kv_index[jnp.maximum(entry, 0)] >= threshold)).astype(jnp.int32)
+    first_masked = jnp.minimum(lax.div(count - crossing, kv_per_step), steps - 1)
 
-  def mask_last(scores):
+  def mask(scores, c):
     cols = plgpu.broadcasted_iota(jnp.int32, scores.shape, 1, layout=plgpu.Layout.WGMMA)
-    return jnp.where(cols < last_valid, scores, MASKED)
+    first = kv_per_step * c
+    if kv_per_step == 1:
+      keys = cols + kv_index[first] * block_kv
+      valid = keys < limit
+    else:  # the step's two blocks sit side by side; an odd count's last step repeats its last block
+      second = kv_index[jnp.minimum(first + 1, count - 1)]
+      keys = cols + jnp.where(cols < block_kv, kv_index[first] * block_kv, second * block_kv - block_kv)
+      valid = (keys < limit) & (cols < (count - first) * block_kv)
+    if first_row is not None:
+      valid = valid & (
+        keys <= plgpu.broadcasted_iota(jnp.int32, scores.shape, 0, layout=plgpu.Layout.WGMMA) + first_row
+      )
+    return jnp.where(valid, scores, MASKED)
 
-  return lambda scores, c: lax.cond(c == steps - 1, mask_last, lambda scores: scores, scores)
+  return lambda scores, c: lax.cond(c >= first_masked, mask, lambda scores, c: scores, scores, c)
 
 
 class WorkItems(NamedTuple):
