@@ -224,7 +224,7 @@ def refresh():
     if not losses or (bar is not None and bar.n == len(losses)):
       continue
     if bar is None:
-      bar = bars[name] = tqdm(total=steps, desc=name.split(" (")[0], unit="step")
+      bar = bars[name] = tqdm(total=steps, desc=name.split(" (")[0], unit="step", file=sys.stdout)
     bar.update(len(losses) - bar.n)
     if bar.n >= steps:
       bar.close()

@@ -369,7 +369,7 @@ losses = [
   for step in range(steps)
 ]
 print(
-  f"{steps} steps: loss {np.mean(losses[:5]):.4g} -> {np.mean(losses[-5:]):.4g}; "
+  f"{steps} steps: loss {losses[0]:.4g} -> {losses[-1]:.4g}; "
   f"attention error {attention_error(sparse_block, x_test):.4f} after"
 )
 
