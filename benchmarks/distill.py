@@ -4,7 +4,7 @@
     python -m benchmarks.distill --preset tiny        # seconds on a CPU, to check the script
     python -m benchmarks.distill --layers 10          # if memory forces a cut (the report says so)
 
-Builds the trainer's own jitted step (``train.distill.make_train_step``: AdamW update of a student
+Builds the trainer's own jitted step (``train.step.make_train_step``: AdamW update of a student
 that matches a frozen dense teacher) with random weights, and times, each as the median of
 ``--steps`` runs after ``--warmup``:
 
@@ -34,7 +34,8 @@ from flax import nnx
 from benchmarks.results import results_path, write_results
 from sparge_jax.models.wan import AttentionConfig, WanModel
 from sparge_jax.models.wan.model import REMAT_SAVEABLE
-from train import distill, sharding
+from train import models, sharding
+from train import step as step_lib
 from train.configs import DataConfig, MeshConfig, tiny, validate, wan2_1_1_3b
 
 
@@ -113,12 +114,12 @@ def timed(fn, warmup: int, steps: int) -> list[float]:
 def benchmark(config, args) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   # As in the trainer: each device attends over its own videos (WanConfig.batch_axes, sharding.on_mesh).
-  teacher_config, sparse_config = distill.model_configs(config, batch_axes=sharding.BATCH_AXES)
+  teacher_config, sparse_config = models.model_configs(config, batch_axes=sharding.BATCH_AXES)
   dense_config = dataclasses.replace(sparse_config, attention=AttentionConfig(kind="dense"))
   abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))[1]
   param_shardings = sharding.param_shardings(abstract, mesh)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  teacher_params = distill.init_params(teacher_config, config.seed, param_shardings)
+  teacher_params = models.init_params(teacher_config, config.seed, param_shardings)
   if config.compute_dtype == "bfloat16":
     teacher_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), teacher_params)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
@@ -137,7 +138,7 @@ def benchmark(config, args) -> dict:
     name: nnx.split(nnx.eval_shape(lambda c=c: WanModel(c, rngs=nnx.Rngs(0))))[0]
     for name, c in (("teacher", teacher_config), ("sparse", sparse_config), ("dense", dense_config))
   }
-  optimizer, _ = distill.make_optimizer(config)
+  optimizer, _ = step_lib.make_optimizer(config)
   opt_shardings = optax.tree_map_params(
     optimizer,
     lambda _, s: s,
@@ -166,13 +167,13 @@ def benchmark(config, args) -> dict:
     # A copy: the student is donated to the step, the teacher must survive it.
     params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), teacher_params)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    distill_loss = distill.make_loss_fn(run_config, graphdef["teacher"], graphdef[name])
-    student_loss = distill.make_loss_fn(dataclasses.replace(run_config, loss="diffusion"), None, graphdef[name])
+    distill_loss = step_lib.make_loss_fn(run_config, graphdef["teacher"], graphdef[name])
+    student_loss = step_lib.make_loss_fn(dataclasses.replace(run_config, loss="diffusion"), None, graphdef[name])
     fwd_bwd = sharding.on_mesh(
       jax.jit(jax.value_and_grad(lambda p, b, k: student_loss(p, None, b, k), has_aux=True)), mesh
     )
     step = sharding.on_mesh(
-      distill.make_train_step(
+      step_lib.make_train_step(
         distill_loss, optimizer, param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated
       ),
       mesh,

@@ -11,6 +11,7 @@ head 0, video 0, the middle t) per model for the heat-map figure. Writes ``--out
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,18 +21,30 @@ import numpy as np
 
 from experiments import evaluation
 from sparge_jax.models.wan import AttentionConfig
-from train.configs import Config, cli, from_dict
+from train import cli
+from train.configs import Config, from_dict
 
-FLAGS = {
-  "teacher": "runs/experiments/teacher",
-  "finetune": "runs/experiments/finetune",
-  "eval_examples": 4,
-  "times": "0.1,0.3,0.5,0.7,0.9",
-  "share": 0.6,
-  "block_q": 128,
-  "block_kv": 64,
-  "out": "docs/results/concentration.json",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``experiments.concentration``."""
+
+  teacher: str = "runs/experiments/teacher"
+  """The teacher's workdir (``experiments.train_teacher``)."""
+  finetune: str = "runs/experiments/finetune"
+  """The fine-tuning workdir (``experiments.finetune``); its distill-hybrid students are measured."""
+  eval_examples: int = 4
+  """Held-out videos."""
+  times: str = "0.1,0.3,0.5,0.7,0.9"
+  """Comma-separated noise levels t in (0, 1)."""
+  share: float = 0.6
+  """Share of the attention mass the blocks must hold."""
+  block_q: int = 128
+  """Query tile size."""
+  block_kv: int = 64
+  """Key/value tile size."""
+  out: str = "docs/results/concentration.json"
+  """The results file."""
 
 
 def measure(config: Config, workdir: str, data: dict, times, share: float, block_q: int, block_kv: int) -> dict:
@@ -69,67 +82,66 @@ def measure(config: Config, workdir: str, data: dict, times, share: float, block
 
 
 def _times(flags) -> list[float]:
-  return [float(t) for t in flags["times"].split(",") if t.strip()]
+  return [float(t) for t in flags.times.split(",") if t.strip()]
 
 
-def _check(_, flags) -> None:
+def _check(flags: Args) -> None:
   times = _times(flags)
   if not times or not all(0 < t < 1 for t in times):
-    raise ValueError(f"--times must be comma-separated values in (0, 1), got {flags['times']!r}")
-  if not 0 < flags["share"] < 1:
-    raise ValueError(f"--share must be in (0, 1), got {flags['share']}")
-  if not os.path.isfile(os.path.join(flags["teacher"], "config.json")):
-    raise ValueError(f"--teacher {flags['teacher']!r}: no teacher workdir")
+    raise ValueError(f"--times must be comma-separated values in (0, 1), got {flags.times!r}")
+  if not 0 < flags.share < 1:
+    raise ValueError(f"--share must be in (0, 1), got {flags.share}")
+  if not os.path.isfile(os.path.join(flags.teacher, "config.json")):
+    raise ValueError(f"--teacher {flags.teacher!r}: no teacher workdir")
 
 
 def main(argv: list[str] | None = None) -> int:
-  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+  flags, code = cli.parse(Args, argv, prog="experiments.concentration", description=__doc__, check=_check)
   if code is not None:
     return code
   times = _times(flags)
-  with open(os.path.join(flags["teacher"], "config.json")) as f:
+  with open(os.path.join(flags.teacher, "config.json")) as f:
     base = from_dict(Config, json.load(f))
-  data = evaluation.held_out(base, flags["eval_examples"])
-  args = (data, times, flags["share"], flags["block_q"], flags["block_kv"])
-  rows = [{"model": "teacher", "target_sparsity": None, "seed": None, **measure(base, flags["teacher"], *args)}]
+  data = evaluation.held_out(base, flags.eval_examples)
+  args = (data, times, flags.share, flags.block_q, flags.block_kv)
+  rows = [{"model": "teacher", "target_sparsity": None, "seed": None, **measure(base, flags.teacher, *args)}]
   finetuned = (
     sorted(
       d
-      for d in os.listdir(flags["finetune"])
-      if d.startswith("distill-hybrid-") and os.path.isfile(os.path.join(flags["finetune"], d, "eval.json"))
+      for d in os.listdir(flags.finetune)
+      if d.startswith("distill-hybrid-") and os.path.isfile(os.path.join(flags.finetune, d, "eval.json"))
     )
-    if os.path.isdir(flags["finetune"])
+    if os.path.isdir(flags.finetune)
     else []
   )
   for name in finetuned:
-    with open(os.path.join(flags["finetune"], name, "eval.json")) as f:
+    with open(os.path.join(flags.finetune, name, "eval.json")) as f:
       run = json.load(f)
     rows.append(
       {
         "model": "distill-hybrid",
         "target_sparsity": run["target_sparsity"],
         "seed": run["seed"],
-        **measure(base, os.path.join(flags["finetune"], name), *args),
+        **measure(base, os.path.join(flags.finetune, name), *args),
       }
     )
     print(
-      f"{name}: blocks for {flags['share']:.0%} of the mass {rows[-1]['blocks_needed']:.3f}, "
-      f"L1 {rows[-1]['rel_l1']:.4f}",
+      f"{name}: blocks for {flags.share:.0%} of the mass {rows[-1]['blocks_needed']:.3f}, L1 {rows[-1]['rel_l1']:.4f}",
       flush=True,
     )
   evaluation.write_json(
-    flags["out"],
+    flags.out,
     {
       "command": "python -m experiments.concentration",
       "device": jax.devices()[0].device_kind,
-      "share_of_mass": flags["share"],
+      "share_of_mass": flags.share,
       "times": times,
       "rows": rows,
     },
   )
   print(
-    f"teacher: blocks for {flags['share']:.0%} of the mass {rows[0]['blocks_needed']:.3f}, "
-    f"L1 {rows[0]['rel_l1']:.4f}; wrote {flags['out']}"
+    f"teacher: blocks for {flags.share:.0%} of the mass {rows[0]['blocks_needed']:.3f}, "
+    f"L1 {rows[0]['rel_l1']:.4f}; wrote {flags.out}"
   )
   return 0
 

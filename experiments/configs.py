@@ -24,7 +24,7 @@ import os
 
 from sparge_jax.models.wan import AttentionConfig, WanConfig
 from sparge_jax.models.wan import wan2_1_1_3b as wan2_1_1_3b_model
-from train.configs import Config, DataConfig, TimeConfig
+from train.configs import Config, DataConfig, ModelConfig, TimeConfig
 from train.data import MovingShapes, write_dataset
 
 DATA_DIR = "runs/experiments/data"
@@ -34,8 +34,8 @@ ASSUMED_EFFICIENCY = 0.4
 MEASURED_1_3B = {"file": "benchmarks/results/distill-nvidia-h100-80gb-hbm3-x1.json", "tokens": 32760, "text_len": 512}
 
 
-def teacher_model() -> WanConfig:
-  return WanConfig(
+def teacher_model() -> ModelConfig:
+  return ModelConfig(
     num_attention_heads=8,
     attention_head_dim=64,
     in_channels=16,
@@ -110,7 +110,7 @@ def write_datasets(config: Config, num_examples: int, data_dir: str = DATA_DIR) 
     write_dataset(path, (source.get(i) for i in range(num_examples)))
 
 
-def forward_flops(model: WanConfig, tokens: int, text_len: int) -> float:
+def forward_flops(model: WanConfig | ModelConfig, tokens: int, text_len: int) -> float:
   """Dense forward FLOPs of one video (matmuls only)."""
   dim, layers = model.dim, model.num_layers
   per_layer = (

@@ -15,14 +15,17 @@ import numpy as np
 from flax import nnx
 
 from sparge_jax import attention
+from sparge_jax.files import write_json_atomic
 from sparge_jax.models.wan import AttentionConfig, WanConfig, WanModel
-from train import checkpoint, distill, flow, sharding
+from train import checkpoint, flow, sharding
 from train.configs import Config
+from train.models import model_configs
+from train.sources import make_source
 
 
 def load_model(config: Config, workdir: str, attention_config: AttentionConfig) -> tuple[WanConfig, object, object]:
   """(model config, graphdef, params) of the newest checkpoint in ``workdir``, with ``attention_config``."""
-  dense, _ = distill.model_configs(config)
+  dense, _ = model_configs(config)
   model_config = dataclasses.replace(dense, attention=attention_config)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(model_config, rngs=nnx.Rngs(0))))
   shardings = sharding.param_shardings(abstract, sharding.make_mesh(-1, 1))
@@ -153,7 +156,7 @@ def held_out(config: Config, num_examples: int, seed: int = 1234) -> dict:
   Examples come from the end of the teacher's dataset (the loader draws them like any other; with
   thousands of examples and a few hundred fine-tuning steps most runs never see them).
   """
-  source = distill.make_source(config, config.model)
+  source = make_source(config, config.model)
   indices = [len(source) - 1 - i for i in range(num_examples)]
   examples = [source.get(i) for i in indices]
   x0 = np.stack([e["latents"] for e in examples])
@@ -183,5 +186,6 @@ def forward(graphdef, params, x_t, t, context, probe=None):
 
 
 def write_json(path: str, data) -> None:
+  """Writes ``data`` as JSON to ``path`` (whole or not at all), creating its folder."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  distill._write_json_atomically(path, data)
+  write_json_atomic(path, data, indent=1)

@@ -38,28 +38,49 @@ from flax import nnx
 
 from experiments import configs, evaluation
 from sparge_jax import attention
+from sparge_jax.files import atomic_write
 from sparge_jax.models.wan import AttentionConfig
-from train import distill
-from train.configs import Config, cli, from_dict
+from train import cli, distill
+from train.configs import Config, from_dict
 from train.sample import psnr, rgb_projection, to_rgb
 
-FLAGS = {
-  "teacher": "runs/experiments/teacher",
-  "workdir": "runs/experiments/finetune",
-  "data_dir": configs.DATA_DIR,
-  "minutes": 10.0,
-  "seeds": 3,
-  "steps": 200,
-  "sparsities": "0.9,0.95",
-  "eval_examples": 8,
-  "sample_videos": 4,
-  "sample_steps": 30,
-  "block_q": 128,
-  "block_kv": 64,
-  "out": "docs/results/finetune.json",
-  "frames_figure": "docs/figures/sample_frames.png",
-  "shard": "0/1",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``experiments.finetune``."""
+
+  teacher: str = "runs/experiments/teacher"
+  """The finished teacher's workdir (``experiments.train_teacher``)."""
+  workdir: str = "runs/experiments/finetune"
+  """One folder per run, and the tuned mask settings."""
+  data_dir: str = configs.DATA_DIR
+  """The experiments' datasets."""
+  minutes: float = 10.0
+  """Time for this call; runs that may not fit are left for the next."""
+  seeds: int = 3
+  """Seeds per condition."""
+  steps: int = 200
+  """Steps per fine-tuning run."""
+  sparsities: str = "0.9,0.95"
+  """Comma-separated target sparsities in (0, 1)."""
+  eval_examples: int = 8
+  """Held-out videos for the metrics."""
+  sample_videos: int = 4
+  """Videos sampled for PSNR and SSIM."""
+  sample_steps: int = 30
+  """Euler steps per sample."""
+  block_q: int = 128
+  """Query tile size."""
+  block_kv: int = 64
+  """Key/value tile size."""
+  out: str = "docs/results/finetune.json"
+  """The results file."""
+  frames_figure: str = "docs/figures/sample_frames.png"
+  """The figure of sample frames side by side."""
+  shard: str = "0/1"
+  """"i/n": run every n-th run of the plan from the i-th (one process per GPU)."""
+
+
 CONDITIONS = ("training-free", "sparse+diffusion", "distill-hybrid", "distill-topk", "distill-topp")
 RULE = {
   "training-free": "hybrid",
@@ -176,9 +197,8 @@ def write_frames_figure(workdir: str, sparsity: float, path: str, *, videos: int
         ax.set_title(f"video {i // frames}, frame {picks[i % frames]}", fontsize=6)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  with atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   return True
 
@@ -205,50 +225,50 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def _sparsities(flags) -> list[float]:
-  return [float(s) for s in flags["sparsities"].split(",") if s.strip()]
+  return [float(s) for s in flags.sparsities.split(",") if s.strip()]
 
 
 def _shard(flags) -> tuple[int, int]:
   """--shard "i/n": this process runs plan entries i, i + n, ... (e.g. one process per GPU)."""
   try:
-    index, count = (int(p) for p in flags["shard"].split("/"))
+    index, count = (int(p) for p in flags.shard.split("/"))
   except ValueError:
-    raise ValueError(f"--shard must be 'i/n' with 0 <= i < n, got {flags['shard']!r}") from None
+    raise ValueError(f"--shard must be 'i/n' with 0 <= i < n, got {flags.shard!r}") from None
   if not 0 <= index < count:
-    raise ValueError(f"--shard must be 'i/n' with 0 <= i < n, got {flags['shard']!r}")
+    raise ValueError(f"--shard must be 'i/n' with 0 <= i < n, got {flags.shard!r}")
   return index, count
 
 
-def _check(_, flags) -> None:
+def _check(flags: Args) -> None:
   _shard(flags)
   sparsities = _sparsities(flags)
   if not sparsities or not all(0 < s < 1 for s in sparsities):
-    raise ValueError(f"--sparsities must be comma-separated values in (0, 1), got {flags['sparsities']!r}")
+    raise ValueError(f"--sparsities must be comma-separated values in (0, 1), got {flags.sparsities!r}")
   for name in ("seeds", "steps", "eval_examples", "sample_videos", "sample_steps"):
-    if flags[name] < 1:
-      raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-  if flags["minutes"] <= 0:
-    raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
-  if not os.path.isfile(os.path.join(flags["teacher"], "teacher_done.json")):
+    if getattr(flags, name) < 1:
+      raise ValueError(f"--{name} must be >= 1, got {getattr(flags, name)}")
+  if flags.minutes <= 0:
+    raise ValueError(f"--minutes must be > 0, got {flags.minutes}")
+  if not os.path.isfile(os.path.join(flags.teacher, "teacher_done.json")):
     raise ValueError(
-      f"--teacher {flags['teacher']!r}: no finished teacher (teacher_done.json); run experiments.train_teacher first"
+      f"--teacher {flags.teacher!r}: no finished teacher (teacher_done.json); run experiments.train_teacher first"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+  flags, code = cli.parse(Args, argv, prog="experiments.finetune", description=__doc__, check=_check)
   if code is not None:
     return code
   sparsities = _sparsities(flags)
-  start, workdir = time.time(), flags["workdir"]
+  start, workdir = time.time(), flags.workdir
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(flags["teacher"], "config.json")) as f:
+  with open(os.path.join(flags.teacher, "config.json")) as f:
     base = from_dict(Config, json.load(f))
   heads, a = base.model.num_attention_heads, base.attention
-  block_q, block_kv = flags["block_q"], flags["block_kv"]
-  dense_config, graphdef, teacher_params = evaluation.load_model(base, flags["teacher"], AttentionConfig(kind="dense"))
-  data = evaluation.held_out(base, flags["eval_examples"])
-  noise, context = data["noise"][: flags["sample_videos"]], data["context"][: flags["sample_videos"]]
+  block_q, block_kv = flags.block_q, flags.block_kv
+  dense_config, graphdef, teacher_params = evaluation.load_model(base, flags.teacher, AttentionConfig(kind="dense"))
+  data = evaluation.held_out(base, flags.eval_examples)
+  noise, context = data["noise"][: flags.sample_videos], data["context"][: flags.sample_videos]
 
   tuned_path = os.path.join(workdir, "tuned.json")
   if not os.path.isfile(tuned_path):
@@ -276,33 +296,33 @@ def main(argv: list[str] | None = None) -> int:
   teacher = {
     "velocity": np.asarray(velocity),
     "attention": teacher_attention,
-    "videos": evaluation.sample(graphdef, teacher_params, noise, context, num_steps=flags["sample_steps"]),
+    "videos": evaluation.sample(graphdef, teacher_params, noise, context, num_steps=flags.sample_steps),
   }
   np.savez(os.path.join(workdir, "teacher_samples.npz"), videos=teacher["videos"])
 
   def finish(rows, complete: bool) -> None:
     evaluation.write_json(
-      flags["out"],
+      flags.out,
       {
         "command": "python -m experiments.finetune",
         "device": jax.devices()[0].device_kind,
         "complete": complete,
-        "teacher": os.path.abspath(flags["teacher"]),
-        "steps": flags["steps"],
-        "seeds": flags["seeds"],
-        "eval_examples": flags["eval_examples"],
-        "sample_videos": flags["sample_videos"],
-        "sample_steps": flags["sample_steps"],
+        "teacher": os.path.abspath(flags.teacher),
+        "steps": flags.steps,
+        "seeds": flags.seeds,
+        "eval_examples": flags.eval_examples,
+        "sample_videos": flags.sample_videos,
+        "sample_steps": flags.sample_steps,
         "tuned": tuned,
         "summary": summarise(rows),
         "runs": rows,
       },
     )
-    write_frames_figure(workdir, max(sparsities), flags["frames_figure"])
+    write_frames_figure(workdir, max(sparsities), flags.frames_figure)
 
   longest, rows, left_over = 0.0, [], []
   shard, shards = _shard(flags)
-  for i, run in enumerate(plan(sparsities, flags["seeds"])):
+  for i, run in enumerate(plan(sparsities, flags.seeds)):
     run_dir = os.path.join(workdir, run_name(run))
     eval_path = os.path.join(run_dir, "eval.json")
     if os.path.isfile(eval_path):
@@ -310,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(json.load(f))
       continue
     # Another shard's run, or one that may not fit in what is left of --minutes.
-    if i % shards != shard or time.time() - start + longest > 60 * flags["minutes"]:
+    if i % shards != shard or time.time() - start + longest > 60 * flags.minutes:
       left_over.append(run_name(run))
       continue
     run_start = time.time()
@@ -318,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
       attention_config, loss, data_path = (
         AttentionConfig(kind="dense"),
         "diffusion",
-        os.path.join(flags["data_dir"], configs.UNLIKE_DATA),
+        os.path.join(flags.data_dir, configs.UNLIKE_DATA),
       )
     else:
       params = tuned[f"{RULE[run['condition']]}@{run['target_sparsity']}"]
@@ -338,17 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
       config = configs.finetune(
         base,
-        teacher_dir=os.path.abspath(flags["teacher"]),
+        teacher_dir=os.path.abspath(flags.teacher),
         loss=loss,
         attention=attention_config,
-        steps=flags["steps"],
+        steps=flags.steps,
         seed=run["seed"],
         data_path=data_path,
       )
-      summary = distill.train(config, run_dir, progress=False)
+      summary = distill.run(config, run_dir, progress=False)
       params = evaluation.load_model(config, run_dir, attention_config)[2]
     metrics, videos = evaluate(
-      base, run_graphdef, params, attention_config, teacher, data, noise, context, flags["sample_steps"]
+      base, run_graphdef, params, attention_config, teacher, data, noise, context, flags.sample_steps
     )
     os.makedirs(run_dir, exist_ok=True)
     np.savez(os.path.join(run_dir, "samples.npz"), videos=videos)
@@ -369,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
   if left_over:
     print(
       f"{len(left_over)} runs not done here (other shards', or past --minutes: {', '.join(left_over)}); "
-      f"wrote the {len(rows)} done so far to {flags['out']}; run again to continue"
+      f"wrote the {len(rows)} done so far to {flags.out}; run again to continue"
     )
   else:
-    print(f"finetune done; wrote {flags['out']} and {flags['frames_figure']}")
+    print(f"finetune done; wrote {flags.out} and {flags.frames_figure}")
   return 0
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from benchmarks.results import write_results
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference
 from sparge_jax import attention
+from sparge_jax.files import atomic_write
 from sparge_jax.mask import pooled_block_probs_reference
 
 RULES = ("topk", "topp", "hybrid")
@@ -184,9 +185,8 @@ def run(sources, *, sparsities, block_q: int, block_kv: int, heatmap_target: flo
 
 def _save(fig, path):
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  os.replace(tmp, path)
+  with atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
 
 
 def plot_masks(heatmaps, path, *, max_rows: int = 3):

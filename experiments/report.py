@@ -9,20 +9,31 @@ appended as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
 import numpy as np
 
-from train.configs import cli
+from sparge_jax.files import atomic_write
+from train import cli
 
-FLAGS = {
-  "results": "docs/results",
-  "out": "docs/RESULTS.md",
-  "figures": "docs/figures",
-  "notes": "experiments/notes.md",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``experiments.report``."""
+
+  results: str = "docs/results"
+  """The folder of the experiments' JSON files."""
+  out: str = "docs/RESULTS.md"
+  """The report to write."""
+  figures: str = "docs/figures"
+  """The folder for the figures."""
+  notes: str = "experiments/notes.md"
+  """A hand-written reading of a run, appended if the file exists."""
+
+
 METRICS = ("velocity_mse", "psnr", "ssim", "attn_l1", "attn_l1_vs_teacher", "sparsity")
 
 
@@ -36,9 +47,8 @@ def _load(results: str, name: str):
 
 def _save(fig, path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  with atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
 
 
 def _heatmaps(figures: str, name: str, data) -> list[str]:
@@ -190,10 +200,10 @@ def run_times_section(data) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS)
+  flags, code = cli.parse(Args, argv, prog="experiments.report", description=__doc__)
   if code is not None:
     return code
-  results, figures = flags["results"], flags["figures"]
+  results, figures = flags.results, flags.figures
   lines = [
     "# Results: sparse attention on a small Wan-style teacher (issue 6)",
     "",
@@ -206,15 +216,13 @@ def main(argv: list[str] | None = None) -> int:
   lines += mask_rules_teacher_section(_load(results, "mask_rules_teacher.json"), figures)
   lines += finetune_section(_load(results, "finetune.json"), figures)
   lines += concentration_section(_load(results, "concentration.json"), figures)
-  if flags["notes"] and os.path.isfile(flags["notes"]):
-    with open(flags["notes"]) as f:
+  if flags.notes and os.path.isfile(flags.notes):
+    with open(flags.notes) as f:
       lines += ["", f.read()]
-  os.makedirs(os.path.dirname(flags["out"]) or ".", exist_ok=True)
-  tmp = f"{flags['out']}.tmp"
-  with open(tmp, "w") as f:
+  os.makedirs(os.path.dirname(flags.out) or ".", exist_ok=True)
+  with atomic_write(flags.out, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
-  os.replace(tmp, flags["out"])
-  print(f"wrote {flags['out']}")
+  print(f"wrote {flags.out}")
   return 0
 
 

@@ -18,6 +18,7 @@ untracked files it did not send, and a run spans several calls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,28 +27,41 @@ import sys
 import time
 
 from experiments import configs, evaluation
-from train.configs import cli
+from train import cli
 
-FLAGS = {
-  "minutes": 25.0,
-  "teacher_share": 0.4,
-  "teacher": "runs/experiments/teacher",
-  "finetune_steps": 200,
-  "seeds": 3,
-  "staging": "runs/experiments/docs",
-  "docs": "docs",
-  "gpus": 1,
-}
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``experiments.run_all``."""
+
+  minutes: float = 25.0
+  """The whole budget."""
+  teacher_share: float = 0.4
+  """Share of the budget for training the teacher."""
+  teacher: str = "runs/experiments/teacher"
+  """The teacher's workdir."""
+  finetune_steps: int = 200
+  """Steps per fine-tuning run."""
+  seeds: int = 3
+  """Seeds per fine-tuning condition."""
+  staging: str = "runs/experiments/docs"
+  """Where outputs are written until every stage is done."""
+  docs: str = "docs"
+  """Where the outputs are copied at the end."""
+  gpus: int = 1
+  """GPUs to split the fine-tuning grid over (one process each)."""
+
+
 # Kept back from the fine-tuning grid for the stages after it (concentration, report) and process start-ups.
 TAIL_S = 150.0
 
 
-def _check(_, flags) -> None:
-  if flags["minutes"] <= 2:
-    raise ValueError(f"--minutes must be > 2, got {flags['minutes']}")
-  if not 0 < flags["teacher_share"] < 1:
-    raise ValueError(f"--teacher_share must be in (0, 1), got {flags['teacher_share']}")
-  if flags["finetune_steps"] < 1 or flags["seeds"] < 1 or flags["gpus"] < 1:
+def _check(flags: Args) -> None:
+  if flags.minutes <= 2:
+    raise ValueError(f"--minutes must be > 2, got {flags.minutes}")
+  if not 0 < flags.teacher_share < 1:
+    raise ValueError(f"--teacher_share must be in (0, 1), got {flags.teacher_share}")
+  if flags.finetune_steps < 1 or flags.seeds < 1 or flags.gpus < 1:
     raise ValueError("--finetune_steps, --seeds and --gpus must be >= 1")
 
 
@@ -72,34 +86,34 @@ def device_name(env) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+  flags, code = cli.parse(Args, argv, prog="experiments.run_all", description=__doc__, check=_check)
   if code is not None:
     return code
-  start, budget = time.time(), 60 * flags["minutes"]
+  start, budget = time.time(), 60 * flags.minutes
   env = {
     **os.environ,
     "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", "runs/experiments/jax-cache"),
   }
   stages, device = [], device_name(env)
-  staging = flags["staging"]
+  staging = flags.staging
   results, figures = os.path.join(staging, "results"), os.path.join(staging, "figures")
   out = lambda name: os.path.join(results, name)  # noqa: E731
 
   def stage(*args: str) -> None:
     command = [sys.executable, "-m", *args]
     shown = "python -m " + " ".join(args)
-    print(f"\n=== {shown}  ({(time.time() - start) / 60:.1f} of {flags['minutes']:.0f} min used)", flush=True)
+    print(f"\n=== {shown}  ({(time.time() - start) / 60:.1f} of {flags.minutes:.0f} min used)", flush=True)
     began = time.time()
     subprocess.run(command, env=env, check=True)
     stages.append({"command": shown, "seconds": time.time() - began})
     evaluation.write_json(out("run_times.json"), {"device": device, "stages": stages})
 
   left = lambda: budget - (time.time() - start)  # noqa: E731
-  teacher = flags["teacher"]
+  teacher = flags.teacher
   stage("experiments.mask_rules", "--out", out("mask_rules.json"), "--figure", os.path.join(figures, "mask_rules.png"))
   if not os.path.isfile(os.path.join(teacher, "teacher_done.json")):
     stage("experiments.train_teacher", "--workdir", teacher, "--minutes", "2.5")  # measures the step time
-    teacher_minutes = flags["teacher_share"] * flags["minutes"] - (time.time() - start) / 60
+    teacher_minutes = flags.teacher_share * flags.minutes - (time.time() - start) / 60
     if teacher_minutes > 2 and teacher_step(teacher) < configs.teacher().steps:
       stage("experiments.train_teacher", "--workdir", teacher, "--minutes", f"{teacher_minutes:.2f}")
     if not os.path.isfile(os.path.join(teacher, "teacher_done.json")):
@@ -122,18 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     "--teacher",
     teacher,
     "--steps",
-    str(flags["finetune_steps"]),
+    str(flags.finetune_steps),
     "--seeds",
-    str(flags["seeds"]),
+    str(flags.seeds),
     "--out",
     out("finetune.json"),
     "--frames_figure",
     os.path.join(figures, "sample_frames.png"),
   ]
-  if finetune_minutes > 1 and flags["gpus"] == 1:
+  if finetune_minutes > 1 and flags.gpus == 1:
     stage(*finetune, "--minutes", f"{finetune_minutes:.2f}")
   elif finetune_minutes > 1:
-    gpus = flags["gpus"]
+    gpus = flags.gpus
     shown = (
       f"python -m {' '.join(finetune)} --minutes {finetune_minutes:.2f} --shard i/{gpus} (i < {gpus}, one per GPU)"
     )
@@ -152,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     stage(*finetune, "--minutes", "0.01")  # collects every shard's runs into one summary; runs nothing new
   stage("experiments.concentration", "--teacher", teacher, "--out", out("concentration.json"))
   stage("experiments.report", "--results", results, "--figures", figures, "--out", os.path.join(staging, "RESULTS.md"))
-  shutil.copytree(staging, flags["docs"], dirs_exist_ok=True)
-  print(f"\nall stages done in {(time.time() - start) / 60:.1f} min; copied {staging} into {flags['docs']}/")
+  shutil.copytree(staging, flags.docs, dirs_exist_ok=True)
+  print(f"\nall stages done in {(time.time() - start) / 60:.1f} min; copied {staging} into {flags.docs}/")
   with open(out("run_times.json")) as f:
     print(json.dumps(json.load(f), indent=1))
   return 0

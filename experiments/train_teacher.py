@@ -5,7 +5,7 @@
 
 Each call writes the datasets if missing, trains as many steps as fit in ``--minutes`` (from the step time
 the previous piece measured, else the estimate in ``experiments.configs``), checkpoints and stops; the next
-call resumes from the workdir (``train.distill.train``). When all steps are done it writes
+call resumes from the workdir (``train.distill.run``). When all steps are done it writes
 ``<workdir>/samples.gif`` (columns: a training video | the teacher's sample for its caption from noise |
 their difference, which is not expected to be small) and ``<workdir>/teacher_done.json``.
 """
@@ -22,18 +22,30 @@ import numpy as np
 
 from experiments import configs, evaluation
 from sparge_jax.models.wan import AttentionConfig
-from train import checkpoint, distill
-from train.configs import cli, validate
+from train import checkpoint, cli, distill
+from train.configs import Config, validate
 from train.sample import write_gif
 
-FLAGS = {
-  "workdir": "runs/experiments/teacher",
-  "data_dir": configs.DATA_DIR,
-  "minutes": 10.0,
-  "num_examples": 2048,
-  "num_videos": 4,
-  "num_steps": 30,
-}
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``experiments.train_teacher``."""
+
+  config: Config
+  workdir: str = "runs/experiments/teacher"
+  """The teacher's workdir."""
+  data_dir: str = configs.DATA_DIR
+  """Where the experiments' datasets are written (if missing) and read."""
+  minutes: float = 10.0
+  """Time for this call; the next call resumes."""
+  num_examples: int = 2048
+  """Videos per dataset."""
+  num_videos: int = 4
+  """Videos sampled at the end."""
+  num_steps: int = 30
+  """Euler steps per sample."""
+
+
 # Start-up, compilation and evaluation of a piece, kept out of the step budget.
 OVERHEAD_S = 90.0
 
@@ -60,39 +72,46 @@ def write_samples(config, workdir: str, num_videos: int, num_steps: int) -> dict
   return {"samples": os.path.join(workdir, "samples.gif"), "num_videos": num_videos, "num_steps": num_steps}
 
 
-def _check(config, flags):
-  """Validates the flags; returns the config reading the teacher's data directory."""
-  if flags["minutes"] <= 0:
-    raise ValueError(f"--minutes must be > 0, got {flags['minutes']}")
-  if flags["num_examples"] < 1 or flags["num_videos"] < 1 or flags["num_steps"] < 1:
+def _check(flags: Args) -> Args:
+  """Validates the flags; returns them with the config reading the teacher's data directory."""
+  if flags.minutes <= 0:
+    raise ValueError(f"--minutes must be > 0, got {flags.minutes}")
+  if flags.num_examples < 1 or flags.num_videos < 1 or flags.num_steps < 1:
     raise ValueError("--num_examples, --num_videos and --num_steps must be >= 1")
-  data_path = os.path.join(flags["data_dir"], configs.TEACHER_DATA)
-  config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=data_path))
+  data_path = os.path.join(flags.data_dir, configs.TEACHER_DATA)
+  config = dataclasses.replace(flags.config, data=dataclasses.replace(flags.config.data, path=data_path))
   validate(config)
-  return config
+  return dataclasses.replace(flags, config=config)
 
 
 def main(argv: list[str] | None = None) -> int:
-  config, flags, code = cli.parse_or_exit_code(
-    __doc__, argv, FLAGS, _check, presets={"teacher": configs.teacher}, default="teacher"
+  flags, code = cli.parse(
+    Args,
+    argv,
+    prog="experiments.train_teacher",
+    description=__doc__,
+    presets={"teacher": configs.teacher},
+    default="teacher",
+    check=_check,
   )
   if code is not None:
     return code
+  config = flags.config
   start = time.time()
-  workdir = flags["workdir"]
-  configs.write_datasets(config, flags["num_examples"], flags["data_dir"])
+  workdir = flags.workdir
+  configs.write_datasets(config, flags.num_examples, flags.data_dir)
   existing = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   done = existing.latest_step() or 0
   existing.close()
   if done < config.steps:
-    target = steps_this_piece(config, workdir, done, flags["minutes"])
-    summary = distill.train(dataclasses.replace(config, steps=target), workdir)
+    target = steps_this_piece(config, workdir, done, flags.minutes)
+    summary = distill.run(dataclasses.replace(config, steps=target), workdir)
     distill.print_summary(summary)
     done = target
   if done < config.steps:
     print(f"teacher at step {done} of {config.steps} after {time.time() - start:.0f} s; run again to continue")
     return 0
-  result = write_samples(config, workdir, flags["num_videos"], flags["num_steps"])
+  result = write_samples(config, workdir, flags.num_videos, flags.num_steps)
   evaluation.write_json(
     os.path.join(workdir, "teacher_done.json"),
     {"steps": config.steps, "step_time_s": measured_step_seconds(workdir), **result},

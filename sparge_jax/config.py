@@ -47,11 +47,14 @@ def _as_fraction_or_tuple(name: str, value):
 class AttentionConfig:
   """How self-attention runs. `kind="dense"` ignores the other fields.
 
-  kind: "dense" (cuDNN/XLA full attention) or "sparse" (the block-sparse kernels).
-  topk, topp: floats in [0, 1], or per-head tuples of them.
-  mode: "hybrid" (Top-k ∪ Top-p), "topk" or "topp".
-  block_q, block_kv: tile sizes in tokens, powers of two in [16, MAX_BLOCK].
-  implementation: None (auto), "mosaic", "triton" or "xla".
+  Attributes:
+    kind: "dense" (cuDNN/XLA full attention) or "sparse" (the block-sparse kernels).
+    topk: fraction of kv blocks each query block keeps (Top-k), a float in [0, 1] or one per head.
+    topp: attention mass each query block keeps (Top-p), a float in [0, 1] or one per head.
+    mode: "hybrid" (Top-k ∪ Top-p), "topk" or "topp".
+    block_q: query tile size in tokens, a power of two in [16, MAX_BLOCK].
+    block_kv: key/value tile size in tokens, a power of two in [16, MAX_BLOCK].
+    implementation: None (auto), "mosaic", "triton" or "xla".
   """
 
   kind: str = "dense"

@@ -64,7 +64,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, "tests")
 from test_batch_axes import SPARSE, inputs
 from sparge_jax.models.wan import WanModel, tiny
-from train import distill, sharding
+from train import models, sharding, step as train_step
 from train.configs import PRESETS
 
 assert jax.device_count() == 8
@@ -95,19 +95,19 @@ for attention in (SPARSE, dataclasses.replace(SPARSE, kind="dense")):
 
 # The trainer's step: each device attends over its own examples (manual computations).
 config = dataclasses.replace(PRESETS["tiny"](), batch_size=8)
-teacher_config, student_config = distill.model_configs(config, batch_axes=sharding.BATCH_AXES)
+teacher_config, student_config = models.model_configs(config, batch_axes=sharding.BATCH_AXES)
 graphdefs = [nnx.split(nnx.eval_shape(lambda c=c: WanModel(c, rngs=nnx.Rngs(0))))[0]
              for c in (teacher_config, student_config)]
 abstract = nnx.state(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))
 shardings = sharding.param_shardings(abstract, mesh)
-optimizer, _ = distill.make_optimizer(config)
+optimizer, _ = train_step.make_optimizer(config)
 params = abstract.to_pure_dict()
 opt_state = jax.eval_shape(optimizer.init, params)
 replicated = sharding.replicated(mesh)
 opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, shardings,
                                       transform_non_params=lambda _: replicated)
-step = distill.make_train_step(distill.make_loss_fn(config, *graphdefs), optimizer, shardings, opt_shardings,
-                               shardings, sharding.batch_sharding(mesh), replicated)
+step = train_step.make_train_step(train_step.make_loss_fn(config, *graphdefs), optimizer, shardings,
+                                  opt_shardings, shardings, sharding.batch_sharding(mesh), replicated)
 d = config.data
 batch = {"latents": jax.ShapeDtypeStruct((8, d.frames, d.height, d.width, 4), jnp.float32),
          "context": jax.ShapeDtypeStruct((8, d.text_len, teacher_config.text_dim), jnp.float32)}

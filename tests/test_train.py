@@ -16,8 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import distill
-from train.configs import PRESETS, cli, validate
+from train import cli, distill, make_dataset, teacher
+from train.configs import PRESETS, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -105,8 +105,14 @@ def test_bad_config_fails_before_any_work(argv, message, tmp_path, capsys):
   assert not workdir.exists()
 
 
+def parse(argv, args_type=distill.Args, **kwargs):
+  args, code = cli.parse(args_type, argv, prog="test", description="", presets=PRESETS, default="tiny", **kwargs)
+  assert code is None
+  return args
+
+
 def test_overrides_and_presets():
-  config, flags = cli.parse(
+  args = parse(
     [
       "--config",
       "tiny",
@@ -117,18 +123,125 @@ def test_overrides_and_presets():
       "--config.data.shuffle=false",
       "--workdir",
       "d",
-    ],
-    PRESETS,
-    "tiny",
-    distill.FLAGS,
+    ]
   )
+  config = args.config
   assert (config.steps, config.attention.topk, config.time.shift, config.data.shuffle) == (20, 0.05, 3.0, False)
-  assert flags["workdir"] == "d" and config.attention.topp == PRESETS["tiny"]().attention.topp
-  per_head, _ = cli.parse(["--config.attention.topk=0.1,0.2"], PRESETS, "tiny", {})
+  assert args.workdir == "d" and config.attention.topp == PRESETS["tiny"]().attention.topp
+  per_head = parse(["--config.attention.topk", "0.1", "0.2"]).config
   assert per_head.attention.topk == (0.1, 0.2)
+  big = parse(["--config=wan2_1_1_3b", "--config.model.remat_saves", "qkv", "ffn_hidden"]).config
+  assert big.model.remat_saves == ("qkv", "ffn_hidden") and big.model.num_layers == 30
   for name, preset in PRESETS.items():
     validate(preset())
     assert preset().name == name
+
+
+def test_a_config_of_ones_own_from_a_python_file_or_a_saved_config_json(tmp_path):
+  from train.configs import to_dict  # noqa: PLC0415
+
+  own = tmp_path / "my_config.py"
+  own.write_text(
+    "import dataclasses\nfrom train.configs import tiny\n"
+    "def get_config():\n  return dataclasses.replace(tiny(), name='mine', steps=7)\n"
+  )
+  config = parse(["--config", str(own), "--config.seed=3"]).config
+  assert (config.name, config.steps, config.seed) == ("mine", 7, 3)
+  saved = tmp_path / "config.json"
+  saved.write_text(json.dumps(to_dict(config)))
+  assert parse([f"--config={saved}"]).config == config
+  # make_dataset reads the dataset fields of the same file.
+  dataset_args = parse(
+    ["--config", str(saved), "--out", "o"], make_dataset.Args, project=make_dataset.DatasetConfig.from_config
+  )
+  assert dataset_args.config.seed == 3 and dataset_args.config.model == config.model and dataset_args.out == "o"
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--config", "missing.py"], "--config missing.py: no such file"),
+    (["--config", "missing.json"], "--config missing.json: No such file or directory"),
+    (["--config"], "--config needs a value"),
+  ],
+)
+def test_a_config_file_that_cannot_be_read_is_named(argv, message, tmp_path, capsys):
+  assert distill.main([*argv, "--workdir", str(tmp_path / "run")]) == 1
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
+
+
+def test_help_describes_each_field_and_each_command_shows_only_its_own(capsys):
+  assert distill.main(["--help"]) == 0
+  distill_help = capsys.readouterr().out
+  for text in ("--config.steps", "Optimizer steps in all", "--config.attention.topk", "Top-k", "--workdir"):
+    assert text in distill_help
+  for ignored in ("model.attention.", "model.compute_dtype", "model.batch_axes", "model.param_dtype"):
+    assert ignored not in distill_help
+  assert make_dataset.main(["--help"]) == 0
+  dataset_help = capsys.readouterr().out
+  assert "--config.frames" in dataset_help and "--num_examples" in dataset_help
+  for trainer_only in ("learning_rate", "warmup_steps", "checkpoint_every", "attention.topk", "--workdir"):
+    assert trainer_only not in dataset_help
+
+
+# A workdir's config.json as an earlier version wrote it: the model held WanConfig's run options and the
+# attention said "backend".
+EARLIER_CONFIG_JSON = json.loads("""{"name": "tiny",
+ "model": {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
+  "out_channels": 4, "text_dim": 24, "freq_dim": 16, "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": true,
+  "eps": 1e-06, "rope_max_seq_len": 1024, "attention": {"kind": "dense", "topk": 0.03, "topp": 0.2,
+  "mode": "hybrid", "block_q": 128, "block_kv": 64, "backend": "auto"}, "remat": false, "remat_saves": [],
+  "param_dtype": "float32", "compute_dtype": "float32", "batch_axes": []},
+ "attention": {"kind": "sparse", "topk": 0.1, "topp": 0.3, "mode": "hybrid", "block_q": 32, "block_kv": 16,
+  "backend": "auto"},
+ "teacher": "random", "pretrain_teacher": {"steps": 300, "learning_rate": 0.002}, "loss": "distill",
+ "steps": 200, "batch_size": 4, "learning_rate": 0.0003, "weight_decay": 0.01, "adam_b1": 0.9, "adam_b2": 0.999,
+ "grad_clip_norm": 1.0, "warmup_steps": 10, "compute_dtype": "float32", "time": {"mean": 1.5, "std": 1.6,
+ "shift": 1.0}, "data": {"path": "", "shuffle": true, "synthetic_examples": 512, "frames": 8, "height": 16,
+ "width": 16, "text_len": 16}, "mesh": {"data": -1, "fsdp": 1}, "checkpoint_every": 50, "keep_checkpoints": 2,
+ "log_every": 1, "seed": 0}""")
+
+
+def test_config_json_round_trips_and_earlier_files_still_load():
+  import copy  # noqa: PLC0415
+
+  from train.configs import Config, from_dict, to_dict  # noqa: PLC0415
+
+  for preset in PRESETS.values():
+    assert from_dict(Config, json.loads(json.dumps(to_dict(preset())))) == preset()
+  assert from_dict(Config, EARLIER_CONFIG_JSON) == PRESETS["tiny"]()
+  triton = copy.deepcopy(EARLIER_CONFIG_JSON)
+  triton["attention"]["backend"] = "triton"
+  assert from_dict(Config, triton).attention.implementation == "triton"
+  for path, value, message in [
+    (("model", "num_layers"), "two", "config.model.num_layers: expected int, got 'two'"),
+    (("attention", "topk"), 1.5, "config.attention: topk must be in [0, 1]"),
+    (("loss",), "l1", "config.loss: 'l1' is not one of ['distill', 'diffusion']"),
+    (("data", "shufle"), True, "config.data: unknown field(s) ['shufle']"),
+  ]:
+    bad = copy.deepcopy(EARLIER_CONFIG_JSON)
+    node = bad
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ValueError) as error:
+      from_dict(Config, bad)
+    assert message in str(error.value)
+
+
+def test_validating_a_config_starts_no_jax_backend():
+  # So that jax.distributed.initialize, which must come before any backend, can follow the checks.
+  code = (
+    "from jax._src import xla_bridge; from train.configs import PRESETS, validate\n"
+    "for preset in PRESETS.values(): validate(preset())\n"
+    "assert not xla_bridge.backends_are_initialized()\n"
+    "print('ok')"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- training
@@ -195,7 +308,10 @@ def test_make_dataset_from_teacher_samples(trained, env, tmp_path):
       str(out_dir),
       "--source",
       "teacher",
-      *SMALL,
+      "--config.frames=4",
+      "--config.height=16",
+      "--config.width=16",
+      "--config.batch_size=8",
       f"--config.teacher={workdir}",
       "--num_examples",
       "3",
@@ -357,16 +473,16 @@ def test_teacher_from_a_diffusers_folder(tmp_path):
   from flax import nnx  # noqa: PLC0415
 
   from sparge_jax.models.wan import WanModel, save_diffusers  # noqa: PLC0415
-  from train import sharding  # noqa: PLC0415
+  from train import models, sharding  # noqa: PLC0415
 
   config = PRESETS["tiny"]()
-  teacher_config, _ = distill.model_configs(config)
+  teacher_config, _ = models.model_configs(config)
   saved = WanModel(teacher_config, rngs=nnx.Rngs(7))
   save_diffusers(saved, tmp_path / "transformer")
   mesh = sharding.make_mesh(-1, 1)
   abstract = nnx.state(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))
   shardings = sharding.param_shardings(abstract, mesh)
-  params, description = distill.load_teacher(
+  params, description = teacher.load_teacher(
     str(tmp_path / "transformer"), teacher_config, abstract.to_pure_dict(), shardings, 0, mesh
   )
   assert "diffusers weights" in description
@@ -375,6 +491,6 @@ def test_teacher_from_a_diffusers_folder(tmp_path):
   wider = dataclasses.replace(teacher_config, num_layers=3)
   abstract = nnx.state(nnx.eval_shape(lambda: WanModel(wider, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match="the checkpoint has {'num_layers': 2}"):
-    distill.load_teacher(
+    teacher.load_teacher(
       str(tmp_path / "transformer"), wider, abstract.to_pure_dict(), sharding.param_shardings(abstract, mesh), 0, mesh
     )

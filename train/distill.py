@@ -3,13 +3,14 @@
     python -m train.distill                                   # tiny default, minutes on a CPU
     python -m train.distill --config tiny --config.steps=20 --config.attention.topk=0.05 --workdir DIR
     python -m train.distill --config wan2_1_1_3b --config.teacher=PATH --workdir runs/wan13b
+    python -m train.distill --config my_config.py             # get_config() returns a train.configs.Config
 
-The student starts as a copy of the teacher with sparse self-attention; both see the same x_t, t and
-text (REFERENCE.md §1-2). Only the student is differentiated, optimised and checkpointed; the teacher
-is an argument of the jitted step that is never donated. Restarting with the same ``--workdir``
-resumes from its newest checkpoint. Multi-host: pass ``--coordinator_address``, ``--num_processes``
-and ``--process_id`` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every
-process; see docs/TRAINING.md.
+(``sparge-distill`` once installed.) The student starts as a copy of the teacher with sparse
+self-attention; both see the same x_t, t and text. Only the student is differentiated, optimised and
+checkpointed; the teacher is an argument of the jitted step that is never donated. Restarting with the
+same ``--workdir`` resumes from its newest checkpoint. Multi-host: pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) on every process; see docs/TRAINING.md.
 """
 
 from __future__ import annotations
@@ -22,232 +23,67 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from sparge_jax.models.wan import AttentionConfig, WanConfig, WanModel
-from train import checkpoint, flow, sharding
-from train.configs import PRESETS, Config, cli, to_dict, validate
-from train.data import Loader, MovingShapes, ShardedDataset, Source
+from sparge_jax.files import write_json_atomic
+
+from . import checkpoint, cli, sharding, teacher
+from .configs import PRESETS, Config, to_dict, validate
+from .data import Loader
+from .models import abstract_model, model_configs
+from .sources import make_source
+from .step import make_loss_fn, make_optimizer, make_train_step
 
 EVAL_BATCHES = 4
-FLAGS = {"workdir": None, "coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``train.distill``."""
+
+  config: Config
+  workdir: str | None = None
+  """The run's folder (default runs/<name>-<date>-<time>); the same one again resumes its newest checkpoint."""
+  coordinator_address: str | None = None
+  """host:port of process 0, for a run over several processes (or JAX_COORDINATOR_ADDRESS)."""
+  num_processes: int | None = None
+  """Number of processes (or JAX_NUM_PROCESSES)."""
+  process_id: int | None = None
+  """This process's index (or JAX_PROCESS_ID)."""
 
 
 class NonFiniteLoss(FloatingPointError):
   """Raised when a step produces a NaN or inf loss or gradient; nothing after it was saved."""
 
 
-# ----------------------------------------------------------------------------- model setup
-
-
-def model_configs(config: Config, *, batch_axes: tuple[str, ...] = ()) -> tuple[WanConfig, WanConfig]:
-  """(teacher, student) model configs: same architecture, dense vs ``config.attention``.
-
-  batch_axes: the mesh axes that split the batch (``WanConfig.batch_axes``); the models must then
-  be traced under ``jax.set_mesh``. The trainer passes ``sharding.BATCH_AXES``.
-  """
-  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-  base = dataclasses.replace(config.model, compute_dtype=dtype, param_dtype=jnp.float32, batch_axes=batch_axes)
-  return (
-    dataclasses.replace(base, attention=AttentionConfig(kind="dense")),
-    dataclasses.replace(base, attention=config.attention),
-  )
-
-
-def init_params(model_config: WanConfig, seed: int, shardings: Any) -> Any:
-  """Randomly initialised parameters (a pure dict), created directly with their shardings."""
-
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init():
-    return nnx.state(WanModel(model_config, rngs=nnx.Rngs(seed))).to_pure_dict()
-
-  return init()
-
-
-def load_teacher(
-  spec: str,
-  model_config: WanConfig,
-  abstract_params: Any,
-  shardings: Any,
-  seed: int,
-  mesh: jax.sharding.Mesh | None = None,
-) -> tuple[Any, str]:
-  """Teacher params and a description of where they came from (see ``Config.teacher``)."""
-  if spec == "random":
-    return init_params(model_config, seed, shardings), f"randomly initialised (seed {seed})"
-  if not os.path.exists(spec):
-    raise ValueError(
-      f"--config.teacher={spec!r}: no such file or directory (use 'random', a diffusers "
-      "Wan transformer folder, or a workdir of ours)"
-    )
-  if os.path.isfile(os.path.join(spec, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(spec)):
-    from sparge_jax.models.wan import load_diffusers  # noqa: PLC0415 (optional path)
-
-    model = load_diffusers(
-      spec,
-      dtype=jnp.float32,
-      mesh=mesh,
-      rules=list(sharding.LOGICAL_RULES.items()),
-      attention=model_config.attention,
-      remat=model_config.remat,
-      remat_saves=model_config.remat_saves,
-      compute_dtype=model_config.compute_dtype,
-      batch_axes=model_config.batch_axes,
-    )
-    params = nnx.state(model).to_pure_dict()
-    expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params)
-    if jax.tree.map(lambda x: (x.shape, x.dtype), params) != expected:
-      differ = {
-        f.name: getattr(model.config, f.name)
-        for f in dataclasses.fields(model_config)
-        if getattr(model.config, f.name) != getattr(model_config, f.name)
-      }
-      raise ValueError(
-        f"--config.teacher={spec!r}: the checkpoint has {differ}, unlike --config.model; "
-        "pick the matching preset or set model.*"
-      )
-    return jax.device_put(params, shardings), f"diffusers weights from {spec}"
-  target = checkpoint.abstract(abstract_params, shardings)
-  return checkpoint.load_params(spec, target), f"student of checkpoint {checkpoint.find_params(spec)}"
-
-
-def make_source(config: Config, model_config: WanConfig) -> Source:
-  if config.data.path:
-    source = ShardedDataset(config.data.path)
-  else:
-    d = config.data
-    source = MovingShapes(
-      d.synthetic_examples,
-      (d.frames, d.height, d.width, model_config.in_channels),
-      (d.text_len, model_config.text_dim),
-      seed=config.seed,
-    )
-  if source.latent_shape[-1] != model_config.in_channels or source.text_shape[-1] != model_config.text_dim:
-    raise ValueError(
-      f"--config.data.path={config.data.path!r}: latents {source.latent_shape} / text "
-      f"{source.text_shape} do not fit the model (in_channels {model_config.in_channels}, "
-      f"text_dim {model_config.text_dim})"
-    )
-  return source
-
-
-def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, Callable[[int], Any]]:
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-      optax.constant_schedule(config.learning_rate),
-    ],
-    [config.warmup_steps],
-  )
-  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
-  if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
-  return adamw, schedule
-
-
-# ----------------------------------------------------------------------------- the step
-
-
-def make_loss_fn(config: Config, teacher_graphdef, student_graphdef):
-  """loss(student_params, teacher_params, batch, key) -> (loss, sparsity [layers])."""
-  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-
-  def loss_fn(params, teacher_params, batch, key):
-    x0, context = batch["latents"], batch["context"]
-    t_key, noise_key = jax.random.split(key)
-    t = flow.sample_t(t_key, x0.shape[:1], mean=config.time.mean, std=config.time.std, shift=config.time.shift)
-    noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    x_t = flow.noisy(x0, noise, t).astype(dtype)
-    timestep, context = flow.model_timestep(t), context.astype(dtype)
-    if config.loss == "distill":
-      teacher = nnx.merge(teacher_graphdef, teacher_params)
-      target = jax.lax.stop_gradient(teacher(x_t, timestep, context))
-    else:
-      target = flow.velocity(x0, noise)
-    student = nnx.merge(student_graphdef, params)
-    prediction, sparsity = student(x_t, timestep, context, return_sparsity=True)
-    loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
-    return loss, sparsity.mean(axis=(1, 2))
-
-  return loss_fn
-
-
-def make_train_step(loss_fn, optimizer, param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated):
-  """One jitted update; student params and optimizer state are donated, the teacher never is.
-
-  step(params, opt_state, teacher_params, batch, key, step) -> (params, opt_state, metrics)
-  """
-
-  def step(params, opt_state, teacher_params, batch, key, step_index):
-    key = jax.random.fold_in(key, step_index)
-    (loss, sparsity), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, teacher_params, batch, key)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "sparsity": sparsity}
-    return params, opt_state, metrics
-
-  batch_shardings = {"latents": batch_sharding, "context": batch_sharding}
-  return jax.jit(
-    step,
-    in_shardings=(param_shardings, opt_shardings, teacher_shardings, batch_shardings, replicated, replicated),
-    out_shardings=(param_shardings, opt_shardings, replicated),
-    donate_argnums=(0, 1),
-  )
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
-def pretrain_teacher(config: Config, workdir: str, progress: bool) -> str:
-  """Trains a dense model from scratch with the diffusion loss into ``<workdir>/teacher``
-  (or finds it there, when resuming); returns that directory."""
-  directory = os.path.join(workdir, "teacher")
-  steps = config.pretrain_teacher.steps
+def pretrain_teacher(config: Config, workdir: str, progress: bool) -> None:
+  """Trains the run's dense teacher into ``<workdir>/teacher`` unless a finished one is there."""
+  directory, steps = teacher.pretrained_dir(workdir), config.pretrain_teacher.steps
   existing = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1)
   done, _ = existing.latest_step(), existing.close()
   if done != steps:
     if progress and jax.process_index() == 0:
       print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
-    train(
-      dataclasses.replace(
-        config,
-        name=f"{config.name}-teacher",
-        teacher="random",
-        loss="diffusion",
-        attention=AttentionConfig(kind="dense"),
-        pretrain_teacher=dataclasses.replace(config.pretrain_teacher, steps=0),
-        steps=steps,
-        learning_rate=config.pretrain_teacher.learning_rate,
-        warmup_steps=0,
-        checkpoint_every=steps,
-        keep_checkpoints=1,
-      ),
-      directory,
-      progress=progress,
-    )
-  return directory
+    run(teacher.pretraining_config(config), directory, progress=progress)
 
 
 def default_workdir(config: Config) -> str:
   return os.path.join("runs", f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 
-def _write_json_atomically(path: str, data: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
+def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
+  """Runs (or resumes) ``config`` in ``workdir``; returns the summary printed by ``main``.
 
-
-def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
-  """Runs (or resumes) ``config`` in ``workdir``; returns the summary printed by ``main``."""
+  A run that pretrains its teacher (``Config.pretrains_teacher``) first runs ``teacher.pretraining_config``
+  in ``<workdir>/teacher``, unless that is already done.
+  """
   from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, only needed here)
   from tqdm import tqdm  # noqa: PLC0415
 
@@ -270,25 +106,20 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
     rows=sharding.process_rows(batch_sharding, config.batch_size),
   )
 
-  abstract_model = nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0)))
-  teacher_graphdef, abstract_state = nnx.split(abstract_model)
-  student_graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(student_config, rngs=nnx.Rngs(0))))[0]
+  teacher_graphdef, abstract_state = abstract_model(teacher_config)
+  student_graphdef = abstract_model(student_config)[0]
   abstract_params = abstract_state.to_pure_dict()
   param_shardings = sharding.param_shardings(abstract_state, mesh)
 
   os.makedirs(workdir, exist_ok=True)
-  teacher = config.teacher
   if config.pretrains_teacher:
-    teacher = pretrain_teacher(config, workdir, progress)
+    pretrain_teacher(config, workdir, progress)
   checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-  teacher_params, teacher_source = load_teacher(
-    teacher, teacher_config, abstract_params, param_shardings, config.seed, mesh
+  teacher_params, teacher_source = teacher.load_teacher(
+    teacher.teacher_spec(config, workdir), teacher_config, abstract_params, param_shardings, config.seed, mesh
   )
   if config.pretrains_teacher:
-    teacher_source = (
-      f"randomly initialised, then pretrained for {config.pretrain_teacher.steps} steps "
-      f"with the diffusion loss ({teacher})"
-    )
+    teacher_source = teacher.describe_pretrained(config, workdir)
   # The student is a separate copy: its buffers are donated every step, the teacher's never are.
   params = jax.tree.map(lambda x: jnp.array(x, copy=True), teacher_params)
   if config.compute_dtype == "bfloat16":
@@ -319,7 +150,7 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
     key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
   train_key, eval_key = jax.random.split(key)
   if lead:
-    _write_json_atomically(os.path.join(workdir, "config.json"), to_dict(config))
+    write_json_atomic(os.path.join(workdir, "config.json"), to_dict(config))
 
   loss_fn = make_loss_fn(config, teacher_graphdef, student_graphdef)
   # The models split attention over the batch axes of the context mesh (WanConfig.batch_axes).
@@ -430,7 +261,7 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict:
     f"fsdp={mesh.shape['fsdp']}), {jax.process_count()} process(es)",
   }
   if lead:
-    _write_json_atomically(os.path.join(workdir, "summary.json"), summary)
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
@@ -461,19 +292,19 @@ def print_summary(summary: dict) -> None:
     f"checkpoints:  {summary['checkpoints']}",
     f"TensorBoard:  tensorboard --logdir {workdir}",
     f"metrics:      {os.path.join(workdir, 'metrics.jsonl')} (per step), {os.path.join(workdir, 'summary.json')}",
-    f"samples:      python -m train.sample --workdir {workdir}",
+    f"samples:      {cli.command('train.sample')} --workdir {workdir}",
   ]
   print("\n".join(lines))
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: str | None, process_id: str | None) -> None:
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
   """``jax.distributed.initialize`` from flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   JAX_PROCESS_ID; does nothing when no coordinator is given (single process)."""
   address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address:
     return
-  count = num_processes or os.environ.get("JAX_NUM_PROCESSES")
-  index = process_id or os.environ.get("JAX_PROCESS_ID")
+  count = os.environ.get("JAX_NUM_PROCESSES") if num_processes is None else num_processes
+  index = os.environ.get("JAX_PROCESS_ID") if process_id is None else process_id
   for name, value in (("num_processes", count), ("process_id", index)):
     if value is None or not str(value).isdigit():
       raise ValueError(
@@ -482,20 +313,22 @@ def initialize_distributed(coordinator_address: str | None, num_processes: str |
   jax.distributed.initialize(address, int(count), int(index))
 
 
-def _check(config: Config, flags) -> None:
-  # Before validate(): it traces sparse_attention, which starts the XLA backend.
-  initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
-  validate(config)
-  if jax.process_count() > 1 and not flags["workdir"]:
+def check(args: Args) -> None:
+  """The checks before any work: the config's values, then the processes (nothing is traced before this)."""
+  validate(args.config)
+  initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  if jax.process_count() > 1 and not args.workdir:
     raise ValueError("--workdir is required with several processes (they must share it)")
 
 
 def main(argv: list[str] | None = None) -> int:
-  config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
+  args, code = cli.parse(
+    Args, argv, prog="train.distill", description=__doc__, presets=PRESETS, default="tiny", check=check
+  )
   if code is not None:
     return code
   try:  # a teacher that cannot be loaded, bad data, or a loss that stops being finite
-    summary = train(config, flags["workdir"] or default_workdir(config))
+    summary = run(args.config, args.workdir or default_workdir(args.config))
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -3,18 +3,22 @@
     python -m train.make_dataset --out data/shapes --num_examples 512                  # synthetic
     python -m train.make_dataset --out data/teacher --source teacher --config.teacher=PATH \\
         --num_examples 256 --num_steps 30                                               # teacher samples
+    python -m train.make_dataset --out data/more --source teacher --config runs/RUN/config.json
 
-``synthetic``: procedural moving shapes with matching captions (``train.data.MovingShapes``), at the
-latent size of ``--config`` (``data.frames/height/width``, the model's channels and text width).
-``teacher``: the published recipes fine-tune on teacher-generated latents; this integrates the dense
-teacher (``--config.teacher``) with the Euler sampler from seeded noise, conditioned on the captions
-of ``--config.data.path`` if set, else on the synthetic captions.
+(``sparge-make-dataset`` once installed.) ``synthetic``: procedural moving shapes with matching captions
+(``train.data.MovingShapes``) at the latent size ``--config.frames/height/width``, with the model's channels
+and text width. ``teacher``: the published recipes fine-tune on teacher-generated latents; this integrates
+the dense teacher (``--config.teacher``) with the Euler sampler from seeded noise, conditioned on the
+captions of ``--config.captions`` if set, else on the synthetic captions. ``--config`` starts from a
+trainer preset or a run's ``config.json`` (its model, teacher and data sizes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,52 +26,105 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sparge_jax.models.wan import WanModel
-from train import distill, flow, sharding
-from train.configs import PRESETS, Config, cli, validate
-from train.data import MovingShapes, Source, write_dataset
+from sparge_jax.config import AttentionConfig
 
-FLAGS = {
-  "out": None,
-  "source": "synthetic",
-  "num_examples": 256,
-  "examples_per_shard": 64,
-  "num_steps": 30,
-  "shift": 5.0,
-  "seed": 0,
-}
+from . import cli, flow, sharding, sources
+from .configs import PRESETS, Config, ModelConfig, checker, validate_model
+from .data import MovingShapes, Source, write_dataset
+from .models import abstract_model
+from .teacher import load_teacher
 
 
-def synthetic(config: Config, num_examples: int) -> MovingShapes:
-  d = config.data
-  return MovingShapes(
-    num_examples,
-    (d.frames, d.height, d.width, config.model.in_channels),
-    (d.text_len, config.model.text_dim),
-    seed=config.seed,
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """What the dataset is made for: a model, its teacher, and the latent and text sizes."""
+
+  model: ModelConfig
+  """The architecture (its channels and text width set the shapes; the teacher must match it)."""
+  teacher: str = "random"
+  """With --source teacher: a diffusers Wan transformer folder or a workdir of ours ("random": untrained)."""
+  captions: str = ""
+  """With --source teacher: a shard folder whose captions condition the samples; empty: synthetic captions."""
+  frames: int = 8
+  """Latent frames per video."""
+  height: int = 16
+  """Latent height."""
+  width: int = 16
+  """Latent width."""
+  text_len: int = 16
+  """Text tokens of the synthetic captions."""
+  batch_size: int = 8
+  """Teacher samples computed at once."""
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  """The teacher's compute dtype."""
+  seed: int = 0
+  """Seeds the synthetic videos and captions, and the teacher's noise."""
+
+  @classmethod
+  def from_config(cls, config: Config) -> DatasetConfig:
+    """The dataset fields of a trainer config (the teacher a run pretrains is not known here: random)."""
+    d = config.data
+    return cls(
+      model=config.model,
+      teacher=config.teacher,
+      captions=d.path,
+      frames=d.frames,
+      height=d.height,
+      width=d.width,
+      text_len=d.text_len,
+      batch_size=config.batch_size,
+      compute_dtype=config.compute_dtype,
+      seed=config.seed,
+    )
+
+  def teacher_model(self):
+    return self.model.wan(attention=AttentionConfig(kind="dense"), compute_dtype=self.compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``train.make_dataset``."""
+
+  config: DatasetConfig
+  out: str
+  """The dataset folder to create (it must not exist)."""
+  source: Literal["synthetic", "teacher"] = "synthetic"
+  """synthetic: moving shapes; teacher: the teacher's samples for the captions."""
+  num_examples: int = 256
+  """Videos to write."""
+  examples_per_shard: int = 64
+  """Videos per safetensors shard."""
+  num_steps: int = 30
+  """With --source teacher: Euler steps per sample."""
+  shift: float = 5.0
+  """With --source teacher: timestep shift of the sampler (Wan samples with 5)."""
+
+
+def synthetic(config: DatasetConfig, num_examples: int) -> MovingShapes:
+  return sources.synthetic(
+    num_examples, config.frames, config.height, config.width, config.text_len, config.model, config.seed
   )
 
 
-def captions(config: Config, num_examples: int) -> Source:
-  """Where teacher samples get their text: ``config.data.path`` if set, else synthetic captions."""
-  return distill.make_source(config, config.model) if config.data.path else synthetic(config, num_examples)
+def captions(config: DatasetConfig, num_examples: int) -> Source:
+  """Where teacher samples get their text: ``config.captions`` if set, else synthetic captions."""
+  if config.captions:
+    return sources.dataset(config.captions, config.model, field="--config.captions")
+  return synthetic(config, num_examples)
 
 
 def teacher_examples(
-  config: Config, num_examples: int, *, num_steps: int, shift: float, seed: int
+  config: DatasetConfig, num_examples: int, *, num_steps: int, shift: float
 ) -> Iterator[dict[str, np.ndarray]]:
   """Teacher samples, ``config.batch_size`` at a time; noise for example i depends on (seed, i) only."""
-  teacher_config, _ = distill.model_configs(config)
+  teacher_config = config.teacher_model()
   mesh = sharding.make_mesh(-1, 1)
-  abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))
-  graphdef, state = abstract
+  graphdef, state = abstract_model(teacher_config)
   shardings = sharding.param_shardings(state, mesh)
-  params, description = distill.load_teacher(
-    config.teacher, teacher_config, state.to_pure_dict(), shardings, config.seed
-  )
+  params, description = load_teacher(config.teacher, teacher_config, state.to_pure_dict(), shardings, config.seed)
   print(f"teacher: {description}")
   texts = captions(config, num_examples)
-  latent_shape = (config.data.frames, config.data.height, config.data.width, config.model.in_channels)
+  latent_shape = (config.frames, config.height, config.width, config.model.in_channels)
   dtype = teacher_config.compute_dtype
 
   @jax.jit
@@ -77,7 +134,7 @@ def teacher_examples(
 
     return flow.euler_sample(velocity, noise, num_steps=num_steps, shift=shift)
 
-  key = jax.random.key(seed)
+  key = jax.random.key(config.seed)
   for start in range(0, num_examples, config.batch_size):
     indices = range(start, min(start + config.batch_size, num_examples))
     context = np.stack([texts.get(i % len(texts))["context"] for i in indices])
@@ -87,41 +144,60 @@ def teacher_examples(
       yield {"latents": latents[row], "context": context[row]}
 
 
-def _check(config: Config, flags) -> None:
-  validate(config)
-  if not flags["out"]:
-    raise ValueError("--out is required: the dataset directory to create")
-  if flags["source"] not in ("synthetic", "teacher"):
-    raise ValueError(f"--source must be synthetic or teacher, got {flags['source']!r}")
+def check(args: Args) -> None:
+  config = args.config
+  validate_model(config)
+  require = checker(config)
+  for axis, name in enumerate(("frames", "height", "width")):
+    patch = config.model.patch_size[axis]
+    require(
+      getattr(config, name) >= 1 and getattr(config, name) % patch == 0,
+      name,
+      f"must be a positive multiple of the patch size {patch}",
+    )
+  require(config.text_len >= 3, "text_len", "must be >= 3")
+  require(config.batch_size >= 1, "batch_size", "must be >= 1")
+  require(config.seed >= 0, "seed", "must be >= 0")
   for name in ("num_examples", "examples_per_shard", "num_steps"):
-    if flags[name] < 1:
-      raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.shift <= 0:
+    raise ValueError(f"--shift must be > 0, got {args.shift}")
 
 
 def main(argv: list[str] | None = None) -> int:
-  config, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check, presets=PRESETS, default="tiny")
+  args, code = cli.parse(
+    Args,
+    argv,
+    prog="train.make_dataset",
+    description=__doc__,
+    presets=PRESETS,
+    default="tiny",
+    project=DatasetConfig.from_config,
+    check=check,
+  )
   if code is not None:
     return code
-  if flags["source"] == "teacher" and config.teacher == "random":
+  config, n = args.config, args.num_examples
+  if args.source == "teacher" and config.teacher == "random":
     print("note: --config.teacher=random samples an untrained model; pass a diffusers folder or a workdir")
-  n = flags["num_examples"]
   try:  # a teacher folder that cannot be loaded, or an --out that cannot be written
-    if flags["source"] == "synthetic":
+    if args.source == "synthetic":
       shapes = synthetic(config, n)
       examples = (shapes.get(i) for i in range(n))
     else:
-      examples = teacher_examples(config, n, num_steps=flags["num_steps"], shift=flags["shift"], seed=flags["seed"])
+      examples = teacher_examples(config, n, num_steps=args.num_steps, shift=args.shift)
     manifest = write_dataset(
-      flags["out"], tqdm(examples, total=n, unit="video"), examples_per_shard=flags["examples_per_shard"]
+      args.out, tqdm(examples, total=n, unit="video"), examples_per_shard=args.examples_per_shard
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(
-    f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to {flags['out']} "
+    f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to {args.out} "
     f"(latents {manifest['latent_shape']}, text {manifest['text_shape']})"
   )
-  print(f"train on it: python -m train.distill --config.data.path={flags['out']}")
+  print(f"train on it: {cli.command('train.distill')} --config.data.path={args.out}")
   return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m train.sample --workdir runs/tiny-20260101-120000 [--num_videos 2] [--num_steps 30]
 
+(``sparge-sample`` once installed.)
 Reads ``<workdir>/config.json`` and the newest student checkpoint, integrates both models with the
 Euler flow-matching sampler (``train.flow``, Wan's shift 5 by default) from identical noise and text
 (the first captions of the run's data), and writes ``<workdir>/samples.gif``: one row per video,
@@ -11,6 +12,8 @@ top principal components of the teacher's samples), not a VAE decode.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import sys
@@ -20,11 +23,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.models.wan import WanModel
-from train import checkpoint, distill, flow, sharding
-from train.configs import Config, cli, from_dict
+from sparge_jax.files import write_bytes_atomic
 
-FLAGS = {"workdir": None, "num_videos": 2, "num_steps": 30, "shift": 5.0, "seed": 0, "out": None, "scale": 8}
+from . import checkpoint, cli, flow, sharding
+from .configs import Config, from_dict
+from .models import abstract_model, model_configs
+from .sources import make_source
+from .teacher import load_teacher, teacher_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """The command line of ``train.sample``."""
+
+  workdir: str
+  """A distillation workdir: its config.json and newest student checkpoint are read."""
+  num_videos: int = 2
+  """Videos to sample (the first captions of the run's data)."""
+  num_steps: int = 30
+  """Euler steps per sample."""
+  shift: float = 5.0
+  """Timestep shift of the sampler (Wan samples with 5)."""
+  seed: int = 0
+  """Seeds the noise."""
+  out: str | None = None
+  """The GIF to write (default <workdir>/samples.gif)."""
+  scale: int = 8
+  """Pixels per latent pixel in the GIF."""
 
 
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
@@ -46,20 +71,19 @@ def sample_pair(
 ) -> tuple[np.ndarray, np.ndarray, str]:
   """Teacher and student samples, float32 [num_videos, frames, height, width, channels] each."""
   mesh = sharding.make_mesh(-1, 1) if jax.device_count() == 1 else sharding.make_mesh(1, jax.device_count())
-  teacher_config, student_config = distill.model_configs(config)
-  abstract = nnx.split(nnx.eval_shape(lambda: WanModel(teacher_config, rngs=nnx.Rngs(0))))[1]
+  teacher_config, student_config = model_configs(config)
+  abstract = abstract_model(teacher_config)[1]
   shardings = sharding.param_shardings(abstract, mesh)
-  teacher_spec = os.path.join(workdir, "teacher") if config.pretrains_teacher else config.teacher
-  teacher_params, teacher_source = distill.load_teacher(
-    teacher_spec, teacher_config, abstract.to_pure_dict(), shardings, config.seed
+  teacher_params, teacher_source = load_teacher(
+    teacher_spec(config, workdir), teacher_config, abstract.to_pure_dict(), shardings, config.seed
   )
   student_params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
-  source = distill.make_source(config, student_config)
+  source = make_source(config, student_config)
   context = jnp.stack([source.get(i % len(source))["context"] for i in range(num_videos)])
   noise = jax.random.normal(jax.random.key(seed), (num_videos, *source.latent_shape), jnp.float32)
 
   def sampler(model_config):
-    graphdef = nnx.split(nnx.eval_shape(lambda: WanModel(model_config, rngs=nnx.Rngs(0))))[0]
+    graphdef = abstract_model(model_config)[0]
 
     @jax.jit
     def run(params, noise, context):
@@ -91,6 +115,7 @@ def rgb_projection(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -> None:
+  """Writes the side-by-side GIF (teacher | student | 4 x |difference|, one row per video) to ``path``."""
   import imageio.v3 as iio  # noqa: PLC0415 (only needed here)
 
   basis, low, high = rgb_projection(teacher)
@@ -100,49 +125,42 @@ def write_gif(path: str, teacher: np.ndarray, student: np.ndarray, scale: int) -
   panels = [to_rgb(teacher, basis, low, high, scale), to_rgb(student, basis, low, high, scale), grey]
   rows = np.concatenate(panels, axis=-2)  # [videos, frames, H, 3W, 3]
   frames = np.concatenate(list(rows), axis=-3)  # [frames, videos*H, 3W, 3]
-  tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
-  iio.imwrite(tmp, frames, duration=250, loop=0)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  iio.imwrite(buffer, frames, extension=".gif", duration=250, loop=0)
+  write_bytes_atomic(path, buffer.getvalue())
 
 
-def _check(_, flags) -> None:
-  workdir = flags["workdir"]
-  if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
-    raise ValueError(f"--workdir {workdir!r}: expected a distillation workdir with config.json")
+def check(args: Args) -> None:
+  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    raise ValueError(f"--workdir {args.workdir!r}: expected a distillation workdir with config.json")
   for name in ("num_videos", "num_steps", "scale"):
-    if flags[name] < 1:
-      raise ValueError(f"--{name} must be >= 1, got {flags[name]}")
-  if flags["shift"] <= 0:
-    raise ValueError(f"--shift must be > 0, got {flags['shift']}")
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.shift <= 0:
+    raise ValueError(f"--shift must be > 0, got {args.shift}")
 
 
 def main(argv: list[str] | None = None) -> int:
-  _, flags, code = cli.parse_or_exit_code(__doc__, argv, FLAGS, _check)
+  args, code = cli.parse(Args, argv, prog="train.sample", description=__doc__, check=check)
   if code is not None:
     return code
-  workdir = flags["workdir"]
-  out = flags["out"] or os.path.join(workdir, "samples.gif")
+  out = args.out or os.path.join(args.workdir, "samples.gif")
   try:  # a config.json of another version, a workdir without a checkpoint, a teacher that cannot be loaded
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(args.workdir, "config.json")) as f:
       config = from_dict(Config, json.load(f))
     teacher, student, teacher_source = sample_pair(
-      config,
-      workdir,
-      num_videos=flags["num_videos"],
-      num_steps=flags["num_steps"],
-      shift=flags["shift"],
-      seed=flags["seed"],
+      config, args.workdir, num_videos=args.num_videos, num_steps=args.num_steps, shift=args.shift, seed=args.seed
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  write_gif(out, teacher, student, flags["scale"])
+  write_gif(out, teacher, student, args.scale)
   print(f"teacher: {teacher_source}")
   print(
-    f"student: {checkpoint.find_params(workdir)} ({config.attention.kind} attention, "
+    f"student: {checkpoint.find_params(args.workdir)} ({config.attention.kind} attention, "
     f"topk {config.attention.topk}, topp {config.attention.topp})"
   )
-  print(f"{flags['num_videos']} videos, {flags['num_steps']} Euler steps, shift {flags['shift']}")
+  print(f"{args.num_videos} videos, {args.num_steps} Euler steps, shift {args.shift}")
   print(
     f"PSNR student vs teacher: {psnr(teacher, student):.2f} dB "
     f"(per video: {', '.join(f'{psnr(t, s):.2f}' for t, s in zip(teacher, student))})"

@@ -1,19 +1,110 @@
-"""Typed training configs and their presets (``tiny``, ``wan2_1_1_3b``, ``wan2_1_14b``).
+"""Typed training configs, their presets (``tiny``, ``wan2_1_1_3b``, ``wan2_1_14b``) and their checks.
 
-Pick one with ``--config NAME`` and override fields with ``--config.FIELD=VALUE``
-(see ``train.configs.cli``). ``validate`` checks value ranges and names the offending field.
+Pick a preset with ``--config NAME`` (or a file of your own: ``--config my_config.py`` defining
+``get_config()``, or a saved ``config.json``) and override fields with ``--config.FIELD=VALUE``; see
+``train.cli``. ``validate`` checks value ranges and names the offending field; it never traces or
+compiles anything, so it runs before ``jax.distributed.initialize``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
-from sparge_jax.models.wan import AttentionConfig, WanConfig
+import jax.numpy as jnp
+
+from sparge_jax.config import AttentionConfig
+from sparge_jax.models.wan import WanConfig
 from sparge_jax.models.wan import tiny as tiny_model
 from sparge_jax.models.wan import wan2_1_1_3b as wan2_1_1_3b_model
 from sparge_jax.models.wan import wan2_1_14b as wan2_1_14b_model
+
+from .files import from_dict, load_config, to_dict
+
+__all__ = [
+  "PRESETS",
+  "AttentionConfig",
+  "Config",
+  "DataConfig",
+  "MeshConfig",
+  "ModelConfig",
+  "PretrainConfig",
+  "TimeConfig",
+  "checker",
+  "from_dict",
+  "load_config",
+  "tiny",
+  "to_dict",
+  "validate",
+  "validate_model",
+  "wan2_1_14b",
+  "wan2_1_1_3b",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The Wan architecture (diffusers ``config.json`` names) and its rematerialisation.
+
+  The trainer sets the rest of ``sparge_jax.models.wan.WanConfig`` itself: self-attention from
+  ``attention`` (the teacher's is dense), the compute dtype from ``compute_dtype``, float32 parameters, and
+  the batch axes of its mesh.
+  """
+
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  """Latent frames, height and width per token."""
+  num_attention_heads: int = 12
+  """Attention heads."""
+  attention_head_dim: int = 128
+  """Channels per head; the model width is heads x head_dim."""
+  in_channels: int = 16
+  """Latent channels in."""
+  out_channels: int = 16
+  """Latent channels out."""
+  text_dim: int = 4096
+  """Width of the text encoder's output."""
+  freq_dim: int = 256
+  """Width of the timestep sinusoid."""
+  ffn_dim: int = 8960
+  """Hidden width of the feed-forward layers."""
+  num_layers: int = 30
+  """Transformer blocks."""
+  cross_attn_norm: bool = True
+  """Layer-norm before cross-attention."""
+  eps: float = 1e-6
+  """Epsilon of the norms."""
+  rope_max_seq_len: int = 1024
+  """Longest rotary table per axis."""
+  remat: bool = False
+  """Recompute each block in the backward pass (saves memory)."""
+  remat_saves: tuple[Literal["qkv", "ffn_hidden"], ...] = ()
+  """Block intermediates kept through the backward pass when remat is on."""
+
+  @property
+  def dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  @classmethod
+  def from_wan(cls, wan: WanConfig) -> ModelConfig:
+    """The architecture fields of a ``WanConfig``."""
+    return cls(**{f.name: getattr(wan, f.name) for f in dataclasses.fields(cls)})
+
+  def wan(
+    self,
+    *,
+    attention: AttentionConfig,
+    compute_dtype: Literal["float32", "bfloat16"] = "float32",
+    batch_axes: tuple[str, ...] = (),
+  ) -> WanConfig:
+    """The ``WanConfig`` of this architecture with the given run options (float32 parameters)."""
+    return WanConfig(
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+      attention=attention,
+      param_dtype=jnp.float32,
+      compute_dtype=jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32,
+      batch_axes=batch_axes,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,80 +112,101 @@ class TimeConfig:
   """Training times t = shift(sigmoid(N(mean, std))); see ``train.flow``."""
 
   mean: float = 1.5
+  """Mean of the logit-normal."""
   std: float = 1.6
+  """Standard deviation of the logit-normal."""
   shift: float = 1.0
+  """Wan's timestep shift (1 leaves t as drawn)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """``path``: a shard directory (``train.data``); empty: synthetic moving shapes made on the fly,
-  ``synthetic_examples`` videos of latent size ``frames x height x width`` with ``text_len`` tokens."""
+  """Training videos: a shard folder, or synthetic moving shapes made on the fly."""
 
   path: str = ""
+  """A shard folder (``train.make_dataset`` writes one); empty: synthetic moving shapes."""
   shuffle: bool = True
+  """Shuffle the examples each epoch."""
   synthetic_examples: int = 512
+  """Number of synthetic videos (without a path)."""
   frames: int = 8
+  """Latent frames of the synthetic videos."""
   height: int = 16
+  """Latent height of the synthetic videos."""
   width: int = 16
+  """Latent width of the synthetic videos."""
   text_len: int = 16
+  """Text tokens of the synthetic captions."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh (data, fsdp); data = -1 uses all devices that fsdp leaves."""
+  """Device mesh (data, fsdp) over all devices of all processes."""
 
   data: int = -1
+  """Data-parallel size; -1 uses all devices that fsdp leaves."""
   fsdp: int = 1
+  """Parameter-sharding size; -1 uses all devices that data leaves."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-  """For toy runs with ``teacher="random"`` (ignored otherwise): first train the dense teacher for
-  ``steps`` with the diffusion loss on the same data (into ``<workdir>/teacher/``), so that its
-  attention has structure for the sparse student to approximate."""
+  """For toy runs with ``teacher="random"`` (ignored otherwise): first train the dense teacher with the
+  diffusion loss on the same data (into ``<workdir>/teacher/``), so that its attention has structure for the
+  sparse student to approximate."""
 
   steps: int = 0
+  """Pretraining steps (0: none)."""
   learning_rate: float = 2e-3
+  """Pretraining learning rate."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One distillation run.
-
-  teacher: "random" (freshly initialised from ``seed``; only sensible for toy runs), a diffusers
-    Wan transformer folder (``config.json`` + safetensors), or one of our workdirs / checkpoint
-    directories (its student becomes the teacher).
-  attention: the student's self-attention (the teacher is always dense; ``model.attention`` is unused).
-  loss: "distill" = mean (u_student - u_teacher)^2 on the same x_t, t, text;
-    "diffusion" = mean (u_student - (noise - x0))^2, no teacher.
-  batch_size: global, over all devices and processes.
-  grad_clip_norm: 0 disables clipping. warmup_steps: linear warm-up from 0 to learning_rate.
-  compute_dtype: "bfloat16" keeps float32 master weights and optimizer state.
-  checkpoint_every: steps between checkpoints (the last step is always saved).
-  """
+  """One distillation run."""
 
   name: str
-  model: WanConfig
+  """Run name; the default workdir is runs/<name>-<date>-<time>."""
+  model: ModelConfig
+  """The architecture of teacher and student."""
   attention: AttentionConfig
+  """The student's self-attention (the teacher's is always dense)."""
   teacher: str = "random"
+  """"random" (initialised from seed; for toy runs), a diffusers Wan transformer folder (config.json +
+  safetensors), or a workdir / checkpoint folder of ours (its student becomes the teacher)."""
   pretrain_teacher: PretrainConfig = PretrainConfig()
   loss: Literal["distill", "diffusion"] = "distill"
+  """distill: mean (u_student - u_teacher)^2 on the same x_t, t and text; diffusion: mean (u_student -
+  (noise - x0))^2, no teacher."""
   steps: int = 500
+  """Optimizer steps in all (a resumed run continues to this step)."""
   batch_size: int = 8
+  """Global batch, over all devices and processes."""
   learning_rate: float = 1e-5
+  """AdamW peak learning rate."""
   weight_decay: float = 0.01
+  """AdamW weight decay."""
   adam_b1: float = 0.9
+  """AdamW beta1."""
   adam_b2: float = 0.999
+  """AdamW beta2."""
   grad_clip_norm: float = 1.0
+  """Global gradient-norm clip; 0 disables it."""
   warmup_steps: int = 0
+  """Linear warm-up from 0 to learning_rate."""
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  """bfloat16 keeps float32 master weights and optimizer state."""
   time: TimeConfig = TimeConfig()
   data: DataConfig = DataConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint_every: int = 100
+  """Steps between checkpoints (the last step is always saved)."""
   keep_checkpoints: int = 3
+  """Newest checkpoints kept."""
   log_every: int = 1
+  """Steps between metrics records."""
   seed: int = 0
+  """Seeds initialisation, data order, t and noise."""
 
   @property
   def pretrains_teacher(self) -> bool:
@@ -109,7 +221,7 @@ def tiny() -> Config:
   """
   return Config(
     name="tiny",
-    model=tiny_model(),
+    model=ModelConfig.from_wan(tiny_model()),
     attention=AttentionConfig(kind="sparse", topk=0.1, topp=0.3, block_q=32, block_kv=16),
     pretrain_teacher=PretrainConfig(steps=300),
     steps=200,
@@ -122,10 +234,10 @@ def tiny() -> Config:
 
 
 def wan2_1_1_3b() -> Config:
-  """Wan2.1-T2V-1.3B at 480p (21 x 60 x 104 latents, 32,760 tokens), the paper's recipe (REFERENCE.md §1-2)."""
+  """Wan2.1-T2V-1.3B at 480p (21 x 60 x 104 latents, 32,760 tokens), the SpargeAttention2 recipe."""
   return Config(
     name="wan2_1_1_3b",
-    model=dataclasses.replace(wan2_1_1_3b_model(), remat=True),
+    model=dataclasses.replace(ModelConfig.from_wan(wan2_1_1_3b_model()), remat=True),
     attention=AttentionConfig(kind="sparse", topk=0.03, topp=0.2),
     teacher="Wan2.1-T2V-1.3B-Diffusers/transformer",
     steps=500,
@@ -139,7 +251,7 @@ def wan2_1_14b() -> Config:
   """Wan2.1-T2V-14B at 720p (21 x 90 x 160 latents, 75,600 tokens)."""
   return Config(
     name="wan2_1_14b",
-    model=dataclasses.replace(wan2_1_14b_model(), remat=True),
+    model=dataclasses.replace(ModelConfig.from_wan(wan2_1_14b_model()), remat=True),
     attention=AttentionConfig(kind="sparse", topk=0.03, topp=0.16),
     teacher="Wan2.1-T2V-14B-Diffusers/transformer",
     steps=500,
@@ -153,28 +265,54 @@ def wan2_1_14b() -> Config:
 PRESETS = {"tiny": tiny, "wan2_1_1_3b": wan2_1_1_3b, "wan2_1_14b": wan2_1_14b}
 
 
-def validate(config: Config) -> None:
-  """Raises ``ValueError`` naming the first field whose value is out of range."""
+def checker(config) -> Callable[[bool, str, str], None]:
+  """``check(ok, field, requirement)``: ValueError ``--config.FIELD=VALUE: requirement`` unless ``ok``."""
 
-  def check(ok: bool, field: str, requirement: str):
+  def check(ok: bool, field: str, requirement: str) -> None:
     if not ok:
       value = config
       for part in field.split("."):
         value = getattr(value, part)
       raise ValueError(f"--config.{field}={value!r}: {requirement}")
 
-  a = config.attention
-  for name in ("topk", "topp"):
-    values = getattr(a, name) if isinstance(getattr(a, name), tuple) else (getattr(a, name),)
-    check(all(0.0 <= v <= 1.0 for v in values), f"attention.{name}", "must be in [0, 1]")
-    check(
-      len(values) in (1, config.model.num_attention_heads),
-      f"attention.{name}",
-      f"needs 1 or {config.model.num_attention_heads} (heads) values",
-    )
-  check(a.mode in ("hybrid", "topk", "topp"), "attention.mode", "must be hybrid, topk or topp")
-  if a.kind == "sparse":
-    _check_sparse_attention(a, config.model)
+  return check
+
+
+def validate_model(config) -> None:
+  """Checks ``config.model`` (a ``ModelConfig``) and its fit with ``config.attention`` if it has one."""
+  check, m = checker(config), config.model
+  for name in (
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+  ):
+    check(getattr(m, name) >= 1, f"model.{name}", "must be >= 1")
+  check(len(m.patch_size) == 3 and min(m.patch_size) >= 1, "model.patch_size", "must be 3 positive sizes")
+  check(m.eps > 0, "model.eps", "must be > 0")
+  attention = getattr(config, "attention", AttentionConfig())
+  try:  # WanConfig's own checks (rotary split, remat names): plain Python, nothing traced
+    m.wan(attention=attention)
+  except ValueError as e:
+    raise ValueError(f"--config.model: {e}") from None
+  try:
+    attention.check_heads(m.num_attention_heads)
+  except ValueError as e:
+    raise ValueError(f"--config.attention: {e}") from None
+
+
+def validate(config: Config) -> None:
+  """Raises ``ValueError`` naming the first field whose value is out of range.
+
+  The attention settings validate themselves when an ``AttentionConfig`` is built; here only their fit
+  with the model (one topk / topp per head) is checked.
+  """
+  check = checker(config)
+  validate_model(config)
   check(bool(config.teacher) or config.loss == "diffusion", "teacher", "must be set for loss=distill")
   check(config.pretrain_teacher.steps >= 0, "pretrain_teacher.steps", "must be >= 0")
   check(config.pretrain_teacher.learning_rate > 0, "pretrain_teacher.learning_rate", "must be > 0")
@@ -195,69 +333,7 @@ def validate(config: Config) -> None:
   check(config.data.text_len >= 3, "data.text_len", "must be >= 3")
   check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
   check(config.mesh.fsdp == -1 or config.mesh.fsdp >= 1, "mesh.fsdp", "must be -1 or >= 1")
-  check(not config.model.batch_axes, "model.batch_axes", "is set by the trainer (the batch is split over the mesh)")
   check(config.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   check(config.log_every >= 1, "log_every", "must be >= 1")
-
-
-def _check_sparse_attention(attention: AttentionConfig, model: WanConfig) -> None:
-  """Runs sparse_attention's own argument checks (block sizes, mode, backend) on abstract inputs."""
-  import jax  # noqa: PLC0415 (keeps `import train.configs` light)
-
-  from sparge_jax.attention import sparse_attention  # noqa: PLC0415
-
-  q = jax.ShapeDtypeStruct((1, 64, model.num_attention_heads, model.attention_head_dim), jax.numpy.float32)
-  topk, topp = (jax.numpy.asarray(p) if isinstance(p, tuple) else p for p in (attention.topk, attention.topp))
-  try:
-    jax.eval_shape(
-      lambda q: sparse_attention(
-        q,
-        q,
-        q,
-        topk=topk,
-        topp=topp,
-        mode=attention.mode,
-        block_q=attention.block_q,
-        block_kv=attention.block_kv,
-        backend=attention.implementation or "auto",
-      ),
-      q,
-    )
-  except ValueError as e:
-    raise ValueError(f"--config.attention: {e}") from None
-
-
-def to_dict(config: Any) -> dict:
-  """A JSON-friendly dict of a (nested) dataclass config; dtypes become their names."""
-  out = {}
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
-    if dataclasses.is_dataclass(value):
-      value = to_dict(value)
-    elif isinstance(value, tuple):
-      value = list(value)
-    elif not isinstance(value, (int, float, str, bool, type(None))):
-      value = getattr(value, "__name__", None) or getattr(value, "name", None) or str(value)
-    out[field.name] = value
-  return out
-
-
-def from_dict(cls: type, data: dict) -> Any:
-  """Inverse of ``to_dict`` for configs whose non-dataclass fields are plain values."""
-  hints = typing.get_type_hints(cls)
-  kwargs = {}
-  for field in dataclasses.fields(cls):
-    if field.name not in data:
-      continue
-    value, hint = data[field.name], hints[field.name]
-    if dataclasses.is_dataclass(hint):
-      value = from_dict(hint, value)
-    elif isinstance(value, list):
-      value = tuple(value)
-    elif field.name in ("param_dtype", "compute_dtype") and hint is Any:
-      import jax.numpy as jnp  # noqa: PLC0415 (only model dtype fields need it)
-
-      value = jnp.dtype(value).type
-    kwargs[field.name] = value
-  return cls(**kwargs)
+  check(config.seed >= 0, "seed", "must be >= 0")
