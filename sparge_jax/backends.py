@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
 
@@ -158,56 +157,19 @@ class Backend:
     return xla_index_table.index_table(mask)
 
 
-# The Mosaic kernels follow the contract once they export their limits as constants; before that (the
-# module's older interface) they take no grouped heads, causal masking, kv lengths or lse cotangent, and
-# need lengths in whole 8-row tiles.
-_MOSAIC_CONTRACT = hasattr(mosaic, "DTYPES")
-
-
-def _legacy_mosaic_module() -> SimpleNamespace:
-  """The older Mosaic entry points behind the contract's signatures (no lengths, causal or d_lse)."""
-
-  def forward(q, k, v, kv_block_index, kv_block_count, *, kv_seq_lengths=None, is_causal=False, **kwargs):
-    assert kv_seq_lengths is None and not is_causal
-    return mosaic.forward(q, k, v, kv_block_index, kv_block_count, **kwargs)
-
-  def backward(q, k, v, out, lse, d_out, d_lse, *tables, kv_seq_lengths=None, is_causal=False, **kwargs):
-    assert d_lse is None and kv_seq_lengths is None and not is_causal
-    return mosaic.backward(q, k, v, out, lse, d_out, *tables, **kwargs)
-
-  return SimpleNamespace(forward=forward, backward=backward)
-
-
 def _mosaic_entry() -> Backend:
-  common = dict(
+  # The Mosaic module states its own limits as constants; the table reads them from there.
+  return Backend(
     name="mosaic",
+    module=mosaic,
     pallas=True,
     device="a CUDA GPU of compute capability 9.x (Hopper)",
     runs_on=lambda capability: (capability or "").startswith("9."),
-  )
-  if _MOSAIC_CONTRACT:
-    return Backend(
-      module=mosaic,
-      dtypes=tuple(jnp.dtype(d).name for d in mosaic.DTYPES),
-      head_dims=tuple(mosaic.HEAD_DIMS),
-      block_q=tuple(mosaic.BLOCK_Q),
-      block_kv=tuple(mosaic.BLOCK_KV),
-      seq_multiple=mosaic.SEQ_MULTIPLE,
-      **common,
-    )
-  assert "d_lse" not in inspect.signature(mosaic.backward).parameters
-  return Backend(
-    module=_legacy_mosaic_module(),
-    dtypes=("bfloat16", "float16"),
-    head_dims=(64, 128),
-    block_q=(64, 128),
-    block_kv=(64,),
-    seq_multiple=8,
-    grouped_heads=False,
-    causal=False,
-    kv_lengths=False,
-    lse_cotangent=False,
-    **common,
+    dtypes=tuple(jnp.dtype(d).name for d in mosaic.DTYPES),
+    head_dims=tuple(mosaic.HEAD_DIMS),
+    block_q=tuple(mosaic.BLOCK_Q),
+    block_kv=tuple(mosaic.BLOCK_KV),
+    seq_multiple=mosaic.SEQ_MULTIPLE,
   )
 
 

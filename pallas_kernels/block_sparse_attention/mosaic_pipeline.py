@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.varying import shape_dtype, varying_axes
+
 LOG2E = math.log2(math.e)
 MASKED = -1e30  # the score of a key that takes no part: large and finite, so never -inf arithmetic
 WG_ROWS = 64  # rows of one warpgroup's wgmma tile
@@ -324,6 +326,9 @@ def call_kernel(body, inputs, out_type, scratch, *, ctas, num_threads, interpret
   """
   flat_inputs, inputs_tree = jax.tree.flatten(inputs)
   flat_out_type, out_tree = jax.tree.flatten(out_type)
+  # Under `jax.shard_map(check_vma=True)` the outputs must declare the manual axes they vary over.
+  axes = varying_axes(flat_inputs)
+  flat_out_type = [shape_dtype(t.shape, t.dtype, axes) for t in flat_out_type]
 
   def kernel_body(*refs, scratch):
     inputs_refs = jax.tree.unflatten(inputs_tree, refs[: len(flat_inputs)])
