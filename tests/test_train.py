@@ -62,7 +62,7 @@ def run(args, env, devices=1, code=None, expect=0):
 def losses(workdir):
   """step -> loss, the last record of each step (a resumed run repeats the steps after its checkpoint)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}  # not the eval records
 
 
 def final_params(workdir, step):
