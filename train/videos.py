@@ -25,9 +25,14 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
+
+# ffmpeg runs as a child process, started by subprocess with fork and an immediate exec, which is safe in a
+# multithreaded program; JAX's warning about forking cannot tell that apart.
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning, module="subprocess")
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -232,21 +237,25 @@ def timed_frames(path: str, *, folder_fps: float = 16.0) -> Iterator[tuple[float
   return _ffmpeg_frames(path)
 
 
-def crop_box(source_width: int, source_height: int, width: int, height: int) -> tuple[float, float, float, float]:
-  """(left, top, right, bottom) of the largest centred region of the source with the aspect ``width / height``."""
+def crop_box(source_width: int, source_height: int, width: int, height: int) -> tuple[int, int, int, int]:
+  """(left, top, right, bottom) of the largest centred region of the source with the aspect ``width / height``
+  (to the nearest pixel)."""
   if source_width * height > width * source_height:  # wider than the target: cut the sides
-    kept = source_height * width / height
-    return ((source_width - kept) / 2, 0.0, (source_width + kept) / 2, float(source_height))
-  kept = source_width * height / width
-  return (0.0, (source_height - kept) / 2, float(source_width), (source_height + kept) / 2)
+    kept = round(source_height * width / height)
+    left = (source_width - kept) // 2
+    return (left, 0, left + kept, source_height)
+  kept = round(source_width * height / width)
+  top = (source_height - kept) // 2
+  return (0, top, source_width, top + kept)
 
 
 def resize_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [height, width, 3]: the centred crop of the target's aspect, resized."""
+  """uint8 [H, W, 3] -> uint8 [height, width, 3]: the centred crop of the target's aspect, resized (cut before
+  resizing, so nothing outside the crop leaks in through the filter)."""
   from PIL import Image  # noqa: PLC0415
 
-  box = crop_box(frame.shape[1], frame.shape[0], width, height)
-  return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC, box=box))
+  image = Image.fromarray(frame).crop(crop_box(frame.shape[1], frame.shape[0], width, height))
+  return np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
 
 
 def sample_clip(frames: Iterator[tuple[float, float, np.ndarray]], spec: ClipSpec) -> np.ndarray:
