@@ -117,7 +117,7 @@ def test_videos_become_normalised_latents_and_caption_embeddings(made, inputs):
 
   folder, _, model = inputs
   dataset = ShardedDataset(made)
-  assert len(dataset) == 6 and dataset.latent_shape == (2, 4, 6, 4) and dataset.text_shape == (16, 32)
+  assert len(dataset) == 6 and dataset.latent_shape == (2, 8, 12, 4) and dataset.text_shape == (16, 32)
   report = json.load(open(os.path.join(made, make_dataset.REPORT)))
   assert [e["video"] for e in report["examples"]] == ["a.mp4", "b.mp4", "c.mp4", "d.webm", "e.gif", "f_frames"]
   assert report["examples"][1]["caption"] == "a square at thirty frames per second"  # matched by stem
@@ -128,7 +128,7 @@ def test_videos_become_normalised_latents_and_caption_embeddings(made, inputs):
   assert not os.path.exists(made + make_dataset.PARTIAL_SUFFIX)
   # Example 4 (e.gif) against the VAE and the text encoder run here on the same clip and caption.
   vae = wan_vae.load_wan_vae(os.path.join(model, "vae"))
-  clip = videos.read_clip(os.path.join(folder, "e.gif"), videos.ClipSpec(frames=5, height=32, width=48))
+  clip = videos.read_clip(os.path.join(folder, "e.gif"), videos.ClipSpec(frames=5, height=64, width=96))
   mean = nnx.jit(lambda vae, v: vae.encode(v))(vae, clip[None].astype(np.float32) / 127.5 - 1)
   np.testing.assert_allclose(
     dataset.get(4)["latents"], np.asarray(wan_vae.normalize_latents(mean, vae.config))[0], rtol=1e-4, atol=1e-5

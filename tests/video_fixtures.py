@@ -1,7 +1,7 @@
 """Tiny video files and a tiny Wan diffusers folder for the make_dataset and eval tests.
 
 The folder holds the committed tiny VAE and UMT5 fixtures and a random 2-layer transformer of the widths they
-fit (4 latent channels, text width 32). Clips are 5 frames of 32 x 48 pixels (latents 2 x 4 x 6).
+fit (4 latent channels, text width 32). Clips are 5 frames of 64 x 96 pixels (latents 2 x 8 x 12).
 """
 
 import json
@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-# The make_dataset / distill options for the tiny folder: latents 2 x 4 x 6 x 4, captions 16 x 32.
-SIZES = {"frames": 2, "height": 4, "width": 6, "text_len": 16}
+# The make_dataset / distill options for the tiny folder: latents 2 x 8 x 12 x 4, captions 16 x 32.
+SIZES = {"frames": 2, "height": 8, "width": 12, "text_len": 16}
 MODEL = {"text_dim": 32, "in_channels": 4, "out_channels": 4}
 
 

@@ -110,10 +110,12 @@ class VideoEval:
   """
 
   def __init__(self, config: Config, heldout: Source, teacher_params: Any, mesh: jax.sharding.Mesh, workdir: str):
-    e, d = config.eval, config.data
+    e = config.eval
     self.config, self.directory = config, os.path.join(workdir, "eval")
     self._replicated = sharding.replicated(mesh)
-    frames, height, width = (getattr(e, n) or getattr(d, n) for n in ("frames", "height", "width"))
+    frames, height, width = (
+      getattr(e, n) or size for n, size in zip(("frames", "height", "width"), heldout.latent_shape)
+    )
     if e.model:
       from sparge_jax.models import wan_vae  # noqa: PLC0415
 

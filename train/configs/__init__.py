@@ -161,11 +161,11 @@ class EvalConfig:
   shift: float = 5.0
   """Timestep shift of the sampler."""
   frames: int = 0
-  """Latent frames of the videos; 0: the data's."""
+  """Latent frames of the videos; 0: the training data's."""
   height: int = 0
-  """Latent height of the videos; 0: the data's."""
+  """Latent height of the videos; 0: the training data's."""
   width: int = 0
-  """Latent width of the videos; 0: the data's."""
+  """Latent width of the videos; 0: the training data's."""
   model: str = ""
   """A Wan diffusers folder: its vae/ decodes the videos to pixels and scheduler/ samples them (its
   text_encoder/ and tokenizer/ encode eval.prompts); empty: Euler sampling, latents shown through a fixed
