@@ -3,6 +3,7 @@
 from sparge_jax.models.wan.diffusers_io import load_diffusers, save_diffusers
 from sparge_jax.models.wan.model import (
   AttentionConfig,
+  LayerSparsity,
   WanConfig,
   WanModel,
   tiny,
@@ -12,6 +13,7 @@ from sparge_jax.models.wan.model import (
 
 __all__ = [
   "AttentionConfig",
+  "LayerSparsity",
   "WanConfig",
   "WanModel",
   "tiny",

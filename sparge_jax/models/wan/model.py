@@ -11,6 +11,12 @@ model in place (a jitted function retraces once). A dense teacher and a sparse s
 the same arrays: `student = nnx.merge(*nnx.split(teacher)); student.set_attention(sparse)` makes new
 Variables over the same (immutable) arrays, so training the student never touches the teacher.
 
+Per-layer sparsity as data. `model(x, t, context, layer_sparsity=LayerSparsity(topk, topp))` runs every
+self-attention with the sparse rule of `config.attention` (mode, block sizes, implementation) at each layer's
+own topk/topp, given as arrays [num_layers, heads] that are scanned with the blocks: a jitted caller
+changes them (per denoising step, per layer) without recompiling. A layer at topk = topp = 1 keeps every
+block, which is how a schedule makes a layer dense without control flow.
+
 Layers. The blocks' parameters are stacked on a leading `layers` axis (built with `nnx.vmap`) and the
 forward runs them with `nnx.scan`, so 30-40 layers compile once; `config.remat` rematerialises each
 block in the backward pass, except the intermediates named in `config.remat_saves`, which stay in
@@ -41,9 +47,8 @@ Map them to mesh axes with `nnx.logical_axis_rules`, e.g. for FSDP
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +67,16 @@ _TIME_MAX_PERIOD = 10000.0
 
 # Block intermediates that `WanConfig.remat_saves` can keep through the backward pass.
 REMAT_SAVEABLE = ("qkv", "ffn_hidden")
+
+
+class LayerSparsity(NamedTuple):
+  """Per-layer values of the sparse self-attention rule, as (traced) arrays.
+
+  topk, topp: float32 [num_layers, heads] in [0, 1] for `WanModel`; a block's slice [heads] for `Attention`.
+  """
+
+  topk: jax.Array
+  topp: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +266,11 @@ class Attention(nnx.Module):
     attention: AttentionConfig | None = None,
     probe=None,
     batch_axes: tuple[str, ...] = (),
+    sparsity: LayerSparsity | None = None,
   ):
     """x: [batch, seq, dim]; context: [batch, ctx_len, dim] for cross-attention, None for self;
-    batch_axes: mesh axes that split the batch (checked by `WanModel`), () for none.
+    batch_axes: mesh axes that split the batch (checked by `WanModel`), () for none; sparsity: this
+    layer's topk/topp [heads], which make it sparse with `attention`'s other settings.
 
     Returns (out [batch, seq, dim], sparsity float32 [batch, heads]: fraction of blocks skipped), and
     with `probe` also `probe(q, k, v)` of this layer's q, k, v [batch, seq, heads, head_dim].
@@ -266,14 +283,17 @@ class Attention(nnx.Module):
     v = self._split_heads(name(self.value(source), "qkv"))
     if rope is not None:
       q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-    out, sparsity = _attend(q, k, v, attention or AttentionConfig(), batch_axes)
+    out, skipped = _attend(q, k, v, attention or AttentionConfig(), batch_axes, sparsity)
     out = self.out(out.reshape(*out.shape[:-2], -1))
-    return (out, sparsity) if probe is None else (out, sparsity, probe(q, k, v))
+    return (out, skipped) if probe is None else (out, skipped, probe(q, k, v))
 
 
-def _attend(q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = ()):
+def _attend(
+  q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = (), sparsity: LayerSparsity | None = None
+):
   """q, k, v: [batch, seq, heads, head_dim] -> (out like q, sparsity float32 [batch, heads]).
 
+  `sparsity` (topk, topp [heads], may be traced) makes the attention sparse whatever `attention.kind`.
   With `batch_axes`, each device attends over its own examples (`jax.shard_map` over those axes of
   the context mesh): attention is independent per example, and XLA cannot partition the kernels.
   """
@@ -281,16 +301,18 @@ def _attend(q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = (
     spec = P(batch_axes)
     # check_vma off: the Pallas kernels carry no varying-axes types; nothing inside communicates.
     return jax.shard_map(
-      functools.partial(_attend, attention=attention),
-      in_specs=(spec, spec, spec),
+      lambda q, k, v, sparsity: _attend(q, k, v, attention, sparsity=sparsity),
+      in_specs=(spec, spec, spec, P()),
       out_specs=(spec, spec),
       axis_names=set(batch_axes),
       check_vma=False,
-    )(q, k, v)
-  if attention.kind == "dense":
+    )(q, k, v, sparsity)
+  if attention.kind == "dense" and sparsity is None:
     return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
   heads = q.shape[2]
   topk, topp = (jnp.asarray(p, jnp.float32) if isinstance(p, tuple) else p for p in (attention.topk, attention.topp))
+  if sparsity is not None:
+    topk, topp = sparsity
   for name, p in (("topk", topk), ("topp", topp)):
     if getattr(p, "shape", ()) not in ((), (heads,)):
       raise ValueError(f"attention.{name} must be a float or {heads} per-head values, got shape {p.shape}")
@@ -340,10 +362,18 @@ class WanBlock(nnx.Module):
     )
 
   def __call__(
-    self, x, context, time_mod, rope, attention: AttentionConfig, probe=None, batch_axes: tuple[str, ...] = ()
+    self,
+    x,
+    context,
+    time_mod,
+    rope,
+    attention: AttentionConfig,
+    probe=None,
+    batch_axes: tuple[str, ...] = (),
+    sparsity: LayerSparsity | None = None,
   ):
     """x: [batch, seq, dim]; context: [batch, text_len, dim]; time_mod: float32 [batch, 6, dim];
-    batch_axes: see `Attention`.
+    batch_axes, sparsity: see `Attention`.
 
     Returns (x, self-attention sparsity float32 [batch, heads], probe results or None).
     """
@@ -352,7 +382,9 @@ class WanBlock(nnx.Module):
     shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (mod[:, i, None, :] for i in range(6))
 
     h = (_layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
-    attn_out, sparsity, *probed = self.self_attn(h, rope=rope, attention=attention, probe=probe, batch_axes=batch_axes)
+    attn_out, skipped, *probed = self.self_attn(
+      h, rope=rope, attention=attention, probe=probe, batch_axes=batch_axes, sparsity=sparsity
+    )
     x = (x.astype(jnp.float32) + attn_out * gate).astype(dtype)
 
     h = x if self.cross_norm is None else self.cross_norm(x.astype(jnp.float32)).astype(dtype)
@@ -361,7 +393,7 @@ class WanBlock(nnx.Module):
     h = (_layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).astype(dtype)
     ffn_out = self.ffn_out(jax.nn.gelu(checkpoint_name(self.ffn_in(h), "ffn_hidden"), approximate=True))
     x = (x.astype(jnp.float32) + ffn_out.astype(jnp.float32) * ffn_gate).astype(dtype)
-    return x, (sparsity, probed[0] if probed else None)
+    return x, (skipped, probed[0] if probed else None)
 
 
 class WanModel(nnx.Module):
@@ -436,9 +468,12 @@ class WanModel(nnx.Module):
       raise ValueError(f"x batch {batch} must be a multiple of the {devices} devices of batch_axes {axes}")
     return axes if devices > 1 else ()
 
-  def __call__(self, x, t, context, *, return_sparsity: bool = False, probe=None):
+  def __call__(
+    self, x, t, context, *, return_sparsity: bool = False, probe=None, layer_sparsity: LayerSparsity | None = None
+  ):
     """x: [batch, frames, height, width, in_channels]; t: [batch] in [0, 1000];
-    context: [batch, text_len, text_dim].
+    context: [batch, text_len, text_dim]; layer_sparsity: per-layer topk/topp [num_layers, heads] (see the
+    module docstring), None for `config.attention` in every layer.
 
     Returns the velocity [batch, frames, height, width, out_channels] in the compute dtype, and with
     `return_sparsity` also float32 [num_layers, batch, heads]: the fraction of self-attention blocks
@@ -450,6 +485,12 @@ class WanModel(nnx.Module):
     x, t, context = jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)
     self._check_inputs(x, t, context)
     c = self.config
+    if layer_sparsity is not None:
+      layer_sparsity = LayerSparsity(*(jnp.asarray(a, jnp.float32) for a in layer_sparsity))
+      expected = (c.num_layers, c.num_attention_heads)
+      for name, a in zip(LayerSparsity._fields, layer_sparsity):
+        if a.shape != expected:
+          raise ValueError(f"layer_sparsity.{name} must be [num_layers, heads] = {list(expected)}, got {a.shape}")
     dtype = c.compute_dtype
     batch, (pt, ph, pw) = x.shape[0], c.patch_size
     batch_axes = self._split_batch_axes(batch)
@@ -467,16 +508,17 @@ class WanModel(nnx.Module):
     if batch_axes:  # the blocks' per-example inputs stay batch-sharded (FSDP), see the module docstring
       text, time_mod = (jax.lax.with_sharding_constraint(a, P(batch_axes)) for a in (text, time_mod))
 
-    def run_block(block, tokens):
+    def run_block(block, tokens, *layer):
       if batch_axes:
         tokens = jax.lax.with_sharding_constraint(tokens, P(batch_axes))
-      return block(tokens, text, time_mod, rope, c.attention, probe, batch_axes)
+      return block(tokens, text, time_mod, rope, c.attention, probe, batch_axes, *layer)
 
     if c.remat:
       run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.save_only_these_names(*c.remat_saves))
-    tokens, (sparsity, probed) = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(
-      self.blocks, tokens
-    )
+    per_layer = () if layer_sparsity is None else (layer_sparsity,)
+    tokens, (sparsity, probed) = nnx.scan(
+      run_block, in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0)
+    )(self.blocks, tokens, *per_layer)
 
     head_mod = self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :]  # [b, 2, dim]
     shift, scale = head_mod[:, 0, None, :], head_mod[:, 1, None, :]
