@@ -126,6 +126,8 @@ class VideoEval:
     context = self._contexts(heldout)
     shape = (e.videos, frames, height, width, config.model.in_channels)
     noise = np.asarray(jax.random.normal(jax.random.key(config.seed + 1), shape, jnp.float32))
+    # Global replicated arrays, like the parameters they meet (every process holds the same values).
+    noise, context = (jax.device_put(x, self._replicated) for x in (noise, context))
     self._noise, self._context = noise, context
     teacher_config, student_config = model_configs(config)
     self._student = self._sampler(student_config)

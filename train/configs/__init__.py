@@ -152,8 +152,9 @@ class EvalConfig:
   """Teacher against student during distillation: the velocity loss on the held-out examples, and videos
   both generate from the same noise and text (no guidance), compared by PSNR and SSIM."""
 
-  every: int = 0
-  """Steps between evals; 0: only before the first step and after the last."""
+  every: int = 50
+  """Steps between evals (and one before the first step); 0: none (the loss on the held-out examples before
+  the first step and after the last is in summary.json either way)."""
   videos: int = 2
   """Videos each model generates: the captions of the first held-out examples, or eval.prompts."""
   num_steps: int = 10
@@ -264,7 +265,6 @@ def tiny() -> Config:
     batch_size=4,
     learning_rate=3e-4,
     warmup_steps=10,
-    eval=EvalConfig(every=50),
     checkpoint_every=50,
     keep_checkpoints=2,
   )
@@ -297,6 +297,7 @@ def wan2_1_14b() -> Config:
     compute_dtype="bfloat16",
     mesh=MeshConfig(data=1, fsdp=-1),
     data=DataConfig(path="data/wan_latents_720p", frames=21, height=90, width=160, text_len=512),
+    eval=EvalConfig(every=100, num_steps=20, model="Wan2.1-T2V-14B-Diffusers"),
   )
 
 
@@ -373,7 +374,7 @@ def validate(config: Config) -> None:
   check(config.data.workers >= 0, "data.workers", "must be >= 0")
   check(config.data.prefetch >= 0, "data.prefetch", "must be >= 0")
   e = config.eval
-  check(e.every >= 0, "eval.every", "must be >= 0 (0: before the first step and after the last only)")
+  check(e.every >= 0, "eval.every", "must be >= 0 (0: no eval)")
   check(e.videos >= 0, "eval.videos", "must be >= 0")
   check(e.num_steps >= 1, "eval.num_steps", "must be >= 1")
   check(e.shift > 0, "eval.shift", "must be > 0")
