@@ -1,8 +1,9 @@
 """The Wan text-to-video pipeline end to end on tiny random models, attention schedules, video files and
-the `train.generate` command.
+the `train.generate` and `benchmarks.generate` commands.
 
-The tiny folder holds a random transformer saved with `save_diffusers`, and the UMT5 text encoder and
-VAE of `sparge_jax.models.umt5` / `wan_vae` where those exist, else the stand-ins of t2v_standins."""
+The tiny Wan folder (wan_tiny_folder.py) holds the committed tiny UMT5 text encoder, tokenizer and VAE
+fixtures (random models made with transformers and diffusers) and a random transformer saved with
+`save_diffusers`; `WanPipeline.from_pretrained` loads it with the real loaders."""
 
 import dataclasses
 import json
@@ -18,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import t2v_standins  # registers stand-ins for missing modules before the pipeline imports them
 from flax import nnx
+from wan_tiny_folder import tiny_folder
 
 from sparge_jax.config import AttentionConfig
 from sparge_jax.models.wan import WanModel
@@ -33,7 +34,7 @@ PROMPT, NEGATIVE = "a red fox runs through fresh snow", "blurry, static"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return t2v_standins.tiny_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny")
+  return tiny_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -197,33 +198,60 @@ def test_bad_inputs_are_named(folder, pipe, size, inputs):
 
 
 SHARDED = r"""
-import sys
-sys.path.insert(0, "tests")
+import json, sys
 import jax, jax.numpy as jnp, numpy as np
-import t2v_standins
+from sparge_jax.config import AttentionConfig
 from sparge_jax.pipelines.wan import WanPipeline
 
-assert jax.device_count() == 2
-folder = t2v_standins.tiny_folder(sys.argv[1])
-mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-sharded = WanPipeline.from_pretrained(folder, dtype=jnp.float32, mesh=mesh, rules=[("embed", "fsdp")])
-kernel = sharded.transformer.blocks.ffn_in.kernel[...]
-assert kernel.sharding.spec[1] == "fsdp" and kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2
-single = WanPipeline.from_pretrained(folder, dtype=jnp.float32)
-video = [p("a fox", height=32, width=48, num_frames=9, num_steps=2, progress=False) for p in (sharded, single)]
-assert video[0].shape == (1, 9, 32, 48, 3)
-assert np.abs(video[0].astype(int) - video[1]).max() <= 1, np.abs(video[0].astype(int) - video[1]).max()
-print("ok")
+folder, out, run = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+assert jax.device_count() == 4
+mesh = jax.make_mesh((1, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+pipe = WanPipeline.from_pretrained(
+  folder, dtype=jnp.float32, attention=AttentionConfig(**run["tiles"]), mesh=mesh, rules=[("embed", "fsdp")]
+)
+# Each model's parameters live on the mesh, the large ones split four ways along their model width.
+for name, param in (
+  ("transformer", pipe.transformer.blocks.ffn_in.kernel), ("text_encoder", pipe.text_encoder.blocks.query.kernel),
+  ("text_encoder", pipe.text_encoder.embedding.embedding),
+):
+  value = param[...]
+  assert "fsdp" in value.sharding.spec and len(value.sharding.device_set) == 4, (name, value.sharding)
+  assert value.addressable_shards[0].data.size == value.size // 4, (name, value.addressable_shards[0].data.shape)
+vae_kernel = pipe.vae.decoder.conv_in.kernel[...]
+assert len(vae_kernel.sharding.device_set) == 4 and vae_kernel.sharding.is_fully_replicated  # no rule: replicated
+
+embeddings = pipe.encode_prompts(run["prompts"])
+noise = jax.random.normal(jax.random.key(run["seed"]), pipe.latent_shape(1, *run["size"]), jnp.float32)
+latents = pipe.denoise(noise, embeddings[:1], embeddings[1:], num_steps=run["steps"], progress=False)
+np.savez(out, embeddings=embeddings, latents=latents, video=pipe.decode(latents))
 """
 
 
-def test_pipeline_shards_the_transformer_over_a_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+def test_pipeline_shards_every_model_over_a_mesh(folder, pipe, size, inputs, tmp_path):
+  """On 4 CPU devices: the text encoder and transformer sharded along their width, the VAE replicated;
+  every stage gives what the unsharded pipeline gives."""
+  # The flags of conftest.py (cheap code generation) and four host devices; a new process for the device count.
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   root = pathlib.Path(__file__).parent.parent
+  out = tmp_path / "sharded.npz"
+  run = dict(tiles=TILES, prompts=[PROMPT, NEGATIVE], seed=3, size=list(size), steps=3)
   done = subprocess.run(
-    [sys.executable, "-c", SHARDED, str(tmp_path / "Wan-tiny")], cwd=root, env=env, capture_output=True, text=True
+    [sys.executable, "-c", SHARDED, str(folder), str(out), json.dumps(run)],
+    cwd=root,
+    env=dict(env, PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")])),
+    capture_output=True,
+    text=True,
   )
-  assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+  assert done.returncode == 0, done.stderr[-3000:]
+  sharded = np.load(out)
+  noise, context, negative = inputs
+  np.testing.assert_allclose(sharded["embeddings"], np.concatenate([context, negative]), atol=1e-5, rtol=0)
+  latents = pipe.denoise(noise, context, negative, num_steps=3, progress=False)
+  np.testing.assert_allclose(sharded["latents"], latents, atol=1e-4, rtol=0)
+  video = pipe.decode(latents)
+  assert sharded["video"].shape == video.shape == (1, size[2], size[0], size[1], 3)
+  assert np.abs(sharded["video"].astype(int) - video).max() <= 1
 
 
 def test_default_flow_shift_is_wans():
@@ -345,7 +373,8 @@ def test_generate_benchmark_at_a_tiny_size(tmp_path):
   assert generate.main([*args, "--variants", "dense-first"]) == 0  # no torch here: the baseline is "skipped"
   (key,) = json.loads(out.read_text())["runs"]
   run = json.loads(out.read_text())["runs"][key]
-  assert key == "tiny-tiny-3steps" and set(run) == {"jax", "diffusers", "speedups"}  # the calls add up
+  assert key == "tiny-tiny-3steps" and set(run) == {"jax", "diffusers", "speedups", "commands"}  # the calls add up
+  assert [c.split("--variants ")[1] for c in run["commands"]] == ["dense --no-baseline", "dense-first"]
   assert run["diffusers"] == {"skipped": "torch, diffusers not importable"}
   assert run["jax"]["tokens"] == 18 and set(run["jax"]["variants"]) == {"dense", "dense-first"}
   for record in run["jax"]["variants"].values():
@@ -362,7 +391,7 @@ def test_generate_benchmark_at_a_tiny_size(tmp_path):
 @pytest.mark.gpu
 def test_gpu_bf16_pipeline_full_keep_matches_dense_and_schedules_compile_once(tmp_path, monkeypatch):
   """On a GPU in bf16 with head_dim 64 and 64-token tiles (the Mosaic kernels on Hopper, Triton elsewhere)."""
-  folder = t2v_standins.tiny_folder(tmp_path / "Wan-gpu", attention_head_dim=64)
+  folder = tiny_folder(tmp_path / "Wan-gpu", attention_head_dim=64)
   tiles = AttentionConfig(block_q=64, block_kv=64)
   pipe = WanPipeline.from_pretrained(folder, dtype=jnp.bfloat16, attention=tiles)
   height = width = 16 * pipe.spatial_factor  # 8 x 8 patches: 64 tokens a frame, 3 frames

@@ -32,8 +32,9 @@ from sparge_jax.models.wan import WanModel, load_diffusers
 from sparge_jax.pipelines import AttentionSchedule, export_video
 from sparge_jax.pipelines.video import check_output_path
 from sparge_jax.pipelines.wan import DEFAULT_NEGATIVE_PROMPT, WanPipeline, check_folder, default_flow_shift
-from train import checkpoint, distill, sharding
-from train.configs import Config, from_dict
+
+from . import checkpoint, distill, sharding
+from .configs import Config, from_dict
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
