@@ -479,6 +479,20 @@ def _speedups(entry: dict) -> dict:
   return out
 
 
+def merge_run(run: dict, entry: dict, command: str) -> dict:
+  """A results file's run (same model, size and steps) with this call's `entry` ({"jax": ..., "diffusers":
+  ...}) joined in: a side this call ran replaces that side, except that jax variants of separate calls
+  add up (a variant run again replaces its old record); speedups recomputed; the command appended."""
+  merged = dict(run)
+  for name, value in entry.items():
+    if name == "jax" and "variants" in run.get("jax", {}):
+      value = run["jax"] | value | {"variants": run["jax"]["variants"] | value["variants"]}
+    merged[name] = value
+  merged["speedups"] = _speedups(merged)
+  merged["commands"] = [c for c in run.get("commands", []) if c != command] + [command]
+  return merged
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=sorted(MODELS), default="1.3b")
@@ -519,14 +533,8 @@ def main(argv: list[str] | None = None) -> int:
   out = args.out or results.results_path("generate")
   previous = results.read_results(out) if os.path.exists(out) else {}
   key = f"{args.model}-{args.size}" + (f"-per-step{args.per_step}" if args.per_step else f"-{args.steps}steps")
-  merged = previous.get("runs", {}).get(key, {})
-  for name, value in entry.items():  # a later call's variants join an earlier call's
-    if name == "jax" and "variants" in merged.get("jax", {}):
-      value = merged["jax"] | value | {"variants": merged["jax"]["variants"] | value["variants"]}
-    merged[name] = value
-  merged["speedups"] = _speedups(merged)
   command = " ".join(["python -m benchmarks.generate", *(sys.argv[1:] if argv is None else argv)])
-  merged["commands"] = [c for c in merged.get("commands", []) if c != command] + [command]
+  merged = merge_run(previous.get("runs", {}).get(key, {}), entry, command)
   results.write_results(out, {"runs": previous.get("runs", {}) | {key: merged}})
   for name, value in merged["speedups"].items():
     print(f"{name}: {value:.2f}x")

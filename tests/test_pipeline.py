@@ -369,20 +369,50 @@ def test_generate_benchmark_at_a_tiny_size(tmp_path):
 
   out = tmp_path / "results" / "generate.json"
   args = ["--model", "tiny", "--size", "tiny", "--steps", "3", "--dtype", "float32", "--out", str(out)]
-  assert generate.main([*args, "--variants", "dense", "--no-baseline"]) == 0
-  assert generate.main([*args, "--variants", "dense-first"]) == 0  # no torch here: the baseline is "skipped"
-  (key,) = json.loads(out.read_text())["runs"]
-  run = json.loads(out.read_text())["runs"][key]
-  assert key == "tiny-tiny-3steps" and set(run) == {"jax", "diffusers", "speedups", "commands"}  # the calls add up
-  assert [c.split("--variants ")[1] for c in run["commands"]] == ["dense --no-baseline", "dense-first"]
+  # No torch here: the baseline is "skipped". Two variants, the kernel check, then the per-step mode.
+  assert generate.main([*args, "--variants", "dense", "dense-first", "--kernel-check"]) == 0
+  assert generate.main([*args, "--variants", "sparse", "--per-step", "1", "--no-baseline"]) == 0
+  saved = json.loads(out.read_text())
+  assert saved["device"] == "cpu" and "git_commit" in saved and [p.name for p in out.parent.iterdir()] == [out.name]
+  run, per_step = saved["runs"]["tiny-tiny-3steps"], saved["runs"]["tiny-tiny-per-step1"]
+  assert set(run) == {"jax", "diffusers", "speedups", "commands"} and len(run["commands"]) == 1
   assert run["diffusers"] == {"skipped": "torch, diffusers not importable"}
   assert run["jax"]["tokens"] == 18 and set(run["jax"]["variants"]) == {"dense", "dense-first"}
   for record in run["jax"]["variants"].values():
     assert record["total_s"] == pytest.approx(record["text_encoding_s"] + record["denoising_s"] + record["decode_s"])
+    assert record["per_step_s"] == pytest.approx(record["denoising_s"] / 3)
   schedule = run["jax"]["variants"]["dense-first"]["schedule"]
   assert schedule["topk"] == generate.SPARSE_TOPK and schedule["dense_steps"] == 1 and schedule["dense_layers"] == 1
-  assert "dense-first_vs_dense_denoising" in run["speedups"]
-  assert [p.name for p in out.parent.iterdir()] == ["generate.json"]
+  assert set(run["speedups"]) == {"dense-first_vs_dense_denoising"}
+  assert set(run["jax"]["kernel_check"]) == {"dense_ms", "sparse_full_keep_ms", "sparse_95_ms"}
+  (record,) = per_step["jax"]["variants"].values()
+  assert per_step["jax"]["steps"] == 1 and "decode_s" not in record and record["per_step_s"] == record["denoising_s"]
+  assert record["schedule"] == {
+    "topk": generate.SPARSE_TOPK,
+    "topp": 0.0,
+    **dict.fromkeys(["dense_steps", "dense_last_steps", "dense_layers"], 0),
+  }
+
+
+def test_generate_benchmark_calls_add_up():
+  from benchmarks.generate import merge_run
+
+  def jax(**variants):
+    return {
+      "jax": {"tokens": 18, "variants": {k: {"denoising_s": v, "per_step_s": v / 2} for k, v in variants.items()}}
+    }
+
+  run = merge_run({}, jax(dense=4.0), "a")
+  run = merge_run(run, jax(sparse=1.0), "b")
+  run = merge_run(run, {"diffusers": {"per_step_s": 4.0, "total_s": 9.0}}, "a")
+  assert set(run["jax"]["variants"]) == {"dense", "sparse"} and run["commands"] == ["b", "a"]
+  assert run["speedups"] == {
+    "sparse_vs_dense_denoising": 4.0,
+    "dense_vs_diffusers_denoising": 2.0,
+    "sparse_vs_diffusers_denoising": 8.0,
+  }
+  run = merge_run(run, jax(sparse=2.0), "c")  # run again: the newer record replaces the older
+  assert run["jax"]["variants"]["sparse"]["denoising_s"] == 2.0 and run["speedups"]["sparse_vs_dense_denoising"] == 2.0
 
 
 # --------------------------------------------------------------------------------------------- GPU
