@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import re
+import stat
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from flax import nnx
 from wan_tiny_folder import tiny_folder
 
 from sparge_jax.config import AttentionConfig
+from sparge_jax.files import creation_mode
 from sparge_jax.models.wan import WanModel
 from sparge_jax.pipelines import AttentionSchedule, LayerSparsity, export_video
 from sparge_jax.pipelines.wan import WanPipeline, default_flow_shift
@@ -75,6 +77,7 @@ def test_a_prompt_gives_a_video_file(pipe, size, tmp_path):
   decoded = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
   assert meta["size"] == (width, height) and meta["fps"] == 16 and len(decoded) == frames
   assert [p.name for p in tmp_path.iterdir()] == ["fox.mp4"]  # no temporary file left
+  assert stat.S_IMODE(path.stat().st_mode) == creation_mode()  # as open() makes files, not mkstemp's 0600
 
 
 def test_latent_shape_follows_size_and_frames(pipe):
@@ -265,6 +268,9 @@ def test_export_video_formats_and_errors(tmp_path):
 
   assert iio.imread(gif).shape == (5, 16, 24, 3)
   pngs = export_video(frames, tmp_path / "frames")
+  assert stat.S_IMODE(gif.stat().st_mode) == creation_mode() and stat.S_IMODE(pngs.stat().st_mode) == creation_mode(
+    0o777
+  )
   assert sorted(p.name for p in pngs.iterdir()) == [f"frame_{i:05d}.png" for i in range(5)]
   np.testing.assert_array_equal(iio.imread(pngs / "frame_00003.png"), frames[3])
   for args, match in (
