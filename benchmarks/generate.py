@@ -19,8 +19,11 @@ dense steps run).
 The baseline runs in a subprocess (so the two frameworks do not share the GPU's memory), where torch and
 diffusers import: diffusers' `WanPipeline` with its default attention (SDPA) on the same shapes, steps and
 scheduler, text embeddings from transformers' `UMT5EncoderModel` (timed apart; skipped without transformers)
-and the decode as the pipeline does it. Results merge into benchmarks/results/generate-<device>.json
-(`--out`), keyed by model, size and steps, so separate calls (variants, baseline, 14B) add up.
+and the decode as the pipeline does it. Both sides encode the same fixed token ids of realistic prompt
+lengths (`FixedTokenIds`: there is no real tokenizer without a download). Results merge into
+benchmarks/results/generate-<device>.json (`--out`), keyed by model, size and steps, so separate calls
+(variants, baseline, 14B) add up; the file is written after the baseline and after each variant, so a run
+cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -223,7 +226,9 @@ def _schedule(variant: str, steps: int, dense_steps: int, dense_layers: int):
   return AttentionSchedule(topk=SPARSE_TOPK, topp=0.0, dense_steps=min(dense_steps, steps), dense_layers=dense_layers)
 
 
-def run_jax(args) -> dict:
+def run_jax(args, save=lambda result: None) -> dict:
+  """The JAX side: one pipeline, then each variant compiled, timed and handed to `save` as it finishes
+  (so a run cut short keeps the variants it finished)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -279,8 +284,11 @@ def run_jax(args) -> dict:
     record["peak_bytes_so_far"] = _peak_bytes()
     result["variants"][variant] = record
     print(f"jax {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k.endswith("_s")), flush=True)
+    save(result)
   if args.kernel_check:
     result["kernel_check"] = kernel_check(pipe, noise, embeddings)
+    print("kernel check (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result["kernel_check"].items()), flush=True)
+    save(result)
   return result
 
 
@@ -522,20 +530,24 @@ def main(argv: list[str] | None = None) -> int:
       json.dump(result, f)
     return 0
 
-  entry = {}
-  if not args.no_baseline:
-    entry["diffusers"] = _baseline_in_subprocess(args)
-  if not args.baseline_only:
-    entry["jax"] = run_jax(args)
-
-  from benchmarks import results  # noqa: PLC0415 (imports jax)
-
-  out = args.out or results.results_path("generate")
-  previous = results.read_results(out) if os.path.exists(out) else {}
   key = f"{args.model}-{args.size}" + (f"-per-step{args.per_step}" if args.per_step else f"-{args.steps}steps")
   command = " ".join(["python -m benchmarks.generate", *(sys.argv[1:] if argv is None else argv)])
-  merged = merge_run(previous.get("runs", {}).get(key, {}), entry, command)
-  results.write_results(out, {"runs": previous.get("runs", {}) | {key: merged}})
+  out = args.out
+  merged = {}
+
+  def save(entry: dict) -> None:  # after the baseline and after each jax variant
+    nonlocal out, merged
+    from benchmarks import results  # noqa: PLC0415 (jax takes the GPU: only once the baseline is done)
+
+    out = out or results.results_path("generate")
+    previous = results.read_results(out) if os.path.exists(out) else {}
+    merged = merge_run(previous.get("runs", {}).get(key, {}), entry, command)
+    results.write_results(out, {"runs": previous.get("runs", {}) | {key: merged}})
+
+  if not args.no_baseline:
+    save({"diffusers": _baseline_in_subprocess(args)})
+  if not args.baseline_only:
+    run_jax(args, lambda result: save({"jax": result}))
   for name, value in merged["speedups"].items():
     print(f"{name}: {value:.2f}x")
   print(f"-> {out} [{key}]")
