@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 
-import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +71,8 @@ def test_a_prompt_gives_a_video_file(pipe, size, tmp_path):
   assert np.abs(video.astype(int) - other).mean() > 1
 
   path = export_video(video[0], tmp_path / "fox.mp4", fps=16)
+  import imageio_ffmpeg  # here, not at the top: the GPU test needs no ffmpeg
+
   reader = imageio_ffmpeg.read_frames(str(path))
   meta = next(reader)
   decoded = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
@@ -304,6 +305,8 @@ def test_generate_command_writes_the_video(folder, size, tmp_path, capsys):
   args = _generate_args(folder, size, out, "--sparse-topk", "0.5", "--sparse-topp", "0", "--dense-steps", "1")
   assert generate.main(args) == 0
   assert out.is_file() and "schedule attention" in capsys.readouterr().out
+  import imageio_ffmpeg
+
   reader = imageio_ffmpeg.read_frames(str(out))
   assert next(reader)["size"] == (size[1], size[0]) and sum(1 for _ in reader) == size[2]
 
