@@ -158,3 +158,58 @@ def test_bad_paths_and_options_raise(saved, tmp_path):
   with pytest.raises(ValueError, match="already exists"):
     save_diffusers(_random_model(), folder)
   assert sorted(p.name for p in folder.parent.iterdir()) == ["transformer"]  # no staging left behind
+
+
+def _with_config(folder, tmp_path, text):
+  """A copy of a saved folder whose config.json is `text`."""
+  target = tmp_path / "edited"
+  target.mkdir()
+  (target / "config.json").write_text(text)
+  (target / WEIGHTS_NAME).write_bytes((folder / WEIGHTS_NAME).read_bytes())
+  return target
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({"num_layers": "two"}, "field 'num_layers' must be a positive integer, got 'two'"),
+    ({"num_layers": 0}, "field 'num_layers' must be a positive integer, got 0"),
+    ({"num_attention_heads": 2.0}, "field 'num_attention_heads' must be a positive integer, got 2.0"),
+    ({"ffn_dim": True}, "field 'ffn_dim' must be a positive integer, got True"),
+    ({"patch_size": 2}, "field 'patch_size' must be a list of 3 positive integers, got 2"),
+    ({"patch_size": [1, 2]}, "field 'patch_size' must be a list of 3 positive integers, got [1, 2]"),
+    ({"eps": "1e-6"}, "field 'eps' must be a positive number, got '1e-6'"),
+    ({"cross_attn_norm": "yes"}, "field 'cross_attn_norm' must be true or false, got 'yes'"),
+    ({"attention_head_dim": 9}, "attention_head_dim 9 splits into odd rotary dims"),
+  ],
+)
+def test_wrong_config_field_types_name_the_file_and_field(saved, tmp_path, change, message):
+  _, folder = saved
+  fields = {**json.loads((folder / "config.json").read_text()), **change}
+  edited = _with_config(folder, tmp_path, json.dumps(fields))
+  with pytest.raises(ValueError) as e:
+    load_diffusers(edited)
+  assert str(e.value).startswith(f"{edited / 'config.json'}: ") and message in str(e.value)
+
+
+def test_unreadable_config_and_weights_name_the_file(saved, tmp_path):
+  _, folder = saved
+  edited = _with_config(folder, tmp_path, '{"num_layers": 2,')
+  config = edited / "config.json"
+  with pytest.raises(ValueError, match=f"^{config}: not valid JSON"):
+    load_diffusers(edited)
+  config.write_text("[2]")
+  with pytest.raises(ValueError, match=f"^{config}: a JSON list, not an object of config fields$"):
+    load_diffusers(edited)
+  config.write_text((folder / "config.json").read_text())
+  weights = edited / WEIGHTS_NAME
+  weights.write_bytes(weights.read_bytes()[:-100])  # the data section cut short
+  with pytest.raises(ValueError, match=f"^{weights}: not a readable safetensors file"):
+    load_diffusers(edited)
+  weights.unlink()
+  (edited / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 1}}))
+  with pytest.raises(ValueError, match=f"^{edited / INDEX_NAME}: has no 'weight_map'"):
+    load_diffusers(edited)
+  (edited / INDEX_NAME).write_text(json.dumps({"weight_map": {"proj_out.bias": f"../{folder.name}/{WEIGHTS_NAME}"}}))
+  with pytest.raises(ValueError, match="must be a relative path inside"):
+    load_diffusers(edited)

@@ -123,6 +123,75 @@ def write_dataset(path: str, examples: Iterable[dict[str, np.ndarray]], *, examp
   return manifest
 
 
+def _positive_ints(value, length: int) -> bool:
+  return (
+    isinstance(value, list)
+    and len(value) == length
+    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+  )
+
+
+def _count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _shard_problem(index: int, shard) -> str | None:
+  if not isinstance(shard, dict):
+    return f"shards[{index}] is not an object"
+  file = shard.get("file")
+  if not isinstance(file, str) or not file:
+    return f"shards[{index}] has no 'file' name"
+  # Shards live in the dataset directory itself: no absolute paths, no way out of it.
+  if os.path.isabs(file) or os.path.basename(file) != file or file in (".", ".."):
+    return f"shards[{index}].file {file!r} must be a file name inside the dataset directory"
+  if not _count(shard.get("num_examples")):
+    return f"shards[{index}].num_examples must be a positive integer, got {shard.get('num_examples')!r}"
+  if not (isinstance(shard.get("bytes"), int) and not isinstance(shard.get("bytes"), bool)):
+    return f"shards[{index}].bytes must be an integer, got {shard.get('bytes')!r}"
+  digest = shard.get("sha256")
+  if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+    return f"shards[{index}].sha256 must be 64 hex digits, got {digest!r}"
+  return None
+
+
+def read_manifest(path: str) -> dict:
+  """The manifest of the dataset directory `path`, every field checked.
+
+  Raises ``FileNotFoundError`` when there is none and ``ValueError`` naming the manifest and the
+  field when it is unreadable, not JSON, of another format, or inconsistent.
+  """
+  manifest_path = os.path.join(path, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    raise FileNotFoundError(
+      f"no dataset at {path!r}: {MANIFEST} is missing (create one with `python -m train.make_dataset`)"
+    )
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except ValueError as e:  # invalid JSON or UTF-8
+    raise ValueError(f"corrupt manifest {manifest_path}: not valid JSON ({e})") from None
+  if not isinstance(manifest, dict):
+    problem = f"a JSON {type(manifest).__name__}, not an object"
+  elif manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    problem = f"format {manifest.get('format')!r} version {manifest.get('version')!r}, expected {FORMAT!r} {VERSION}"
+  elif not _positive_ints(manifest.get("latent_shape"), 4):
+    problem = f"latent_shape must be 4 positive integers, got {manifest.get('latent_shape')!r}"
+  elif not _positive_ints(manifest.get("text_shape"), 2):
+    problem = f"text_shape must be 2 positive integers, got {manifest.get('text_shape')!r}"
+  elif not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
+    problem = "shards must be a non-empty list"
+  else:
+    problem = next((p for i, s in enumerate(manifest["shards"]) if (p := _shard_problem(i, s))), None)
+    if problem is None and manifest.get("num_examples") != sum(s["num_examples"] for s in manifest["shards"]):
+      problem = f"num_examples {manifest.get('num_examples')!r} is not the sum of the shards' num_examples"
+    files = [s["file"] for s in manifest["shards"]] if problem is None else []
+    if len(set(files)) != len(files):
+      problem = "two shards name the same file"
+  if problem:
+    raise ValueError(f"corrupt manifest {manifest_path}: {problem}")
+  return manifest
+
+
 class ShardedDataset:
   """A shard directory written by ``write_dataset``.
 
@@ -132,30 +201,15 @@ class ShardedDataset:
   """
 
   def __init__(self, path: str):
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-      raise FileNotFoundError(
-        f"no dataset at {path!r}: {MANIFEST} is missing (create one with `python -m train.make_dataset`)"
-      )
-    try:
-      with open(manifest_path) as f:
-        manifest = json.load(f)
-      if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
-      self.latent_shape = tuple(manifest["latent_shape"])
-      self.text_shape = tuple(manifest["text_shape"])
-      shards = manifest["shards"]
-      counts = [int(s["num_examples"]) for s in shards]
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"corrupt manifest {manifest_path}: {e}") from None
-    if sum(counts) != manifest["num_examples"] or not shards:
-      raise ValueError(f"corrupt manifest {manifest_path}: shard sizes do not add up to num_examples")
+    manifest = read_manifest(path)
     self.path = path
-    self._shards = shards
-    self._starts = np.cumsum([0] + counts)
+    self.latent_shape = tuple(manifest["latent_shape"])
+    self.text_shape = tuple(manifest["text_shape"])
+    self._shards = manifest["shards"]
+    self._starts = np.cumsum([0] + [s["num_examples"] for s in self._shards])
     self._verified: set[int] = set()
     self._open: dict[int, safetensors.safe_open] = {}
-    for shard in shards:
+    for shard in self._shards:
       self._check_header(shard)
 
   def _check_header(self, shard: dict) -> None:
@@ -182,8 +236,11 @@ class ShardedDataset:
       file = os.path.join(self.path, self._shards[index]["file"])
       if _sha256(file) != self._shards[index]["sha256"]:
         raise ValueError(f"corrupt dataset shard {file}: sha256 does not match the manifest")
+      try:
+        self._open[index] = safetensors.safe_open(file, framework="numpy")
+      except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"corrupt dataset shard {file}: {e}") from None
       self._verified.add(index)
-      self._open[index] = safetensors.safe_open(file, framework="numpy")
     return self._open[index]
 
   def get(self, index: int) -> dict[str, np.ndarray]:
@@ -192,7 +249,11 @@ class ShardedDataset:
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
     row = index - int(self._starts[shard])
     f = self._shard(shard)
-    return {k: f.get_slice(k)[row : row + 1][0] for k in ("latents", "context")}
+    try:
+      return {k: f.get_slice(k)[row : row + 1][0] for k in ("latents", "context")}
+    except Exception as e:  # a shard changed on disk after it was verified
+      file = os.path.join(self.path, self._shards[shard]["file"])
+      raise ValueError(f"corrupt dataset shard {file}: example {row} cannot be read ({e})") from None
 
 
 class MovingShapes:

@@ -148,18 +148,62 @@ def _plan(flat_state, num_layers: int) -> list[_Entry]:
   return entries
 
 
-def config_from_diffusers(fields: dict, *, dtype=jnp.float32, **overrides) -> WanConfig:
-  """A WanConfig from config.json's fields; `overrides` set run options (attention, remat, compute_dtype)."""
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_problem(name: str, value) -> str | None:
+  """What is wrong with the type or range of an architecture field of config.json, or None."""
+  if name == "patch_size":
+    if not (isinstance(value, list) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)):
+      return "must be a list of 3 positive integers"
+  elif name == "cross_attn_norm":
+    if not isinstance(value, bool):
+      return "must be true or false"
+  elif name == "eps":
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+      return "must be a positive number"
+  elif name == "out_channels" and value is None:
+    return None
+  elif not (_is_int(value) and value >= 1):
+    return "must be a positive integer"
+  return None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+  """The fields of a config.json, or a ValueError naming the file when it cannot be read or is not
+  a JSON object."""
+  path = Path(path)
+  try:
+    fields = json.loads(path.read_text(encoding="utf-8"))
+  except OSError as e:
+    raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+  except ValueError as e:  # invalid JSON or UTF-8
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(fields, dict):
+    raise ValueError(f"{path}: a JSON {type(fields).__name__}, not an object of config fields")
+  return fields
+
+
+def config_from_diffusers(fields: dict, *, dtype=jnp.float32, source: str = "config.json", **overrides) -> WanConfig:
+  """A WanConfig from config.json's fields; `overrides` set run options (attention, remat, compute_dtype).
+
+  source: how errors name the fields' file (load_diffusers passes its path).
+  """
   unknown = sorted(
     k for k in fields if not k.startswith("_") and k not in _ARCHITECTURE_FIELDS + _IMAGE_FIELDS + _IGNORED_FIELDS
   )
   if unknown:
-    raise ValueError(f"config.json has unknown fields {unknown}")
+    raise ValueError(f"{source} has unknown fields {unknown}")
   if fields.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
-    raise ValueError(f"config.json describes a {fields['_class_name']}, not a {DIFFUSERS_CLASS}")
+    raise ValueError(f"{source} describes a {fields['_class_name']}, not a {DIFFUSERS_CLASS}")
   image = {k: fields[k] for k in _IMAGE_FIELDS if fields.get(k) is not None}
   if image:
-    raise ValueError(f"image-to-video Wan models are not supported (config.json sets {image})")
+    raise ValueError(f"image-to-video Wan models are not supported ({source} sets {image})")
+  for name in _ARCHITECTURE_FIELDS:
+    problem = _field_problem(name, fields[name]) if name in fields else None
+    if problem:
+      raise ValueError(f"{source}: field {name!r} {problem}, got {fields[name]!r}")
   bad = sorted(k for k in overrides if k not in _RUN_OPTIONS)
   if bad:
     raise ValueError(f"overrides {bad} are not run options {_RUN_OPTIONS}; architecture comes from config.json")
@@ -167,7 +211,10 @@ def config_from_diffusers(fields: dict, *, dtype=jnp.float32, **overrides) -> Wa
   if architecture.get("out_channels") is None:  # diffusers: out_channels or in_channels
     architecture["out_channels"] = architecture.get("in_channels", WanConfig.in_channels)
   overrides.setdefault("compute_dtype", dtype)
-  return WanConfig(**architecture, param_dtype=dtype, **overrides)
+  try:
+    return WanConfig(**architecture, param_dtype=dtype, **overrides)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
 
 
 def config_to_diffusers(config: WanConfig) -> dict:
@@ -178,7 +225,7 @@ def config_to_diffusers(config: WanConfig) -> dict:
   return fields
 
 
-def _check_tensors(entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_tensors(entries: list[_Entry], shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
   expected = {key: entry.tensor_shape for entry in entries for key in entry.keys}
   problems = []
   missing = sorted(set(expected) - set(shapes))
@@ -193,7 +240,7 @@ def _check_tensors(entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) ->
     if shapes[key] != expected[key]
   ]
   if problems:
-    raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
+    raise ValueError(f"{folder}: the weights do not match its {CONFIG_NAME}: " + "; ".join(problems))
 
 
 def load_diffusers(
@@ -214,14 +261,15 @@ def load_diffusers(
   folder = Path(path)
   if not folder.is_dir() or not (folder / CONFIG_NAME).is_file():
     raise ValueError(f"path {folder} is not a diffusers transformer folder (no {CONFIG_NAME})")
-  config = config_from_diffusers(json.loads((folder / CONFIG_NAME).read_text()), dtype=dtype, **overrides)
+  config_path = folder / CONFIG_NAME
+  config = config_from_diffusers(read_config(config_path), dtype=dtype, source=str(config_path), **overrides)
   weights = SafetensorsFolder(folder, WEIGHTS_NAME)
 
   abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(state))
   entries = _plan(flat, config.num_layers)
-  _check_tensors(entries, weights.shapes)
+  _check_tensors(entries, weights.shapes, folder)
 
   if mesh is not None:
     with nnx.logical_axis_rules(_complete_rules(rules, flat)):

@@ -1,0 +1,35 @@
+"""Helpers of the fault-injection tests: faults that need a mount (a full disk, a read-only folder) run in a
+user mount namespace (``unshare -Urm``), where the machine allows one."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def can_unshare() -> bool:
+  if shutil.which("unshare") is None:
+    return False
+  return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+
+
+needs_mount_namespace = pytest.mark.skipif(not can_unshare(), reason="no user mount namespaces (unshare -Urm)")
+
+
+def in_mount_namespace(setup: str, folder, code: str, timeout=300) -> subprocess.CompletedProcess:
+  """Runs `setup` (a shell command on "$0", the folder) then `code` in Python, in a new mount namespace."""
+  script = f'{setup} && exec "$1" -c "$2" "$0"'
+  return subprocess.run(
+    ["unshare", "-Urm", "sh", "-c", script, str(folder), sys.executable, textwrap.dedent(code)],
+    capture_output=True,
+    text=True,
+    env=ENV,
+    timeout=timeout,
+    cwd=ROOT,
+  )
