@@ -41,7 +41,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
-      os.fchmod(f.fileno(), creation_mode())
+      with contextlib.suppress(OSError):  # file systems without permissions (FAT, some mounts)
+        os.fchmod(f.fileno(), creation_mode())
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:

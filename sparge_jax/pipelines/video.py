@@ -96,7 +96,8 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
     for frame in frames:
       writer.send(np.ascontiguousarray(frame))
     writer.close()
-    os.chmod(tmp, creation_mode())
+    with contextlib.suppress(OSError):  # file systems without permissions
+      os.chmod(tmp, creation_mode())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -111,7 +112,8 @@ def _write_png_frames(frames: np.ndarray, path: Path) -> None:
   try:
     for i, frame in enumerate(frames):
       iio.imwrite(staging / f"frame_{i:05d}.png", frame)
-    os.chmod(staging, creation_mode(0o777))
+    with contextlib.suppress(OSError):
+      os.chmod(staging, creation_mode(0o777))
     if path.is_dir():
       path.rmdir()  # empty (checked); os.replace cannot replace a folder
     os.replace(staging, path)
