@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from wan_tiny_folder import tiny_folder
+from safetensors.numpy import load_file
+from wan_tiny_folder import FIXTURES, tiny_folder
 
 from sparge_jax.config import AttentionConfig
 from sparge_jax.files import creation_mode
 from sparge_jax.models.wan import WanModel
+from sparge_jax.models.wan_vae import normalize_latents
 from sparge_jax.pipelines import AttentionSchedule, LayerSparsity, export_video
 from sparge_jax.pipelines.wan import WanPipeline, default_flow_shift
 
@@ -79,6 +81,17 @@ def test_a_prompt_gives_a_video_file(pipe, size, tmp_path):
   assert meta["size"] == (width, height) and meta["fps"] == 16 and len(decoded) == frames
   assert [p.name for p in tmp_path.iterdir()] == ["fox.mp4"]  # no temporary file left
   assert stat.S_IMODE(path.stat().st_mode) == creation_mode()  # as open() makes files, not mkstemp's 0600
+
+
+def test_decode_is_the_diffusers_vae_on_denormalized_latents(pipe):
+  """The pipeline's last stage on the VAE fixture's diffusers run: latents as the transformer sees them
+  (normalized) -> uint8 frames of diffusers' `vae.decode` output."""
+  io = load_file(FIXTURES / "wan_vae_tiny" / "io.safetensors")
+  latents = io["latents"].transpose(0, 2, 3, 4, 1)  # [batch, frames, height, width, z], as the VAE takes them
+  frames = pipe.decode(normalize_latents(jnp.asarray(latents), pipe.vae.config))
+  expected = np.round((np.clip(io["decoded"].transpose(0, 2, 3, 4, 1), -1, 1) + 1) * 127.5)
+  assert frames.shape == expected.shape and frames.dtype == np.uint8
+  assert np.abs(frames.astype(int) - expected).max() <= 1 and frames.std() > 5
 
 
 def test_latent_shape_follows_size_and_frames(pipe):
