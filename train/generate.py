@@ -32,8 +32,9 @@ from sparge_jax.models.wan import WanModel, load_diffusers
 from sparge_jax.pipelines import AttentionSchedule, export_video
 from sparge_jax.pipelines.video import check_output_path
 from sparge_jax.pipelines.wan import DEFAULT_NEGATIVE_PROMPT, WanPipeline, check_folder, default_flow_shift
-from train import checkpoint, distill, sharding
-from train.configs import Config, from_dict
+
+from . import checkpoint, distill, errors, sharding
+from .configs import Config, from_dict
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -243,14 +244,11 @@ def run(config: GenerateConfig) -> dict:
   }
 
 
+@errors.command  # bad options, folders, checkpoints, an unwritable output, out of memory: one error line
 def main(argv: list[str] | None = None) -> int:
   config = tyro.cli(GenerateConfig, args=argv, description=__doc__)
-  try:
-    check(config)
-    summary = run(config)
-  except (ValueError, FileNotFoundError) as e:  # bad options, folders or checkpoints
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  check(config)
+  summary = run(config)
   seconds = summary["seconds"]
   print(
     f"wrote {summary['out']}: {summary['frames'][0]} frames of {summary['frames'][2]}x{summary['frames'][1]} "
