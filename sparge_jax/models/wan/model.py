@@ -31,6 +31,17 @@ stream to batch sharding and runs each attention under `jax.shard_map` on its ow
 the mesh as context (`with jax.set_mesh(mesh):` around tracing); it is a run option, so weights load
 and save the same with or without it, and on a one-device mesh it changes nothing.
 
+Sequence parallelism over a mesh. `config.sequence_axes` names the mesh axes that split each video's
+tokens and `config.sequence_parallel` how self-attention spans them (`sparge_jax.parallel`): "ulysses"
+(one axis; all-to-all to head sharding), "ring" (one axis; k/v rotate, merged by log-sum-exp) or "usp"
+(two axes, (Ulysses, ring)). The residual stream stays sharded along the tokens (norms, modulation and the
+FFN act per token); cross-attention reads the whole text on every device (text is short). Where the
+tokens do not split evenly (over the devices; for "ring" and "usp" into whole blocks of every device,
+so that the mask is the unsharded one), they are padded at the end and the attention is told the true
+length, which leaves the result unchanged. Dense self-attention runs as Ulysses around the dense kernel
+where it can (no padding, heads divisible), and otherwise as the sparse kernels keeping every block. A
+run option like `batch_axes`, with which it combines; traced under the mesh (`jax.set_mesh`).
+
 Logical axis names (`nnx.with_partitioning`; no eager sharding, so building a model needs no mesh).
 Map them to mesh axes with `nnx.logical_axis_rules`, e.g. for FSDP
 `with nnx.logical_axis_rules([("embed", "fsdp")]): specs = nnx.get_partition_spec(nnx.state(model))`
@@ -47,6 +58,7 @@ Map them to mesh axes with `nnx.logical_axis_rules`, e.g. for FSDP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -58,7 +70,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from sparge_jax import attention as sparge_attention
+from sparge_jax import parallel
 from sparge_jax.config import AttentionConfig
+from sparge_jax.parallel import ulysses as ulysses_layout
 
 _ROPE_THETA = 10000.0
 # Wan's timestep sinusoid uses the usual 10,000 period.
@@ -67,6 +81,8 @@ _TIME_MAX_PERIOD = 10000.0
 
 # Block intermediates that `WanConfig.remat_saves` can keep through the backward pass.
 REMAT_SAVEABLE = ("qkv", "ffn_hidden")
+# `WanConfig.sequence_parallel` schemes and the mesh axes each takes.
+SEQUENCE_PARALLEL = {"ulysses": 1, "ring": 1, "usp": 2}
 
 
 class LayerSparsity(NamedTuple):
@@ -84,8 +100,9 @@ class WanConfig:
   """Architecture (diffusers config.json names and meanings) plus run options.
 
   Architecture fields must match a checkpoint; `attention`, `remat`, `remat_saves`, `param_dtype`,
-  `compute_dtype` and `batch_axes` (mesh axes that split the batch; see the module docstring) are
-  run options.
+  `compute_dtype`, `batch_axes` (mesh axes that split the batch), `sequence_axes` (mesh axes that split
+  the tokens) and `sequence_parallel` ("ulysses", "ring" or "usp" over them; see the module docstring)
+  are run options.
   Norms, modulation and the time embedding always compute in float32.
   """
 
@@ -107,6 +124,8 @@ class WanConfig:
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
   batch_axes: tuple[str, ...] = ()
+  sequence_axes: tuple[str, ...] = ()
+  sequence_parallel: str = "ulysses"
 
   @property
   def dim(self) -> int:
@@ -123,6 +142,18 @@ class WanConfig:
     if isinstance(self.batch_axes, str) or not all(isinstance(a, str) for a in self.batch_axes):
       raise ValueError(f"batch_axes must be a tuple of mesh axis names, got {self.batch_axes!r}")
     object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+    if isinstance(self.sequence_axes, str) or not all(isinstance(a, str) for a in self.sequence_axes):
+      raise ValueError(f"sequence_axes must be a tuple of mesh axis names, got {self.sequence_axes!r}")
+    object.__setattr__(self, "sequence_axes", tuple(self.sequence_axes))
+    if self.sequence_parallel not in SEQUENCE_PARALLEL:
+      raise ValueError(f"sequence_parallel must be one of {tuple(SEQUENCE_PARALLEL)}, got {self.sequence_parallel!r}")
+    wanted = SEQUENCE_PARALLEL[self.sequence_parallel]
+    if self.sequence_axes and len(self.sequence_axes) != wanted:
+      raise ValueError(
+        f"sequence_parallel={self.sequence_parallel!r} takes {wanted} sequence_axes, got {self.sequence_axes!r}"
+      )
+    if set(self.sequence_axes) & set(self.batch_axes) or len(set(self.sequence_axes)) < len(self.sequence_axes):
+      raise ValueError(f"sequence_axes {self.sequence_axes} must be distinct and not in batch_axes {self.batch_axes}")
     if isinstance(self.remat_saves, str) or not set(self.remat_saves) <= set(REMAT_SAVEABLE):
       raise ValueError(f"remat_saves must be a tuple of names from {REMAT_SAVEABLE}, got {self.remat_saves!r}")
     object.__setattr__(self, "remat_saves", tuple(self.remat_saves))
@@ -267,13 +298,16 @@ class Attention(nnx.Module):
     probe=None,
     batch_axes: tuple[str, ...] = (),
     sparsity: LayerSparsity | None = None,
+    sequence: SequenceSharding | None = None,
   ):
     """x: [batch, seq, dim]; context: [batch, ctx_len, dim] for cross-attention, None for self;
     batch_axes: mesh axes that split the batch (checked by `WanModel`), () for none; sparsity: this
-    layer's topk/topp [heads], which make it sparse with `attention`'s other settings.
+    layer's topk/topp [heads], which make it sparse with `attention`'s other settings; sequence: how
+    the tokens are split over the mesh (`WanModel` decides), None for not at all.
 
     Returns (out [batch, seq, dim], sparsity float32 [batch, heads]: fraction of blocks skipped), and
-    with `probe` also `probe(q, k, v)` of this layer's q, k, v [batch, seq, heads, head_dim].
+    with `probe` also `probe(q, k, v)` of this layer's q, k, v [batch, seq, heads, head_dim] (without
+    the padding of `sequence`).
     """
     source = x if context is None else context
     # Only self-attention's names are saveable: cross-attention's k/v are text-length and cheap.
@@ -283,20 +317,127 @@ class Attention(nnx.Module):
     v = self._split_heads(name(self.value(source), "qkv"))
     if rope is not None:
       q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-    out, skipped = _attend(q, k, v, attention or AttentionConfig(), batch_axes, sparsity)
+    if sequence is not None and context is not None:
+      out, skipped = _cross_attend_sharded(q, k, v, batch_axes, sequence)
+    else:
+      out, skipped = _attend(q, k, v, attention or AttentionConfig(), batch_axes, sparsity, sequence)
     out = self.out(out.reshape(*out.shape[:-2], -1))
-    return (out, skipped) if probe is None else (out, skipped, probe(q, k, v))
+    if probe is None:
+      return out, skipped
+    if sequence is not None:
+      q, k, v = (a[:, : sequence.tokens] for a in (q, k, v))
+    return out, skipped, probe(q, k, v)
+
+
+class SequenceSharding(NamedTuple):
+  """How the tokens are split over the mesh (`WanConfig.sequence_axes`), as `WanModel` decides per call.
+
+  axes: the mesh axes, in the order the token axis is sharded over them; scheme: `sequence_parallel`;
+  devices: their product; tokens: the true token count; padded: the count after padding at the end;
+  lengths: int32 [batch] of `tokens` where padded, else None.
+  """
+
+  axes: tuple[str, ...]
+  scheme: str
+  devices: int
+  tokens: int
+  padded: int
+  lengths: jax.Array | None
+
+  def specs(self, batch_axes: tuple[str, ...]):
+    """(spec of [batch, tokens, ...] arrays, spec of [batch, ...] arrays)."""
+    batch = batch_axes or None
+    return P(batch, self.axes if len(self.axes) > 1 else self.axes[0]), P(batch)
+
+
+def _fractions(attention: AttentionConfig, sparsity: LayerSparsity | None, heads: int):
+  """(topk, topp) as float32 arrays (scalars or [heads]): the layer's `sparsity` if given."""
+  topk, topp = (jnp.asarray(p, jnp.float32) for p in (attention.topk, attention.topp))
+  if sparsity is not None:
+    topk, topp = sparsity
+  for name, p in (("topk", topk), ("topp", topp)):
+    if getattr(p, "shape", ()) not in ((), (heads,)):
+      raise ValueError(f"attention.{name} must be a float or {heads} per-head values, got shape {p.shape}")
+  return topk, topp
+
+
+def _attend_sequence_parallel(q, k, v, attention, batch_axes, sparsity, sequence: SequenceSharding):
+  """`_attend` with the tokens split over `sequence.axes` (see the module docstring)."""
+  tokens, examples = sequence.specs(batch_axes)
+  axis_names = set(batch_axes) | set(sequence.axes)
+  heads = q.shape[2]
+  no_sparsity = jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
+  dense = attention.kind == "dense" and sparsity is None
+  # check_vma off, as for batch_axes alone: cuDNN and the Mosaic backward carry no varying-axes types.
+  shard_map = functools.partial(jax.shard_map, axis_names=axis_names, check_vma=False)
+  if dense and sequence.scheme == "ulysses" and sequence.lengths is None and heads % sequence.devices == 0:
+    axis = sequence.axes[0]
+
+    def dense_ulysses(q, k, v):
+      heads_of = lambda x: ulysses_layout.to_heads(x, axis)
+      return ulysses_layout.to_sequence(sparge_attention.dense_attention(heads_of(q), heads_of(k), heads_of(v)), axis)
+
+    return shard_map(dense_ulysses, in_specs=(tokens,) * 3, out_specs=tokens)(q, k, v), no_sparsity
+  # Dense otherwise: the sparse kernels keeping every block (topk = 1).
+  topk, topp = (jnp.float32(1.0), jnp.float32(1.0)) if dense else _fractions(attention, sparsity, heads)
+  settings = dict(
+    mode="topk" if dense else attention.mode,
+    block_q=attention.block_q,
+    block_kv=attention.block_kv,
+    implementation=attention.implementation,
+    return_stats=True,
+  )
+  axes = sequence.axes
+
+  def local(q, k, v, topk, topp, lengths):
+    kwargs = dict(settings, topk=topk, topp=topp, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    if sequence.scheme == "usp":
+      out, stats = parallel.usp_attention(q, k, v, ulysses_axis=axes[0], ring_axis=axes[1], **kwargs)
+    else:
+      scheme = parallel.ulysses_attention if sequence.scheme == "ulysses" else parallel.ring_attention
+      out, stats = scheme(q, k, v, axis_name=axes[0], **kwargs)
+    return out, stats["kept_blocks"]
+
+  out, kept = shard_map(local, in_specs=(tokens, tokens, tokens, P(), P(), examples), out_specs=(tokens, examples))(
+    q, k, v, topk, topp, sequence.lengths
+  )
+  if dense:
+    return out, no_sparsity
+  blocks = -(-sequence.tokens // attention.block_q) * -(-sequence.tokens // attention.block_kv)
+  return out, 1.0 - kept.astype(jnp.float32) / blocks
+
+
+def _cross_attend_sharded(q, k, v, batch_axes, sequence: SequenceSharding):
+  """Dense cross-attention of sequence-split queries to the whole text on every device."""
+  tokens, examples = sequence.specs(batch_axes)
+  out = jax.shard_map(
+    lambda q, k, v: sparge_attention.dense_attention(q, k, v),
+    in_specs=(tokens, examples, examples),
+    out_specs=tokens,
+    axis_names=set(batch_axes) | set(sequence.axes),
+    check_vma=False,
+  )(q, k, v)
+  return out, jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
 
 
 def _attend(
-  q, k, v, attention: AttentionConfig, batch_axes: tuple[str, ...] = (), sparsity: LayerSparsity | None = None
+  q,
+  k,
+  v,
+  attention: AttentionConfig,
+  batch_axes: tuple[str, ...] = (),
+  sparsity: LayerSparsity | None = None,
+  sequence: SequenceSharding | None = None,
 ):
   """q, k, v: [batch, seq, heads, head_dim] -> (out like q, sparsity float32 [batch, heads]).
 
   `sparsity` (topk, topp [heads], may be traced) makes the attention sparse whatever `attention.kind`.
   With `batch_axes`, each device attends over its own examples (`jax.shard_map` over those axes of
-  the context mesh): attention is independent per example, and XLA cannot partition the kernels.
+  the context mesh): attention is independent per example, and XLA cannot partition the kernels. With
+  `sequence`, the devices along its axes share each example's tokens (`sparge_jax.parallel`).
   """
+  if sequence is not None:
+    return _attend_sequence_parallel(q, k, v, attention, batch_axes, sparsity, sequence)
   if batch_axes:
     spec = P(batch_axes)
     # check_vma off: the Pallas kernels carry no varying-axes types; nothing inside communicates.
@@ -309,13 +450,7 @@ def _attend(
     )(q, k, v, sparsity)
   if attention.kind == "dense" and sparsity is None:
     return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
-  heads = q.shape[2]
-  topk, topp = (jnp.asarray(p, jnp.float32) if isinstance(p, tuple) else p for p in (attention.topk, attention.topp))
-  if sparsity is not None:
-    topk, topp = sparsity
-  for name, p in (("topk", topk), ("topp", topp)):
-    if getattr(p, "shape", ()) not in ((), (heads,)):
-      raise ValueError(f"attention.{name} must be a float or {heads} per-head values, got shape {p.shape}")
+  topk, topp = _fractions(attention, sparsity, q.shape[2])
   out, stats = sparge_attention.sparse_attention(
     q,
     k,
@@ -371,9 +506,10 @@ class WanBlock(nnx.Module):
     probe=None,
     batch_axes: tuple[str, ...] = (),
     sparsity: LayerSparsity | None = None,
+    sequence: SequenceSharding | None = None,
   ):
     """x: [batch, seq, dim]; context: [batch, text_len, dim]; time_mod: float32 [batch, 6, dim];
-    batch_axes, sparsity: see `Attention`.
+    batch_axes, sparsity, sequence: see `Attention`.
 
     Returns (x, self-attention sparsity float32 [batch, heads], probe results or None).
     """
@@ -383,12 +519,12 @@ class WanBlock(nnx.Module):
 
     h = (_layer_norm(x, self.eps) * (1 + scale) + shift).astype(dtype)
     attn_out, skipped, *probed = self.self_attn(
-      h, rope=rope, attention=attention, probe=probe, batch_axes=batch_axes, sparsity=sparsity
+      h, rope=rope, attention=attention, probe=probe, batch_axes=batch_axes, sparsity=sparsity, sequence=sequence
     )
     x = (x.astype(jnp.float32) + attn_out * gate).astype(dtype)
 
     h = x if self.cross_norm is None else self.cross_norm(x.astype(jnp.float32)).astype(dtype)
-    x = x + self.cross_attn(h, context, batch_axes=batch_axes)[0]
+    x = x + self.cross_attn(h, context, batch_axes=batch_axes, sequence=sequence)[0]
 
     h = (_layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).astype(dtype)
     ffn_out = self.ffn_out(jax.nn.gelu(checkpoint_name(self.ffn_in(h), "ffn_hidden"), approximate=True))
@@ -468,6 +604,27 @@ class WanModel(nnx.Module):
       raise ValueError(f"x batch {batch} must be a multiple of the {devices} devices of batch_axes {axes}")
     return axes if devices > 1 else ()
 
+  def _sequence_sharding(self, batch: int, tokens: int, batch_axes: tuple[str, ...]) -> SequenceSharding | None:
+    """How `config.sequence_axes` split `tokens` tokens on the context mesh; None without them or on one device."""
+    c = self.config
+    if not c.sequence_axes:
+      return None
+    mesh = jax.sharding.get_abstract_mesh()
+    missing = [a for a in c.sequence_axes if a not in mesh.axis_names]
+    if missing:
+      raise ValueError(
+        f"sequence_axes {c.sequence_axes}: the context mesh {mesh.axis_names} has no axes {missing}; "
+        "trace the model under `with jax.set_mesh(mesh):`"
+      )
+    devices = math.prod(mesh.shape[a] for a in c.sequence_axes)
+    if devices == 1:
+      return None
+    # Ring shards of whole blocks keep the unsharded mask; Ulysses only needs even shards.
+    blocks = 1 if c.sequence_parallel == "ulysses" else math.lcm(c.attention.block_q, c.attention.block_kv)
+    padded = -(-tokens // (devices * blocks)) * devices * blocks
+    lengths = None if padded == tokens else jnp.full((batch,), tokens, jnp.int32)
+    return SequenceSharding(c.sequence_axes, c.sequence_parallel, devices, tokens, padded, lengths)
+
   def __call__(
     self, x, t, context, *, return_sparsity: bool = False, probe=None, layer_sparsity: LayerSparsity | None = None
   ):
@@ -501,6 +658,12 @@ class WanModel(nnx.Module):
     tokens = jnp.einsum("bfhwtyxc,tyxcd->bfhwd", patches, self.patch_embed[...].astype(dtype))
     tokens = (tokens + self.patch_embed_bias[...].astype(dtype)).reshape(batch, frames * height * width, -1)
     rope = rope_tables(c, frames, height, width)
+    sequence = self._sequence_sharding(batch, tokens.shape[1], batch_axes)
+    if sequence is not None and sequence.padded > sequence.tokens:  # per-token work on the padding is cut off below
+      pad = sequence.padded - sequence.tokens
+      tokens = jnp.pad(tokens, ((0, 0), (0, pad), (0, 0)))
+      rope = tuple(jnp.pad(a, ((0, pad), (0, 0))) for a in rope)
+    token_spec = P(batch_axes) if sequence is None else sequence.specs(batch_axes)[0]
 
     time_emb = self.time_out(jax.nn.silu(self.time_in(timestep_sinusoid(t, c.freq_dim))))
     time_mod = self.time_modulation(jax.nn.silu(time_emb)).reshape(batch, 6, -1)
@@ -509,9 +672,9 @@ class WanModel(nnx.Module):
       text, time_mod = (jax.lax.with_sharding_constraint(a, P(batch_axes)) for a in (text, time_mod))
 
     def run_block(block, tokens, *layer):
-      if batch_axes:
-        tokens = jax.lax.with_sharding_constraint(tokens, P(batch_axes))
-      return block(tokens, text, time_mod, rope, c.attention, probe, batch_axes, *layer)
+      if batch_axes or sequence is not None:
+        tokens = jax.lax.with_sharding_constraint(tokens, token_spec)
+      return block(tokens, text, time_mod, rope, c.attention, probe, batch_axes, *layer, sequence=sequence)
 
     if c.remat:
       run_block = nnx.remat(run_block, policy=jax.checkpoint_policies.save_only_these_names(*c.remat_saves))
@@ -519,6 +682,8 @@ class WanModel(nnx.Module):
     tokens, (sparsity, probed) = nnx.scan(
       run_block, in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0)
     )(self.blocks, tokens, *per_layer)
+    if sequence is not None:
+      tokens = tokens[:, : sequence.tokens]
 
     head_mod = self.head_modulation[...].astype(jnp.float32)[None] + time_emb[:, None, :]  # [b, 2, dim]
     shift, scale = head_mod[:, 0, None, :], head_mod[:, 1, None, :]
