@@ -145,7 +145,9 @@ def ulysses(q, k, v, topk, topp, *, axis: str, heads: Heads, local):
   )
   out, lse, kept = local(q, k, v, local_slice(topk), local_slice(topp))
   out, lse = to_sequence(out, axis), to_sequence(lse, axis)
-  kept = lax.all_gather(kept, axis, axis=1, tiled=True)
+  # A psum of each device's counts in its place: the same [B, N] on every device (an all_gather would vary).
+  placed = jnp.zeros((kept.shape[0], heads.padded_heads), kept.dtype)
+  kept = lax.psum(lax.dynamic_update_slice_in_dim(placed, kept, device * heads.local_heads, axis=1), axis)
   if padding:
     out, lse, kept = out[:, :, : heads.heads], lse[:, :, : heads.heads], kept[:, : heads.heads]
   if not identity:
