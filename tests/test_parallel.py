@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import random_qkv
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from attention_cases import random_qkv
 from sparge_jax import attention, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

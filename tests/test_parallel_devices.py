@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import random_qkv
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from attention_cases import random_qkv
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference
 from sparge_jax import attention, parallel
 
@@ -145,7 +145,9 @@ def test_ring_equals_unsharded(case):
   )
   kwargs = dict(MASK, is_causal=causal, implementation="xla", **lengths)
   mesh, spec = mesh_of((size,), ("ring",)), P(None, "ring")
-  got = sharded_results(functools.partial(parallel.ring_attention, axis_name="ring"), mesh, spec, q, k, v, d_out, d_lse, **kwargs)
+  got = sharded_results(
+    functools.partial(parallel.ring_attention, axis_name="ring"), mesh, spec, q, k, v, d_out, d_lse, **kwargs
+  )
   assert_same(got, unsharded_results(q, k, v, d_out, d_lse, **kwargs))
   # The mask itself: each device's rows are the unsharded mask's.
   rows = jax.shard_map(
@@ -228,7 +230,12 @@ def test_triton_interpret_equals_unsharded(case):
   q, k, v, d_out, d_lse = inputs(6, 1, 64, 64, 4, 2)
   lengths = lengths_of([50]) if causal else None
   kwargs = dict(
-    MASK, is_causal=causal, implementation="triton", interpret=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths
+    MASK,
+    is_causal=causal,
+    implementation="triton",
+    interpret=True,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths,
   )
   if name == "usp":
     scheme = functools.partial(parallel.usp_attention, ulysses_axis=axes[0], ring_axis=axes[1])

@@ -89,13 +89,16 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
 
   validate(config)
   lead = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  if config.batch_size % mesh.size:
+  m = config.mesh
+  mesh = sharding.make_mesh(m.data, m.fsdp, m.sequence, m.ring if m.sequence_parallel == "usp" else None)
+  if config.batch_size % sharding.batch_devices(mesh):
     raise ValueError(
-      f"--config.batch_size={config.batch_size}: must be a multiple of the device count "
-      f"({mesh.size}), the batch is split over all devices"
+      f"--config.batch_size={config.batch_size}: must be a multiple of the devices it is split over "
+      f"({sharding.batch_devices(mesh)}: the device count over mesh.sequence)"
     )
-  teacher_config, student_config = model_configs(config, batch_axes=sharding.BATCH_AXES)
+  teacher_config, student_config = model_configs(
+    config, batch_axes=sharding.BATCH_AXES, sequence_axes=sharding.sequence_axes(mesh)
+  )
   source, heldout = make_sources(config, student_config)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   rows = sharding.process_rows(batch_sharding, config.batch_size)
@@ -290,11 +293,17 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
     "step_time_s": float(np.median(step_times)) if step_times else None,
     "tokens_per_step": config.batch_size * tokens_per_example,
     "devices": f"{mesh.size} x {jax.devices()[0].device_kind} (mesh data={mesh.shape['data']}, "
-    f"fsdp={mesh.shape['fsdp']}), {jax.process_count()} process(es)",
+    f"fsdp={mesh.shape['fsdp']}{sequence_note(config, mesh)}), {jax.process_count()} process(es)",
   }
   if lead:
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def sequence_note(config: Config, mesh) -> str:
+  """ ", sequence=4 (ulysses)" for the summary's devices line, or "" without sequence parallelism."""
+  sequence = math.prod(mesh.shape[a] for a in sharding.sequence_axes(mesh))
+  return f", sequence={sequence} ({config.mesh.sequence_parallel})" if sharding.sequence_axes(mesh) else ""
 
 
 def print_summary(summary: dict) -> None:

@@ -19,17 +19,24 @@ from sparge_jax.models.wan import WanConfig, WanModel
 from .configs import Config
 
 
-def model_configs(config: Config, *, batch_axes: tuple[str, ...] = ()) -> tuple[WanConfig, WanConfig]:
+def model_configs(
+  config: Config, *, batch_axes: tuple[str, ...] = (), sequence_axes: tuple[str, ...] = ()
+) -> tuple[WanConfig, WanConfig]:
   """(teacher, student) model configs: the same architecture, dense vs ``config.attention`` self-attention.
 
-  batch_axes: the mesh axes that split the batch (``WanConfig.batch_axes``); the models must then
-  be traced under ``jax.set_mesh``. The trainer passes ``sharding.BATCH_AXES``.
+  batch_axes, sequence_axes: the mesh axes that split the batch and the tokens (``WanConfig``), the
+  latter by ``config.mesh.sequence_parallel``; the models must then be traced under ``jax.set_mesh``.
+  The trainer passes ``sharding.BATCH_AXES`` and ``sharding.sequence_axes(mesh)``.
   """
+  options = dict(
+    compute_dtype=config.compute_dtype,
+    batch_axes=batch_axes,
+    sequence_axes=sequence_axes,
+    sequence_parallel=config.mesh.sequence_parallel,
+  )
   return (
-    config.model.wan(
-      attention=AttentionConfig(kind="dense"), compute_dtype=config.compute_dtype, batch_axes=batch_axes
-    ),
-    config.model.wan(attention=config.attention, compute_dtype=config.compute_dtype, batch_axes=batch_axes),
+    config.model.wan(attention=AttentionConfig(kind="dense"), **options),
+    config.model.wan(attention=config.attention, **options),
   )
 
 

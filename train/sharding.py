@@ -1,10 +1,13 @@
-"""Device mesh ``(data, fsdp)`` and the shardings of parameters and batches.
+"""Device mesh ``(data, fsdp[, sequence[, ring]])`` and the shardings of parameters and batches.
 
 Parameters carry logical axis names (``nnx.with_partitioning``); ``LOGICAL_RULES`` maps them to
 mesh axes. FSDP shards each parameter over ``fsdp`` along its first dimension whose logical name
 maps to ``fsdp`` and whose size divides evenly; everything else is replicated. The batch is split
-over both axes (FSDP is data parallelism with sharded weights), so every device sees
-``batch / (data * fsdp)`` examples.
+over ``data`` and ``fsdp`` (FSDP is data parallelism with sharded weights), so every group of
+``sequence`` devices sees ``batch / (data * fsdp)`` examples. The ``sequence`` axis (present when it
+has more than one device, or for USP) splits each example's tokens inside the model
+(``WanConfig.sequence_axes``; ``sparge_jax.parallel``); with USP a ``ring`` axis beside it takes the
+ring part.
 """
 
 from __future__ import annotations
@@ -24,18 +27,48 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
-def make_mesh(data: int, fsdp: int) -> Mesh:
-  """A mesh over all devices (of all processes); one of the sizes may be -1 for "the rest"."""
+SEQUENCE_AXES = ("sequence", "ring")
+
+
+def make_mesh(data: int, fsdp: int, sequence: int = 1, ring: int | None = None) -> Mesh:
+  """A mesh over all devices (of all processes); data or fsdp may be -1 for "the rest".
+
+  sequence: devices that split each example's tokens (a "sequence" axis when above 1); ring: for USP,
+  how many of them form the ring (a "ring" axis of that size, the "sequence" axis taking sequence / ring);
+  None: no ring axis.
+  """
   n = jax.device_count()
   if data == -1 and fsdp == -1:
     raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+  if sequence < 1 or n % sequence:
+    raise ValueError(f"mesh.sequence ({sequence}) must be >= 1 and divide the device count ({n})")
+  if ring is not None and (ring < 1 or sequence % ring):
+    raise ValueError(f"mesh.ring ({ring}) must be >= 1 and divide mesh.sequence ({sequence})")
+  batch_devices = n // sequence
   for name, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
-    if size != -1 and (size < 1 or n % size):
-      raise ValueError(f"{name} ({size}) must be >= 1 and divide the device count ({n})")
-  data, fsdp = (n // fsdp if data == -1 else data), (n // data if fsdp == -1 else fsdp)
-  if data * fsdp != n:
-    raise ValueError(f"mesh.data * mesh.fsdp ({data} * {fsdp}) must equal the device count ({n})")
-  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    if size != -1 and (size < 1 or batch_devices % size):
+      raise ValueError(f"{name} ({size}) must be >= 1 and divide the device count over mesh.sequence ({batch_devices})")
+  data, fsdp = (batch_devices // fsdp if data == -1 else data), (batch_devices // data if fsdp == -1 else fsdp)
+  if data * fsdp * sequence != n:
+    raise ValueError(
+      f"mesh.data * mesh.fsdp * mesh.sequence ({data} * {fsdp} * {sequence}) must equal the device count ({n})"
+    )
+  shape, names = (data, fsdp), ("data", "fsdp")
+  if ring is not None:
+    shape, names = (*shape, sequence // ring, ring), (*names, *SEQUENCE_AXES)
+  elif sequence > 1:
+    shape, names = (*shape, sequence), (*names, SEQUENCE_AXES[0])
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def sequence_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The axes of ``mesh`` that split the tokens (``WanConfig.sequence_axes``): ("sequence"[, "ring"]) or ()."""
+  return tuple(a for a in SEQUENCE_AXES if a in mesh.axis_names)
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """Devices the batch splits over (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def _spec(shape: tuple[int, ...], names: tuple | None, mesh: Mesh, rules: dict) -> P:

@@ -16,6 +16,7 @@ every step; the schedule's per-step sparsity, the guidance and the step index ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -86,10 +87,21 @@ class WanPipeline:
   """Text-to-video with a Wan2.1 transformer (dense, sparse, or a distilled student).
 
   tokenizer, text_encoder: `sparge_jax.models.umt5`'s; vae: a `sparge_jax.models.wan_vae.WanVAE`;
-  scheduler: a `sparge_jax.schedulers` scheduler (its shift is replaced per call, see `flow_shift`).
+  scheduler: a `sparge_jax.schedulers` scheduler (its shift is replaced per call, see `flow_shift`);
+  mesh: the context mesh (`jax.set_mesh`) the denoising step is traced and run under, which a transformer
+  with `config.sequence_axes` needs.
   """
 
-  def __init__(self, *, tokenizer, text_encoder, transformer: WanModel, vae, scheduler: schedulers.Scheduler):
+  def __init__(
+    self,
+    *,
+    tokenizer,
+    text_encoder,
+    transformer: WanModel,
+    vae,
+    scheduler: schedulers.Scheduler,
+    mesh: jax.sharding.Mesh | None = None,
+  ):
     config = transformer.config
     if text_encoder.config.d_model != config.text_dim:
       raise ValueError(
@@ -102,7 +114,7 @@ class WanPipeline:
         f"and out_channels={config.out_channels}"
       )
     self.tokenizer, self.text_encoder, self.transformer, self.vae = tokenizer, text_encoder, transformer, vae
-    self.scheduler = scheduler
+    self.scheduler, self.mesh = scheduler, mesh
     self._vae_graphdef, self._vae_state = nnx.split(vae)
     self._steps = {}
     self.temporal_factor, self.spatial_factor = vae.config.temporal_compression, vae.config.spatial_compression
@@ -118,6 +130,8 @@ class WanPipeline:
     attention: AttentionConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Sequence[tuple[str, str | None]] = (),
+    sequence_axes: tuple[str, ...] = (),
+    sequence_parallel: str = "ulysses",
   ) -> WanPipeline:
     """Load a Wan2.1 diffusers folder (transformer/, text_encoder/, tokenizer/, vae/, scheduler/).
 
@@ -126,20 +140,29 @@ class WanPipeline:
     the folder's transformer/. attention: the loaded transformer's self-attention settings (the rule's
     mode, block sizes and implementation also serve `AttentionSchedule`s). mesh, rules: shard every
     model's parameters over `mesh` (with `AxisType.Auto` axes: XLA places the activations) by their
-    logical axis names mapped through `rules`, e.g. `[("embed", "fsdp")]`.
+    logical axis names mapped through `rules`, e.g. `[("embed", "fsdp")]`. sequence_axes, sequence_parallel:
+    split each video's tokens over these axes of `mesh` ("ulysses" or "ring" over one axis, "usp" over two;
+    `WanConfig`), e.g. `mesh=jax.make_mesh((8,), ("sequence",), axis_types=(AxisType.Auto,))` and
+    `sequence_axes=("sequence",)`.
     """
     folder = check_folder(folder, transformer=transformer is None)
+    if sequence_axes and mesh is None:
+      raise ValueError(f"sequence_axes {tuple(sequence_axes)} need a mesh that has them")
+    sequence = dict(sequence_axes=tuple(sequence_axes), sequence_parallel=sequence_parallel)
     if transformer is None:
       overrides = {} if attention is None else {"attention": attention}
-      transformer = load_diffusers(folder / "transformer", dtype=dtype, mesh=mesh, rules=rules, **overrides)
-    elif attention is not None:
-      transformer.set_attention(attention)
+      transformer = load_diffusers(folder / "transformer", dtype=dtype, mesh=mesh, rules=rules, **overrides, **sequence)
+    else:
+      transformer.config = dataclasses.replace(transformer.config, **sequence)
+      if attention is not None:
+        transformer.set_attention(attention)
     return cls(
       tokenizer=umt5.load_tokenizer(folder / "tokenizer"),
       text_encoder=umt5.load_umt5_encoder(folder / "text_encoder", dtype=dtype, mesh=mesh, rules=rules),
       transformer=transformer,
       vae=wan_vae.load_wan_vae(folder / "vae", dtype=vae_dtype, mesh=mesh, rules=rules),
       scheduler=schedulers.load_scheduler(folder / "scheduler"),
+      mesh=mesh,
     )
 
   # ------------------------------------------------------------------------------------------- stages
@@ -246,7 +269,7 @@ class WanPipeline:
       noise, context, negative_context, num_steps, guidance, schedule, flow_shift
     )
     # The bar waits for the step before the one just dispatched, so the device always has work queued.
-    with tqdm(total=num_steps, desc="denoising", unit="step", disable=not progress) as bar:
+    with self._on_mesh(), tqdm(total=num_steps, desc="denoising", unit="step", disable=not progress) as bar:
       previous = None
       for _ in range(num_steps):
         latents, state, done = step(params, state, latents, context, guidance, tables)
@@ -272,9 +295,15 @@ class WanPipeline:
     """Compile the denoising step (and with `decode` the decoder) for these shapes ahead of `denoise` and
     `decode`, which then start at once, without running them. Arguments as `denoise`'s."""
     step, args = self._denoise_call(noise, context, negative_context, num_steps, 1.0, schedule, flow_shift)
-    step.lower(*args).compile()
+    with self._on_mesh():
+      step.lower(*args).compile()
     if decode:
       self._decode.lower(self._vae_state, jax.ShapeDtypeStruct(noise.shape, jnp.float32)).compile()
+
+  def _on_mesh(self):
+    """The pipeline's mesh as the context mesh where the transformer's `sequence_axes` name its axes."""
+    split = self.mesh is not None and self.transformer.config.sequence_axes
+    return jax.set_mesh(self.mesh) if split else contextlib.nullcontext()
 
   @functools.cached_property
   def _decode(self):

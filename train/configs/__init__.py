@@ -50,7 +50,7 @@ class ModelConfig:
 
   The trainer sets the rest of ``sparge_jax.models.wan.WanConfig`` itself: self-attention from
   ``attention`` (the teacher's is dense), the compute dtype from ``compute_dtype``, float32 parameters, and
-  the batch axes of its mesh.
+  the batch and sequence axes of its mesh.
   """
 
   patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -97,6 +97,8 @@ class ModelConfig:
     attention: AttentionConfig,
     compute_dtype: Literal["float32", "bfloat16"] = "float32",
     batch_axes: tuple[str, ...] = (),
+    sequence_axes: tuple[str, ...] = (),
+    sequence_parallel: str = "ulysses",
   ) -> WanConfig:
     """The ``WanConfig`` of this architecture with the given run options (float32 parameters)."""
     return WanConfig(
@@ -105,6 +107,8 @@ class ModelConfig:
       param_dtype=jnp.float32,
       compute_dtype=jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32,
       batch_axes=batch_axes,
+      sequence_axes=sequence_axes,
+      sequence_parallel=sequence_parallel,
     )
 
 
@@ -177,12 +181,19 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh (data, fsdp) over all devices of all processes."""
+  """Device mesh (data, fsdp, sequence) over all devices of all processes."""
 
   data: int = -1
-  """Data-parallel size; -1 uses all devices that fsdp leaves."""
+  """Data-parallel size; -1 uses all devices that fsdp and sequence leave."""
   fsdp: int = 1
-  """Parameter-sharding size; -1 uses all devices that data leaves."""
+  """Parameter-sharding size; -1 uses all devices that data and sequence leave."""
+  sequence: int = 1
+  """Sequence-parallel size: devices that split each example's tokens (the batch splits over data x fsdp)."""
+  sequence_parallel: Literal["ulysses", "ring", "usp"] = "ulysses"
+  """How self-attention spans the sequence devices: ulysses (all-to-all to heads: best where the heads
+  divide by sequence), ring (k/v rotate around them), usp (Ulysses over sequence / ring, ring over ring)."""
+  ring: int = 1
+  """With usp: the ring part of sequence (a divisor of it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +397,16 @@ def validate(config: Config) -> None:
   check(not e.prompts or bool(e.model), "eval.prompts", "needs eval.model (its text encoder encodes them)")
   check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
   check(config.mesh.fsdp == -1 or config.mesh.fsdp >= 1, "mesh.fsdp", "must be -1 or >= 1")
+  check(config.mesh.sequence >= 1, "mesh.sequence", "must be >= 1")
+  check(
+    config.mesh.sequence_parallel in ("ulysses", "ring", "usp"),
+    "mesh.sequence_parallel",
+    "must be ulysses, ring or usp",
+  )
+  check(
+    config.mesh.ring >= 1 and config.mesh.sequence % config.mesh.ring == 0, "mesh.ring", "must divide mesh.sequence"
+  )
+  check(config.mesh.ring == 1 or config.mesh.sequence_parallel == "usp", "mesh.ring", "is for sequence_parallel=usp")
   check(config.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   check(config.log_every >= 1, "log_every", "must be >= 1")

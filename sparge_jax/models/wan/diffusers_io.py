@@ -51,7 +51,15 @@ _ARCHITECTURE_FIELDS = (
 _IMAGE_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 # diffusers builds the same RMS qk-norm whatever this says.
 _IGNORED_FIELDS = ("qk_norm",)
-_RUN_OPTIONS = ("attention", "remat", "remat_saves", "compute_dtype", "batch_axes")
+_RUN_OPTIONS = (
+  "attention",
+  "remat",
+  "remat_saves",
+  "compute_dtype",
+  "batch_axes",
+  "sequence_axes",
+  "sequence_parallel",
+)
 
 
 # Layouts: how a diffusers (torch) tensor becomes a model parameter.
@@ -256,7 +264,7 @@ def load_diffusers(
   mesh: place each parameter sharded over it, by the logical axis names of the model docstring
     mapped through `rules` (pairs like ("embed", "fsdp"); names without a rule are replicated).
   overrides: run options - `attention` (AttentionConfig), `remat`, `compute_dtype` (default `dtype`),
-    `batch_axes`.
+    `batch_axes`, `sequence_axes`, `sequence_parallel`.
   """
   folder = Path(path)
   if not folder.is_dir() or not (folder / CONFIG_NAME).is_file():
