@@ -60,10 +60,12 @@ def test_balanced_head_order_lowers_the_max_over_mean():
   after = parallel.load_balance(mask, ulysses=4, head_order=order)
   assert before.kept.shape == (4, 1) and before.kept.sum() == after.kept.sum() == mask.sum()
   assert before.max_over_mean > 1.5, before
-  assert after.max_over_mean < 1.1 < before.max_over_mean, (before, after)
+  # Kept blocks per head 64, 56, 48, 40, 16, 8, 8, 8: two heads a device can do no better than 72 / 62.
+  assert after.max_over_mean < 1.2 < 1.5 < before.max_over_mean, (before, after)
   assert sorted(order) == list(range(8))
   # Per-head counts give the same Ulysses report; GQA moves whole groups.
-  assert parallel.load_balance(kept_per_head, ulysses=4, head_order=order) == after
+  from_counts = parallel.load_balance(kept_per_head, ulysses=4, head_order=order)
+  np.testing.assert_array_equal(from_counts.kept, after.kept)
   grouped = parallel.balanced_head_order(kept_per_head, 2, group=2)
   assert all(grouped[i + 1] == grouped[i] + 1 and grouped[i] % 2 == 0 for i in range(0, 8, 2))
   assert parallel.load_balance(mask, ulysses=2, head_order=grouped).max_over_mean < 1.1
@@ -112,12 +114,12 @@ def test_one_device_axes_equal_plain_sparse_attention(scheme):
   spec = P(None, names if scheme == "usp" else "s")
   mesh = one_device_mesh(names)
   attend = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+  run = jax.jit(lambda f, *a: (lambda out, vjp: (out, vjp(a[-1])))(*jax.vjp(f, *a[:-1])), static_argnums=0)
   with jax.set_mesh(mesh):
-    out, vjp = jax.vjp(attend, q, k, v)
-    grads = vjp(d_out)
-  out_ref, vjp_ref = jax.vjp(lambda q, k, v: attention.sparse_attention(q, k, v, **kwargs), q, k, v)
+    out, grads = run(attend, q, k, v, d_out)
+  out_ref, grads_ref = run(lambda q, k, v: attention.sparse_attention(q, k, v, **kwargs), q, k, v, d_out)
   np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-6)
-  for g, g_ref in zip(grads, vjp_ref(d_out)):
+  for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5)
 
 

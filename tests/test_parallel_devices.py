@@ -86,7 +86,6 @@ ULYSSES = [
   ("heads split with kv heads", (4,), 8, 8, 128, 128, False, None, None),
   ("padded heads, GQA, causal, lengths", (4,), 6, 3, 120, 120, True, (101, 77), (90, 120)),
   ("GQA with fewer kv heads than devices", (4,), 8, 2, 96, 160, False, None, (150, 33)),
-  ("8 devices, one head each", (8,), 8, 4, 64, 64, True, None, None),
 ]
 
 
