@@ -144,6 +144,8 @@ def test_distillation_step_with_a_sequence_axis_equals_unsharded():
   assert configs[1].sequence_parallel == scheme and configs[1].sequence_axes == sharding.sequence_axes(mesh)
   graphdefs = [models.abstract_model(c)[0] for c in configs]
   shardings = sharding.param_shardings(abstract, mesh)
+  # FSDP spans the sequence axes: the devices that share an example's tokens share its weights.
+  assert shardings["blocks"]["ffn_in"]["kernel"].spec == P(None, ("fsdp", "sequence", "ring"), None)
   replicated = sharding.replicated(mesh)
   opt_state = jax.jit(optimizer.init)(params)
   opt_shardings = jax.tree.map(lambda _: replicated, opt_state)

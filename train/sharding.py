@@ -1,8 +1,8 @@
 """Device mesh ``(data, fsdp[, sequence[, ring]])`` and the shardings of parameters and batches.
 
 Parameters carry logical axis names (``nnx.with_partitioning``); ``LOGICAL_RULES`` maps them to
-mesh axes. FSDP shards each parameter over ``fsdp`` along its first dimension whose logical name
-maps to ``fsdp`` and whose size divides evenly; everything else is replicated. The batch is split
+mesh axes. FSDP shards each parameter over ``fsdp`` and the sequence axes along its first dimension
+whose logical name maps to ``fsdp`` and whose size divides evenly; everything else is replicated. The batch is split
 over ``data`` and ``fsdp`` (FSDP is data parallelism with sharded weights), so every group of
 ``sequence`` devices sees ``batch / (data * fsdp)`` examples. The ``sequence`` axis (present when it
 has more than one device, or for USP) splits each example's tokens inside the model
@@ -11,6 +11,8 @@ ring part.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
@@ -76,8 +78,10 @@ def _spec(shape: tuple[int, ...], names: tuple | None, mesh: Mesh, rules: dict) 
   if names:
     for dim, (size, name) in enumerate(zip(shape, names)):
       axis = rules.get(name) if isinstance(name, str) else None
-      if axis is not None and size % mesh.shape[axis] == 0:
-        spec[dim] = axis
+      # The devices that share an example's tokens share its weights too: FSDP spans the sequence axes.
+      axes = () if axis is None else (axis, *sequence_axes(mesh)) if axis == "fsdp" else (axis,)
+      if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+        spec[dim] = axes if len(axes) > 1 else axis
         break
   return P(*spec)
 

@@ -246,22 +246,29 @@ def ring_vjp(ring: Ring):
     cols = lax.dynamic_slice_in_dim(mask, shard * n_kv, n_kv, axis=3)
     return cols, None if kv_lengths is None else layout.local_length(kv_lengths, shard)
 
+  def step_forward(step, q, k, v, cols, lengths):
+    table = backend.index_table(cols, interpret=kernel.interpret)
+    return backend.forward(q, k, v, *table, kv_seq_lengths=lengths, **kwargs(step))
+
+  def step_backward(step, q, k, v, out, lse, d_out, d_lse, cols, lengths):
+    forward_table = backend.index_table(cols, interpret=kernel.interpret)
+    backward_table = backend.index_table(transposed_mask(cols, kernel.kv_heads), interpret=kernel.interpret)
+    return backend.backward(
+      q, k, v, out, lse, d_out, d_lse, *forward_table, *backward_table, kv_seq_lengths=lengths, **kwargs(step)
+    )
+
   def forward(q, k, v, kv_lengths, mask):
     out = lse = None
     for step in range(size):
       cols, lengths = visiting(mask, kv_lengths, step)
-
-      def attend(q, k, v, cols, lengths, step=step):
-        table = backend.index_table(cols, interpret=kernel.interpret)
-        return backend.forward(q, k, v, *table, kv_seq_lengths=lengths, **kwargs(step))
-
       if step + 1 < size:  # issued before this step's kernel, so the transfer overlaps it
         k_next, v_next = rotate((k, v))
       if step == 0:
-        out, lse = attend(q, k, v, cols, lengths)
+        out, lse = step_forward(step, q, k, v, cols, lengths)
       else:
         nothing = lambda: (jnp.zeros(q.shape, q.dtype), jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf))
-        out, lse = _merge(out, lse, *_skippable(attend, nothing, cols, q, k, v, cols, lengths))
+        run = functools.partial(step_forward, step)
+        out, lse = _merge(out, lse, *_skippable(run, nothing, cols, q, k, v, cols, lengths))
       if step + 1 < size:
         k, v = k_next, v_next
     return out.astype(q.dtype), lse
@@ -278,30 +285,25 @@ def ring_vjp(ring: Ring):
   def attention_bwd(residuals, cotangents):
     q, k, v, kv_lengths, mask, out, lse = residuals
     d_out, d_lse = cotangents
+    # Symbolic zeros: a loss that ignores lse passes no d_lse, and the kernels skip its term.
     d_out = jnp.zeros_like(out) if isinstance(d_out, SymbolicZero) else d_out
     d_lse = None if isinstance(d_lse, SymbolicZero) else d_lse
+    if size == 1:  # nothing to accumulate or to send
+      return (*step_backward(0, q, k, v, out, lse, d_out, d_lse, mask, kv_lengths), None, None)
     dq = jnp.zeros(q.shape, jnp.float32)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for step in range(size):
       cols, lengths = visiting(mask, kv_lengths, step)
-
-      def grads(q, k, v, out, lse, d_out, d_lse, cols, lengths, step=step):
-        forward_table = backend.index_table(cols, interpret=kernel.interpret)
-        backward_table = backend.index_table(transposed_mask(cols, kernel.kv_heads), interpret=kernel.interpret)
-        return backend.backward(
-          q, k, v, out, lse, d_out, d_lse, *forward_table, *backward_table, kv_seq_lengths=lengths, **kwargs(step)
-        )
-
       if step + 1 < size:
         k_next, v_next = rotate((k, v))
       if step == 0:
-        step_grads = grads(q, k, v, out, lse, d_out, d_lse, cols, lengths)
+        grads = step_backward(step, q, k, v, out, lse, d_out, d_lse, cols, lengths)
       else:
         nothing = lambda: (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-        step_grads = _skippable(grads, nothing, cols, q, k, v, out, lse, d_out, d_lse, cols, lengths)
-      dq, dk, dv = (a + g.astype(jnp.float32) for a, g in zip((dq, dk, dv), step_grads))
-      if size > 1:  # dK/dV travel with their shard; after the last step this brings them home
-        dk, dv = rotate((dk, dv))
+        run = functools.partial(step_backward, step)
+        grads = _skippable(run, nothing, cols, q, k, v, out, lse, d_out, d_lse, cols, lengths)
+      dq, dk, dv = (a + g.astype(jnp.float32) for a, g in zip((dq, dk, dv), grads))
+      dk, dv = rotate((dk, dv))  # dK/dV travel with their shard; after the last step this brings them home
       if step + 1 < size:
         k, v = k_next, v_next
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
