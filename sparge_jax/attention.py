@@ -148,8 +148,8 @@ def block_mask(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
   )
-  config.check_fractions("topk", topk, q.shape[2])
-  config.check_fractions("topp", topp, q.shape[2])
+  config.check_fraction_argument("topk", topk, q.shape[2])
+  config.check_fraction_argument("topp", topp, q.shape[2])
   config.check_choice("mode", mode, MODES)
   return core.block_mask(
     q,
@@ -271,8 +271,8 @@ def sparse_attention(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
   )
-  config.check_fractions("topk", topk, q.shape[2])
-  config.check_fractions("topp", topp, q.shape[2])
+  config.check_fraction_argument("topk", topk, q.shape[2])
+  config.check_fraction_argument("topp", topp, q.shape[2])
   config.check_choice("mode", mode, MODES)
   kernel = _kernel(
     q,
