@@ -457,7 +457,8 @@ def make_attention_fn(
 
 
 def dense_attention(q, k, v, *, scale=None):
-  """Full attention: cuDNN flash attention on GPUs of compute capability ≥ 8.0 for bf16/fp16, XLA otherwise.
+  """Full attention: cuDNN flash attention on GPUs of compute capability ≥ 8.0 for bf16/fp16 with a head_dim
+  that is a multiple of 8 and at most 128, XLA otherwise.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
   """
