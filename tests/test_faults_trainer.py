@@ -30,7 +30,6 @@ SMALL = [
   "--config.checkpoint_every=2",
   "--config.keep_checkpoints=3",
 ]
-PHASE_2 = "needs train/distill.py wired to train.checkpoint.restore_latest / identity / workdir / errors"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,6 @@ def test_a_run_that_fails_before_its_first_save_leaves_no_checkpoints_directory(
   assert not os.path.exists(workdir / "checkpoints")
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_the_previous(env, finished, copy):
   data_files = [
     os.path.join(folder, name)
@@ -133,7 +131,6 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_th
   assert losses(copy) == losses(finished)  # an exact resume: nothing was lost
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_changed_config_stops_the_resume_unless_allowed_and_the_change_is_recorded(env, copy):
   before = snapshot(copy)
   code, _, err = run(["--config.steps=6", "--config.seed=1", "--workdir", str(copy)], env)
@@ -147,11 +144,11 @@ def test_a_changed_config_stops_the_resume_unless_allowed_and_the_change_is_reco
   code, _, err = run(["--config.steps=6", "--config.seed=1", "--allow-config-change=seed", "--workdir", str(copy)], env)
   assert code == 0, err[-3000:]
   history = [json.loads(line) for line in open(copy / "history.jsonl")]
-  assert {"event": "config_change", "step": 4, "changes": {"seed": [0, 1]}}.items() <= history[-1].items()
+  assert [r["event"] for r in history[-2:]] == ["config_change", "resume"]
+  assert {"step": 4, "changes": {"seed": [0, 1]}}.items() <= history[-2].items()
   assert steps_logged(copy) == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_finished_run_asked_for_fewer_steps_says_so_and_changes_nothing(env, copy):
   before = snapshot(copy)
   code, out, err = run(["--config.steps=2", "--workdir", str(copy)], env)
@@ -163,7 +160,6 @@ def test_a_finished_run_asked_for_fewer_steps_says_so_and_changes_nothing(env, c
   assert snapshot(copy) == before
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_second_trainer_on_the_same_workdir_stops_at_once_naming_the_first(env, copy):
   first = start(["--config.steps=1000", "--workdir", str(copy)], env)
   try:
@@ -182,7 +178,6 @@ def test_a_second_trainer_on_the_same_workdir_stops_at_once_naming_the_first(env
     first.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_workdir_that_is_a_file_stops_with_one_line(env, tmp_path):
   (tmp_path / "file").write_text("not a folder")
   code, _, err = run(["--config.steps=2", "--workdir", str(tmp_path / "file")], env)
@@ -204,7 +199,6 @@ sys.exit(distill.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(env, tmp_path, finished):
   workdir = tmp_path / "run"
   code, _, err = run(["--config.steps=4", "--workdir", str(workdir)], env, code=FULL_DISK_AT_STEP_4)
@@ -235,7 +229,6 @@ sys.exit(distill.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
 def test_a_killed_run_resumed_logs_each_step_once(env, copy):
   code, _, _ = run(["--config.steps=8", "--workdir", str(copy)], env, code=KILL_AT_SAVE_6)
   assert code == -signal.SIGKILL
