@@ -32,7 +32,7 @@ from sparge_jax.models.wan import WanModel, load_diffusers
 from sparge_jax.pipelines import AttentionSchedule, export_video
 from sparge_jax.pipelines.video import check_output_path
 from sparge_jax.pipelines.wan import DEFAULT_NEGATIVE_PROMPT, WanPipeline, check_folder, default_flow_shift
-from train import checkpoint, distill, sharding
+from train import checkpoint, distill, errors, sharding
 from train.configs import Config, from_dict
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -162,18 +162,19 @@ def _schedule(config: GenerateConfig, own: AttentionConfig) -> AttentionSchedule
   )
 
 
-def load_student(workdir: str, *, dtype, mesh=None):
-  """The student of a distillation workdir's newest checkpoint as a WanModel with parameters in `dtype`."""
+def load_student(workdir: str, *, dtype, mesh=None) -> tuple[WanModel, str]:
+  """The student of a distillation workdir's newest checkpoint that restores, as a WanModel with parameters
+  in `dtype`, and that checkpoint's params directory."""
   with open(os.path.join(workdir, "config.json")) as f:
     run_config = from_dict(Config, json.load(f))
   _, trained = distill.model_configs(run_config)
   abstract = nnx.split(nnx.eval_shape(lambda: WanModel(trained, rngs=nnx.Rngs(0))))[1]
   mesh = mesh if mesh is not None else sharding.make_mesh(-1, 1)
   shardings = sharding.param_shardings(abstract, mesh)
-  params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
+  params, found = checkpoint.load_newest_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
   params = jax.tree.map(lambda a: a.astype(dtype), params)
   config = dataclasses.replace(trained, param_dtype=dtype, compute_dtype=dtype)
-  return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))), params)
+  return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))), params), found
 
 
 def run(config: GenerateConfig) -> dict:
@@ -185,7 +186,7 @@ def run(config: GenerateConfig) -> dict:
   start = time.perf_counter()
   transformer, source = None, os.path.join(config.model, "transformer")
   if config.student:
-    transformer, source = load_student(config.student, dtype=dtype, mesh=mesh), config.student
+    transformer, source = load_student(config.student, dtype=dtype, mesh=mesh)
   elif config.student_diffusers:
     transformer = load_diffusers(config.student_diffusers, dtype=dtype, mesh=mesh, rules=rules)
     source = config.student_diffusers
@@ -243,14 +244,11 @@ def run(config: GenerateConfig) -> dict:
   }
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   config = tyro.cli(GenerateConfig, args=argv, description=__doc__)
-  try:
-    check(config)
-    summary = run(config)
-  except (ValueError, FileNotFoundError) as e:  # bad options, folders or checkpoints
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  check(config)  # bad options, folders or checkpoints: one error line, before any model is loaded
+  summary = run(config)
   seconds = summary["seconds"]
   print(
     f"wrote {summary['out']}: {summary['frames'][0]} frames of {summary['frames'][2]}x{summary['frames'][1]} "

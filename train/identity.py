@@ -7,6 +7,8 @@ the same except ``FREE_FIELDS``:
 - ``name``: a label;
 - ``steps``: train further (a run already past the new ``steps`` changes nothing: ``check_steps``);
 - ``checkpoint_every``, ``keep_checkpoints``, ``log_every``: when to save and to log;
+- ``eval``: when and how the student is measured against its teacher (never trained on);
+- ``data.workers``, ``data.prefetch``: how the same batches are read;
 - ``mesh``: how the devices split the same global batch (restores go onto the new shardings);
 - ``model.remat``, ``model.remat_saves``: memory traded for recomputation, the same results;
 - ``attention.implementation`` (and the older ``attention.backend``): which kernels run the same rule;
@@ -36,6 +38,9 @@ FREE_FIELDS = (
   "checkpoint_every",
   "keep_checkpoints",
   "log_every",
+  "eval",
+  "data.workers",
+  "data.prefetch",
   "mesh",
   "model.remat",
   "model.remat_saves",

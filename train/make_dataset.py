@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from sparge_jax.config import AttentionConfig
 
-from . import cli, flow, sharding, sources
-from .configs import PRESETS, Config, ModelConfig, checker, validate_model
+from . import cli, errors, flow, sharding, sources
+from .configs import PRESETS, Config, ModelConfig, checker, patch_grid, validate_model
 from .data import MovingShapes, Source, write_dataset
 from .models import abstract_model
 from .teacher import load_teacher
+from .workdir import check_new_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,8 @@ def check(args: Args) -> None:
       name,
       f"must be a positive multiple of the patch size {patch}",
     )
+  grid = patch_grid(config.model, config.frames, config.height, config.width)
+  require(max(grid) <= config.model.rope_max_seq_len, "model.rope_max_seq_len", f"must cover the patch grid {grid}")
   require(config.text_len >= 3, "text_len", "must be >= 3")
   require(config.batch_size >= 1, "batch_size", "must be >= 1")
   require(config.seed >= 0, "seed", "must be >= 0")
@@ -165,6 +168,7 @@ def check(args: Args) -> None:
     raise ValueError(f"--shift must be > 0, got {args.shift}")
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   args, code = cli.parse(
     Args,
@@ -178,21 +182,16 @@ def main(argv: list[str] | None = None) -> int:
   )
   if code is not None:
     return code
+  check_new_directory(args.out, "--out")  # before the sampling, which is the long part
   config, n = args.config, args.num_examples
   if args.source == "teacher" and config.teacher == "random":
     print("note: --config.teacher=random samples an untrained model; pass a diffusers folder or a workdir")
-  try:  # a teacher folder that cannot be loaded, or an --out that cannot be written
-    if args.source == "synthetic":
-      shapes = synthetic(config, n)
-      examples = (shapes.get(i) for i in range(n))
-    else:
-      examples = teacher_examples(config, n, num_steps=args.num_steps, shift=args.shift)
-    manifest = write_dataset(
-      args.out, tqdm(examples, total=n, unit="video"), examples_per_shard=args.examples_per_shard
-    )
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  if args.source == "synthetic":
+    shapes = synthetic(config, n)
+    examples = (shapes.get(i) for i in range(n))
+  else:
+    examples = teacher_examples(config, n, num_steps=args.num_steps, shift=args.shift)
+  manifest = write_dataset(args.out, tqdm(examples, total=n, unit="video"), examples_per_shard=args.examples_per_shard)
   print(
     f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to {args.out} "
     f"(latents {manifest['latent_shape']}, text {manifest['text_shape']})"
