@@ -1,20 +1,22 @@
 """First GPU run of the Mosaic GPU block-sparse kernels: compile, check against Triton, time both.
 
     python -m benchmarks.mosaic_smoke                 # 32,760 tokens x 12 heads x 128, bf16, 95% sparsity
-    python -m benchmarks.mosaic_smoke --sweep         # also the mosaic variants: forward v1 and default,
-                                                      # backward v1, the persistent dQ and dK/dV variants,
-                                                      # delta by XLA or inside the dQ kernel, 128-key dQ steps
+    python -m benchmarks.mosaic_smoke --sweep         # also the `MosaicTuning` settings that fit: pipeline
+                                                      # depths, dK/dV dealing, CTA counts
     python -m benchmarks.mosaic_smoke --head-dim 64 --sweep   # deeper pipelines, which fit at head_dim 64
+    python -m benchmarks.mosaic_smoke --heads 32 --kv-heads 8 # GQA; --causal: causal masking (allowed blocks)
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
 relative (‖ours − triton‖ / ‖triton‖) on the same inputs and index tables; both are bf16 kernels, so
-expect ~1e-3, not 0. TFLOP/s count only the kept blocks: forward 4·B·H·N²·D·(1−s), backward 2.5x that.
+expect ~1e-3, not 0. TFLOP/s count only the kept blocks: forward 4·D·block_q·block_kv per kept block,
+backward 2.5x that (cuDNN: the dense or causal flops).
 Times are device time (`timing.device_ms`, one profiler trace for all of them, after every check).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import traceback
 
 import jax
@@ -25,8 +27,8 @@ from benchmarks import timing
 from benchmarks.inputs import random_block_mask
 from benchmarks.results import device_name
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
+from pallas_kernels.block_sparse_attention import mosaic_pipeline
 from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
-from sparge_jax import attention
 from sparge_jax import mask as mask_lib
 
 
@@ -48,34 +50,74 @@ def _step(name, fn, results):
   return results[name]
 
 
+def sweep_variants(head_dim):
+  """(forward, backward) lists of `MosaicTuning` settings to time against the defaults: those that fit
+  in shared memory at head_dim (MOSAIC_NOTES.md has what each measured)."""
+  sms = mosaic_pipeline.num_sms()
+  if head_dim == 128:
+    forward = (dict(forward_stages=1), dict(num_ctas=sms - 4))
+    backward = (
+      dict(dq_stages=3),  # one Q/dO row slot instead of two
+      dict(dkv_stages=1),  # two K/V slots per dK/dV pair, no Q/dO double buffering
+      dict(dkv_balanced=False),  # dK/dV lanes dealt round-robin
+      dict(num_ctas=sms - 4),
+    )
+  else:
+    forward = tuple(dict(forward_stages=n) for n in (3, 4))
+    backward = tuple(dict(dq_stages=d, dkv_stages=s) for d in (2, 3, 4) for s in (2, 3) if (d, s) != (2, 2))
+    backward += (dict(dkv_balanced=True),)
+  return forward, backward
+
+
+def tables(mask, *, kv_heads):
+  """The forward/dQ table per query head and the dK/dV table per kv head (the backend contract's)."""
+  batch, heads, n_q, n_kv = mask.shape
+  group = heads // kv_heads
+  by_kv_head = mask.reshape(batch, kv_heads, group, n_q, n_kv).transpose(0, 1, 4, 2, 3)
+  return mask_lib.index_table(mask), mask_lib.index_table(by_kv_head.reshape(batch, kv_heads, n_kv, group * n_q))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq-len", type=int, default=32760)
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--sparsity", type=float, default=0.95)
+  parser.add_argument("--kv-heads", type=int, default=None, help="GQA: kv heads (default: --heads)")
+  parser.add_argument("--causal", action="store_true", help="causal masking; the mask keeps allowed blocks only")
   parser.add_argument("--sweep", action="store_true")
   args = parser.parse_args(argv)
+  kv_heads = args.kv_heads or args.heads
   print(f"device {device_name()}, jax {jax.__version__}")
 
   block_q, block_kv, dtype = 128, 64, jnp.bfloat16
   shape = (1, args.seq_len, args.heads, args.head_dim)
+  kv_shape = (1, args.seq_len, kv_heads, args.head_dim)
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
-  q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:4])
+  q, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:2])
+  k, v = (jax.random.normal(key, kv_shape, dtype) for key in keys[2:4])
   n_q, n_kv = -(-args.seq_len // block_q), -(-args.seq_len // block_kv)
   kept = max(1, round((1 - args.sparsity) * n_kv))
   mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, kept)
-  (kv_index, kv_count), (q_index, q_count) = jax.jit(mask_lib.index_tables)(mask)
-  blocks = dict(block_q=block_q, block_kv=block_kv, scale=args.head_dim**-0.5)
-  kept_flops = 4 * args.heads * args.seq_len**2 * args.head_dim * kept / n_kv
-  print(f"shape {shape} bf16, {kept}/{n_kv} kv blocks kept per row (sparsity {1 - kept / n_kv:.4f})")
+  if args.causal:  # the allowed blocks only, and each q block's diagonal block
+    q_first = jnp.arange(n_q) * block_q
+    allowed = jnp.arange(n_kv)[None, :] * block_kv <= jnp.minimum(q_first + block_q, args.seq_len)[:, None] - 1
+    mask = (mask & allowed) | jax.nn.one_hot(q_first // block_kv, n_kv, dtype=bool)
+  (kv_index, kv_count), (q_index, q_count) = jax.jit(functools.partial(tables, kv_heads=kv_heads))(mask)
+  blocks = dict(block_q=block_q, block_kv=block_kv, scale=args.head_dim**-0.5, is_causal=args.causal)
+  kept_flops = 4 * args.head_dim * block_q * block_kv * float(jnp.sum(mask))
+  dense_flops = 4 * args.heads * args.seq_len**2 * args.head_dim * (0.5 if args.causal else 1.0)
+  print(
+    f"shape {shape} bf16, kv heads {kv_heads}, causal {args.causal}: {float(jnp.mean(jnp.sum(mask, -1))):.1f}/{n_kv}"
+    " kv blocks kept per row"
+  )
 
   def forward_fn(module, **tuning):
     return jax.jit(lambda q, k, v, i, c: module.forward(q, k, v, i, c, **blocks, **tuning))
 
   def backward_fn(module, **tuning):
     return jax.jit(
-      lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(q, k, v, o, l, do, i, c, qi, qc, **blocks, **tuning)
+      lambda q, k, v, o, l, do, i, c, qi, qc: module.backward(q, k, v, o, l, do, None, i, c, qi, qc, **blocks, **tuning)
     )
 
   fwd_args = (q, k, v, kv_index, kv_count)
@@ -114,7 +156,8 @@ def main(argv=None):
       results,
     )
 
-  to_time = {"cudnn fwd": (jax.jit(lambda q, k, v: attention.dense_attention(q, k, v)), (q, k, v))}
+  cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=args.causal, implementation="cudnn"))
+  to_time = {"cudnn fwd": (cudnn, (q, k, v))}
   for name, module in (("triton", triton_block_sparse), ("mosaic", mosaic_block_sparse)):
     if results.get(f"{name} forward" if name == "triton" else "mosaic forward compile+run"):
       to_time[f"{name} fwd"] = (forward_fn(module), fwd_args)
@@ -140,38 +183,7 @@ def main(argv=None):
     to_time[name] = (fn, bwd_args(triton_fwd))
 
   if args.sweep and mosaic_fwd:
-    if args.head_dim == 128:
-      # Forward: v1 and the default only (the other settings were slower: benchmarks/NOTES.md).
-      forward_variants = (
-        dict(num_stages=4, kv_blocks_per_step=1, persistent=False),
-        dict(num_stages=2, kv_blocks_per_step=2, persistent=True),
-      )
-      # v1 (one CTA per tile, precomputed delta); persistent dK/dV with one K/V slot per pair (2 Q/dO
-      # stages) or two (1 stage: SMEM); then persistent dQ (two row slots: at most 2 K/V stages) on
-      # top of each; the default (delta formed inside the dQ kernel) against the XLA reduce.
-      v1 = dict(dq_stages=3, dq_persistent=False, dkv_stages=2, delta_in_dq=False)
-      backward_variants = (
-        v1 | dict(dkv_persistent=False),
-        v1 | dict(dkv_persistent=True),
-        v1 | dict(dkv_stages=1, dkv_persistent=True),
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True, delta_in_dq=False),
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True),
-        # the default's dK/dV pairs dealt round-robin instead of by q count
-        dict(dq_stages=2, dq_persistent=True, dkv_stages=2, dkv_persistent=True, dkv_balanced=False),
-        # 128-key dQ steps fit beside one row slot only: no persistence
-        dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
-      )
-    else:
-      # Half the shared memory per tile: deeper pipelines fit (never timed at head_dim 64 before).
-      forward_variants = tuple(dict(num_stages=n, kv_blocks_per_step=2, persistent=True) for n in (2, 3, 4))
-      backward_variants = tuple(
-        dict(dq_stages=d, dq_persistent=True, dkv_stages=s, dkv_persistent=True, delta_in_dq=delta)
-        for d in (2, 3, 4)
-        for s in (2, 3)
-        for delta in (False, True)
-      )
-      backward_variants += (dict(dkv_balanced=True),)  # dealt by q count (the default only at 128)
+    forward_variants, backward_variants = sweep_variants(args.head_dim)
     for tuning in forward_variants:
       _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
     if triton_fwd and mosaic_bwd:
@@ -193,7 +205,7 @@ def main(argv=None):
   for name, ms in times.items():
     flops = kept_flops * (2.5 if "bwd" in name else 1.0)
     if name == "cudnn fwd":
-      flops = kept_flops * n_kv / kept
+      flops = dense_flops
     ratio = f"{cudnn / ms:.1f}x" if cudnn and "fwd" in name else ""
     print(f"{name:<80}{ms:>9.3f}{flops / ms / 1e9:>14.0f}{ratio:>14}")
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 KINDS = ("dense", "sparse")
 MODES = ("hybrid", "topk", "topp")
 IMPLEMENTATIONS = (None, "mosaic", "triton", "xla")
@@ -88,3 +92,100 @@ class AttentionConfig:
   @property
   def sparse(self) -> bool:
     return self.kind == "sparse"
+
+
+# ------------------------------------------------------------------------------ call-time checks
+# The attention API validates its arguments here, before any work, so each rule is stated once.
+
+FRACTION_FOR_NAN = 1.0  # a traced NaN topk or topp keeps every allowed block: dense attention, never less
+
+
+def check_fractions(name: str, value, heads: int) -> None:
+  """ValueError naming `name` unless `value` is a float or a [heads] array, each in [0, 1] where concrete.
+
+  Traced values pass (their contents are unknown while tracing); `clamp_fractions` states what happens to
+  traced values outside [0, 1].
+  """
+  shape = getattr(value, "shape", None)
+  if shape is None and isinstance(value, (list, tuple)):
+    shape = (len(value),)
+  shape = () if shape is None else tuple(shape)
+  if shape not in ((), (heads,)):
+    raise ValueError(f"{name} must be a float or an array of shape [heads] = ({heads},), got shape {shape}")
+  if isinstance(value, bool) or (hasattr(value, "dtype") and value.dtype == bool):
+    raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
+  if _is_traced(value):
+    return
+  values = np.asarray(value, dtype=np.float64).reshape(-1)
+  if not np.all((values >= 0.0) & (values <= 1.0)):  # NaN fails
+    raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def clamp_fractions(value):
+  """float32 `value` clipped to [0, 1], NaN -> FRACTION_FOR_NAN: the rule a traced topk or topp follows."""
+  value = jnp.asarray(value, jnp.float32)
+  return jnp.where(jnp.isnan(value), FRACTION_FOR_NAN, jnp.clip(value, 0.0, 1.0))
+
+
+def _is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_choice(name: str, value, choices) -> None:
+  """ValueError naming `name` unless `value` is one of `choices`."""
+  if not any(value is c or (c is not None and value == c) for c in choices):
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_scale(scale) -> None:
+  """ValueError unless `scale` is None or a positive finite float."""
+  ok = isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool)
+  if scale is not None and not (ok and np.isfinite(scale) and scale > 0):
+    raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+
+
+def check_qkv(q, k, v, names=("q", "k", "v")) -> None:
+  """ValueError naming the argument unless q: [B, T, N, H], k and v: [B, S, K, H] with N % K == 0.
+
+  All three share a floating dtype; every size is at least 1.
+  """
+  q_name, k_name, v_name = names
+  for name, x in zip(names, (q, k, v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype") or len(x.shape) != 4:
+      raise ValueError(
+        f"{name} must be a 4-D array [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', type(x))}"
+      )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must have a floating dtype (bfloat16, float16 or float32), got {x.dtype}")
+    for axis, what in enumerate(("batch", "sequence", "heads", "head_dim")):
+      if x.shape[axis] < 1:
+        raise ValueError(f"{name} has an empty {what} axis (axis {axis}): shape {tuple(x.shape)}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"{q_name}, {k_name} and {v_name} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  shapes = f"{q_name} {tuple(q.shape)}, {k_name} {tuple(k.shape)}, {v_name} {tuple(v.shape)}"
+  for axis, what in ((0, "batch"), (3, "head_dim")):
+    if not (q.shape[axis] == k.shape[axis] == v.shape[axis]):
+      raise ValueError(f"{q_name}, {k_name} and {v_name} must agree in {what} (axis {axis}): {shapes}")
+  if k.shape[1] != v.shape[1]:
+    raise ValueError(f"{k_name} and {v_name} must have the same sequence length: {shapes}")
+  if k.shape[2] != v.shape[2]:
+    raise ValueError(f"{k_name} and {v_name} must have the same number of heads: {shapes}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"the heads of {q_name} must be a multiple of the heads of {k_name} and {v_name}: {shapes}")
+
+
+def check_seq_lengths(name: str, lengths, batch: int) -> None:
+  """ValueError naming `name` unless `lengths` is None or an int32 [batch] array, ≥ 0 where concrete.
+
+  Values above the sequence length count as the whole sequence.
+  """
+  if lengths is None:
+    return
+  if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
+    raise ValueError(f"{name} must be an int32 array of shape [batch] = ({batch},), got {type(lengths).__name__}")
+  if tuple(lengths.shape) != (batch,):
+    raise ValueError(f"{name} must have shape [batch] = ({batch},), got {tuple(lengths.shape)}")
+  if lengths.dtype != np.int32:
+    raise ValueError(f"{name} must have dtype int32, got {lengths.dtype}")
+  if not _is_traced(lengths) and np.any(np.asarray(lengths) < 0):
+    raise ValueError(f"{name} must be ≥ 0, got {np.asarray(lengths).tolist()}")

@@ -199,8 +199,8 @@ def _qkv(batch=1, q_len=64, kv_len=64, heads=2, dim=32, dtype=jnp.float32):
     (lambda q, k, v: attention.sparse_attention(q, k, v[:, :32]), "same sequence length"),
     (lambda q, k, v: attention.sparse_attention(q.astype(jnp.int32), k, v), "q must have a floating dtype"),
     (lambda q, k, v: attention.sparse_attention(q, k, v.astype(jnp.bfloat16)), "share a dtype"),
-    (lambda q, k, v: attention.sparse_attention(q, k, v, topk=1.5), "topk must lie in"),
-    (lambda q, k, v: attention.sparse_attention(q, k, v, topp=-0.1), "topp must lie in"),
+    (lambda q, k, v: attention.sparse_attention(q, k, v, topk=1.5), "topk must be in"),
+    (lambda q, k, v: attention.sparse_attention(q, k, v, topp=-0.1), "topp must be in"),
     (
       lambda q, k, v: attention.sparse_attention(q, k, v, topk=jnp.array([0.1, 0.2, 0.3])),
       "topk must be a float or an array of shape",
@@ -235,3 +235,27 @@ def test_bad_input_raises_at_trace_time():
     jax.jit(lambda q, k, v: attention.sparse_attention(q, k, v, block_q=100)).trace(q, k, v)
   with pytest.raises(ValueError, match="topk must be"):
     jax.jit(lambda q, k, v, t: attention.sparse_attention(q, k, v, topk=t)).trace(q, k, v, jnp.zeros(3))
+
+
+# ----------------------------------------------- grouped heads, lengths, causal masking, lse cotangent
+
+FEATURE_CASES = {
+  # (batch, q_len, kv_len, heads, head_dim, block_q, block_kv), options
+  "gqa": ((2, 70, 90, 4, 32, 32, 16), dict(kv_heads=2)),
+  "mqa-causal-q-longer": ((1, 100, 70, 3, 32, 32, 16), dict(kv_heads=1, is_causal=True)),
+  "lengths-causal": (
+    (2, 77, 100, 2, 32, 32, 16),
+    dict(q_lengths=jnp.array([77, 40], jnp.int32), kv_lengths=jnp.array([100, 37], jnp.int32), is_causal=True),
+  ),
+  "gqa-causal-kv-longer-lengths": (
+    (1, 50, 130, 4, 32, 16, 32),
+    dict(kv_heads=2, is_causal=True, kv_lengths=jnp.array([101], jnp.int32)),
+  ),
+}
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS, ids=backend_ids)
+@pytest.mark.parametrize("case", FEATURE_CASES)
+def test_features_match_reference_with_lse(backend, interpret, case):
+  shape, options = FEATURE_CASES[case]
+  cases.check_backend(backend, interpret, shape, seed=30 + len(case), density=0.5, with_lse=True, **options)

@@ -1,4 +1,4 @@
-"""Shard format, synthetic moving shapes and the resumable loader (train/data.py)."""
+"""Shard format and synthetic moving shapes (train/data.py); the loader is tested in test_grain_input.py."""
 
 import json
 import os
@@ -57,33 +57,6 @@ def test_write_refuses_existing_path_and_leaves_nothing_on_error(tmp_path, datas
   with pytest.raises(ValueError, match="example 1"):
     data.write_dataset(str(tmp_path / "bad"), bad)
   assert sorted(os.listdir(tmp_path)) == ["ds"]
-
-
-def test_loader_is_deterministic_and_resumes_mid_epoch(shapes):
-  loader = data.Loader(shapes, batch_size=4, seed=11)
-  run = [loader.batch(p) for p in range(0, 40, 4)]  # crosses an epoch boundary (23 examples)
-  # Every example exactly once per epoch, in a seed-dependent order.
-  first_epoch = [i for p in range(0, 20, 4) for i in loader.indices(p)] + loader.indices(20)[:3]
-  assert sorted(first_epoch) == list(range(23)) and first_epoch != list(range(23))
-  assert data.Loader(shapes, batch_size=4, seed=12).indices(0) != loader.indices(0)
-  # A fresh loader resumed at position 12 (mid-epoch) continues exactly.
-  resumed = data.Loader(shapes, batch_size=4, seed=11)
-  for p, expected in zip(range(12, 40, 4), run[3:]):
-    np.testing.assert_array_equal(resumed.batch(p)["latents"], expected["latents"])
-  # iterate() yields the same batches with their positions.
-  it = resumed.iterate(8)
-  for p, expected in zip(range(8, 24, 4), run[2:]):
-    position, batch = next(it)
-    assert position == p
-    np.testing.assert_array_equal(batch["context"], expected["context"])
-
-
-def test_loader_rows_split_the_global_batch(shapes):
-  whole = data.Loader(shapes, batch_size=6, seed=0).batch(18)
-  parts = [data.Loader(shapes, batch_size=6, seed=0, rows=r).batch(18) for r in ((0, 2), (2, 6))]
-  np.testing.assert_array_equal(np.concatenate([p["latents"] for p in parts]), whole["latents"])
-  with pytest.raises(ValueError, match="rows"):
-    data.Loader(shapes, batch_size=6, seed=0, rows=(4, 8))
 
 
 def test_missing_manifest_and_missing_shard(tmp_path, dataset_dir):

@@ -70,12 +70,12 @@ def run(args, env, code=None, timeout=600):
 
 def steps_logged(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line)["step"] for line in f]
+    return [r["step"] for r in map(json.loads, f) if "loss" in r]  # the training lines, not the eval ones
 
 
 def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}  # not the eval records
 
 
 def saved_arrays(workdir, step):

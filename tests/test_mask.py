@@ -19,7 +19,7 @@ from sparge_jax import mask as mask_lib
 
 def _select(rows, topk, topp, mode="hybrid"):
   probs = jnp.asarray(rows, jnp.float32)[None, None]  # [1, 1, n_rows, n_kv]
-  return np.asarray(mask_lib.select_blocks(probs, topk, topp, mode))[0, 0]
+  return np.asarray(mask_lib.select_blocks_from_probs(probs, topk, topp, mode))[0, 0]
 
 
 def _brute_force(row, topk, topp, mode):
@@ -92,7 +92,7 @@ def test_per_head_values():
   rows = np.random.default_rng(2).dirichlet(np.ones(20), size=(1, 3, 4))
   topk = np.array([0.05, 0.5, 1.0])
   topp = np.array([0.9, 0.0, 0.0])
-  kept = np.asarray(mask_lib.select_blocks(jnp.asarray(rows, jnp.float32), topk, topp, "hybrid"))
+  kept = np.asarray(mask_lib.select_blocks_from_probs(jnp.asarray(rows, jnp.float32), topk, topp, "hybrid"))
   for h in range(3):
     for i in range(4):
       np.testing.assert_array_equal(kept[0, h, i], _brute_force(rows[0, h, i], topk[h], topp[h], "hybrid"))
@@ -186,8 +186,8 @@ def test_selection_kernel_matches_sorting_selection(mode):
   probs = jax.nn.softmax(logits, axis=-1)
   for topk, topp in [(0.1, 0.3), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), ([0.05, 0.2, 0.4], [0.9, 0.5, 0.1])]:
     np.testing.assert_array_equal(
-      mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
-      mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode),
+      mask_select.select_blocks_from_logits(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+      mask_lib.select_blocks_from_probs(probs, np.asarray(topk), np.asarray(topp), mode),
     )
 
 
@@ -196,10 +196,10 @@ def test_selection_kernel_launch_shapes_agree(rows_per_program, num_warps):
   # 9 rows: neither 4 nor 16 divides them, so the last program of each has rows past the end.
   logits = jax.random.normal(jax.random.PRNGKey(6), (1, 2, 9, 40)) * 2.0
   probs = jax.nn.softmax(logits, axis=-1)
-  ours = mask_select.select_blocks(
+  ours = mask_select.select_blocks_from_logits(
     logits, 0.1, 0.6, "hybrid", interpret=True, rows_per_program=rows_per_program, num_warps=num_warps
   )
-  np.testing.assert_array_equal(ours, mask_lib.select_blocks(probs, 0.1, 0.6, "hybrid"))
+  np.testing.assert_array_equal(ours, mask_lib.select_blocks_from_probs(probs, 0.1, 0.6, "hybrid"))
 
 
 @pytest.mark.parametrize("mode", mask_lib.MODES)
@@ -213,8 +213,8 @@ def test_selection_kernel_long_rows(mode):
   probs = jax.nn.softmax(logits, axis=-1)
   for topk, topp in [(0.03, 0.2), (0.3, 0.9), ([0.0, 0.01, 0.5], [0.05, 0.0, 1.0])]:
     np.testing.assert_array_equal(
-      mask_select.select_blocks(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
-      mask_lib.select_blocks(probs, np.asarray(topk), np.asarray(topp), mode),
+      mask_select.select_blocks_from_logits(logits, np.asarray(topk), np.asarray(topp), mode, interpret=True),
+      mask_lib.select_blocks_from_probs(probs, np.asarray(topk), np.asarray(topp), mode),
     )
 
 
@@ -228,7 +228,83 @@ def test_selection_kernel_topk_matches_brute_force(seed, scale, ties, topk):
   if ties:
     logits = np.round(logits * 4 / scale)
   logits = jnp.asarray(logits, jnp.float32)
-  kept = np.asarray(mask_select.select_blocks(logits[None, None], topk, 0.0, "topk", interpret=True))[0, 0]
+  kept = np.asarray(mask_select.select_blocks_from_logits(logits[None, None], topk, 0.0, "topk", interpret=True))[0, 0]
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   for r in range(3):
     np.testing.assert_array_equal(kept[r], _brute_force_f32(probs[r], topk, 0.0, "topk"))
+
+
+def _brute_force_mask(q, k, topk, topp, *, block_q, block_kv, scale, q_lengths, kv_lengths, is_causal):
+  """The mask rule for grouped heads, lengths and causal masking, written out block by block in numpy."""
+  batch, q_len, heads, _ = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  n_q, n_kv = -(-q_len // block_q), -(-kv_len // block_kv)
+  mask = np.zeros((batch, heads, n_q, n_kv), bool)
+  for b in range(batch):
+    q_valid, kv_valid = min(q_lengths[b], q_len), min(kv_lengths[b], kv_len)
+    k_means = [k[b, j * block_kv : min((j + 1) * block_kv, kv_valid)].mean(0) for j in range(-(-kv_valid // block_kv))]
+    for i in range(n_q):
+      if i * block_q >= q_valid:
+        continue  # no valid query: nothing kept
+      last_query = min((i + 1) * block_q, q_valid) - 1
+      allowed = [j for j in range(n_kv) if j * block_kv < kv_valid and (not is_causal or j * block_kv <= last_query)]
+      q_mean = q[b, i * block_q : min((i + 1) * block_q, q_valid)].mean(0)
+      for n in range(heads):
+        g = n // (heads // kv_heads)
+        logits = np.array([scale * q_mean[n] @ k_means[j][g] for j in allowed])
+        probs = np.exp(logits - logits.max())
+        kept = _brute_force(probs / probs.sum(), topk, topp, "hybrid")
+        mask[b, n, i, [j for j, keep in zip(allowed, kept) if keep]] = True
+        if is_causal:
+          mask[b, n, i, min(i * block_q, kv_valid - 1) // block_kv] = True  # the anchor block
+  return mask
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_block_mask_with_grouped_heads_lengths_and_causal(is_causal):
+  rng = np.random.default_rng(8)
+  q = rng.standard_normal((2, 150, 4, 16)).astype(np.float32)
+  k = rng.standard_normal((2, 130, 2, 16)).astype(np.float32)
+  k[:, :16] += 2 * q[:, :1, :2]  # skewed rows
+  q_lengths, kv_lengths = np.array([150, 70], np.int32), np.array([130, 45], np.int32)
+  kw = dict(topk=0.2, topp=0.5, block_q=32, block_kv=16, scale=0.5, is_causal=is_causal)
+  lengths = dict(query_seq_lengths=jnp.asarray(q_lengths), key_value_seq_lengths=jnp.asarray(kv_lengths))
+  ours = np.asarray(attention.block_mask(jnp.asarray(q), jnp.asarray(k), implementation="xla", **kw, **lengths))
+  expected = _brute_force_mask(
+    q, k, 0.2, 0.5, block_q=32, block_kv=16, scale=0.5, q_lengths=q_lengths, kv_lengths=kv_lengths, is_causal=is_causal
+  )
+  np.testing.assert_array_equal(ours, expected)
+  kernels = np.asarray(attention.block_mask(jnp.asarray(q), jnp.asarray(k), interpret=True, **kw, **lengths))
+  np.testing.assert_array_equal(kernels, ours)
+  # What the rule promises, directly: no block past the keys or wholly above the diagonal, nothing for
+  # q blocks with no valid query, and at least one block for every other.
+  assert not ours[1, :, :, -(-45 // 16) :].any() and not ours[1, :, -(-70 // 32) :].any()
+  assert ours[0].any(-1).all() and ours[1, :, : -(-70 // 32)].any(-1).all()
+  if is_causal:
+    above = np.arange(ours.shape[-1])[None, :] * 16 > np.minimum(np.arange(ours.shape[-2])[:, None] * 32 + 31, 149)
+    assert not ours[0][:, above].any()
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
+def test_selection_ranks_only_allowed_blocks(implementation):
+  # Row i may attend its first limit[i] blocks: Top-k counts a fraction of those, Top-p their mass.
+  logits = jax.random.normal(jax.random.PRNGKey(9), (1, 2, 5, 24)) * 2.0
+  limit = jnp.array([[24, 10, 3, 1, 0]], jnp.int32)
+  anchor = jnp.array([[5, 9, 0, 0, -1]], jnp.int32)
+  allowed = np.arange(24)[None, :] < np.asarray(limit)[0][:, None]
+  probs = mask_lib.masked_softmax(logits, jnp.asarray(allowed)[None, None])
+  if implementation == "xla":
+    kept = mask_lib.select_blocks_from_probs(probs, 0.25, 0.3, "hybrid", kv_block_limit=limit, anchor=anchor)
+  else:
+    kept = mask_select.select_blocks_from_logits(
+      logits, 0.25, 0.3, "hybrid", kv_block_limit=limit, anchor=anchor, interpret=True
+    )
+  kept = np.asarray(kept)
+  assert not kept[..., ~allowed].any()
+  assert not kept[..., 4, :].any()  # a row that may attend nothing keeps nothing
+  for h in range(2):
+    for i, n in enumerate([24, 10, 3, 1]):
+      row = np.asarray(probs)[0, h, i, :n]
+      expected = _brute_force(row, 0.25, 0.3, "hybrid")
+      expected[np.asarray(anchor)[0, i]] = True
+      np.testing.assert_array_equal(kept[0, h, i, :n], expected)

@@ -17,71 +17,41 @@ from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference, token_mask
 from sparge_jax import mask as mask_lib
 
-# (batch, q_len, kv_len, heads, head_dim, block_q, dtype, forward tuning, backward tuning): lengths
-# that are not block multiples, one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs
-# hold two), head dims 64 and 128; the default kernels, two kv blocks per step (odd and even counts),
-# persistent CTAs running 2 or 3 work items each; v1 (one CTA per tile, no persistence); persistent dK/dV with one K/V slot per pair (head_dim
-# 128: 6 items on 4 pairs) and with two (head_dim 64), persistent dQ with one compute warpgroup.
+# (batch, q_len, kv_len, heads, head_dim, block_q, dtype, tuning): lengths that are not block multiples,
+# one or two compute warpgroups, an odd number of kv blocks (dK/dV CTAs hold two), head dims 64 and 128,
+# odd and even kv counts (two kv blocks per forward step); the defaults (one work item per CTA), and
+# persistent CTAs running 2 or 3 work items each, so Q slots, row slots, K/V slots and rings carry over.
 CASES = [
-  (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}, {}),
-  (
-    1,
-    136,
-    200,
-    1,
-    64,
-    128,
-    jnp.bfloat16,
-    dict(persistent=False, kv_blocks_per_step=1, num_stages=4),
-    dict(dq_persistent=False, dkv_persistent=False, dq_stages=3),
-  ),  # v1: one CTA per tile
-  (
-    2,
-    130,
-    180,
-    1,
-    128,
-    128,
-    jnp.float16,
-    dict(kv_blocks_per_step=2, num_stages=2, persistent=False),
-    dict(dq_kv_blocks_per_step=2, dq_stages=2, dq_persistent=False, dkv_persistent=2),
-  ),
-  (
-    1,
-    200,
-    128,
-    2,
-    64,
-    64,
-    jnp.bfloat16,
-    dict(persistent=3, num_stages=2),
-    dict(dq_persistent=3, dkv_persistent=True, delta_in_dq=False),
-  ),
-  # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them).
-  (
-    1,
-    264,
-    320,
-    1,
-    64,
-    128,
-    jnp.bfloat16,
-    dict(persistent=2, num_stages=4, kv_blocks_per_step=2),
-    dict(dq_persistent=2, dq_stages=4, dkv_stages=3, dkv_persistent=True, delta_in_dq=False),
-  ),
-  # delta = rowsum(dO·O) formed inside the dQ kernel (the default): persistent CTAs carrying O loads
-  # across items, and one CTA per tile; head_dim 128 (two O parts per row tile) and 64 (one). The
-  # precomputed delta (delta_in_dq=False) runs in the two cases above.
-  (2, 264, 200, 2, 128, 128, jnp.bfloat16, {}, dict(dq_persistent=3)),
-  (1, 200, 136, 1, 64, 128, jnp.float16, {}, dict(dq_persistent=False)),
-  # persistent dQ with two kv blocks per step: one Q/dO row slot at head_dim 128 (two do not fit)
-  (1, 264, 300, 2, 128, 128, jnp.bfloat16, {}, dict(dq_kv_blocks_per_step=2, dq_persistent=2)),
-  # head_dim 64 with one kv block per step (Q stays in shared memory) and dK/dV pairs dealt by
-  # balanced_schedule (the default only at head_dim 128)
-  (1, 296, 328, 2, 64, 128, jnp.bfloat16, dict(kv_blocks_per_step=1), dict(dkv_balanced=True)),
+  (1, 300, 250, 2, 64, 128, jnp.bfloat16, {}),
+  # head_dim 128: delta formed from two O column parts per row tile; dK/dV with one K/V slot per pair
+  # (10 items on 6 lanes); fp16 at head_dim 128 on 2 CTAs is in CONTRACT_CASES
+  (2, 264, 200, 2, 128, 128, jnp.bfloat16, dict(num_ctas=3)),
+  # one compute warpgroup per CTA
+  (1, 200, 128, 2, 64, 64, jnp.bfloat16, dict(num_ctas=3)),
+  # head_dim 64: the deeper pipelines that fit in its shared memory (benchmarks.mosaic_smoke sweeps them)
+  (1, 264, 320, 1, 64, 128, jnp.bfloat16, dict(num_ctas=2, forward_stages=4, dq_stages=4, dkv_stages=3)),
+  # dQ with one Q/dO row slot (two do not fit beside 3 K/V stages at head_dim 128); dK/dV lanes dealt by
+  # balanced_schedule at head_dim 64 (the default only at 128): test_persistent_backward_...
+  (1, 264, 300, 2, 128, 128, jnp.bfloat16, dict(dq_stages=3, num_ctas=2)),
 ]
-# Compiled, the TMA copies need lengths in whole 8-row tiles (the public API sends others to triton).
-COMPILED_CASES = [case for case in CASES if case[1] % 8 == 0 and case[2] % 8 == 0]
+# The contract's semantics: (batch, q_len, kv_len, heads, kv_heads, head_dim, block_q, dtype, kv_seq_lengths,
+# is_causal, with d_lse, tuning). GQA (4 query heads over 2 kv heads) with a length per batch (one ending
+# on a block edge, so a block past it is not listed, one inside a block) and the lse cotangent, lengths
+# that are not multiples of 8 (zero padded to them); MQA, causal with q_len > kv_len (the q blocks past
+# kv_len keep the last kv block), head_dim 128 in fp16 on 2 CTAs; causal with q_len < kv_len, lengths and
+# GQA with one compute warpgroup on 3 CTAs.
+CONTRACT_CASES = [
+  (2, 139, 250, 4, 2, 64, 128, jnp.bfloat16, (192, 131), False, True, {}),
+  (2, 264, 200, 2, 1, 128, 128, jnp.float16, None, True, True, dict(num_ctas=2)),
+  (1, 136, 264, 4, 2, 64, 64, jnp.bfloat16, (120,), True, False, dict(num_ctas=3)),
+]
+# The same semantics compiled at real sizes (GPU only).
+COMPILED_CONTRACT_CASES = CONTRACT_CASES + [
+  (2, 4100, 3000, 8, 2, 128, 128, jnp.bfloat16, (3000, 1777), True, True, {}),
+  (1, 2056, 4104, 4, 1, 64, 64, jnp.bfloat16, None, True, False, {}),
+  (1, 4104, 4104, 8, 2, 128, 128, jnp.float16, (2900,), False, True, {}),
+  (1, 4100, 3001, 4, 4, 64, 128, jnp.bfloat16, (2999,), True, True, {}),
+]
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 BLOCK_KV = 64
 
@@ -126,6 +96,7 @@ def _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=True, **tuning)
     out,
     lse,
     d_out,
+    None,
     kv_index,
     kv_count,
     q_index,
@@ -167,11 +138,11 @@ def _check_backward(grads, q, k, v, d_out, mask, block_q):
 
 
 def _check_case(case, interpret):
-  *shape, block_q, dtype, forward_tuning, backward_tuning = case
+  *shape, block_q, dtype, tuning = case
   q, k, v, d_out, mask = _problem(len(shape) + shape[1], *shape, block_q, dtype)
-  out, lse = _forward(q, k, v, mask, block_q, interpret=interpret, **forward_tuning)
+  out, lse = _forward(q, k, v, mask, block_q, interpret=interpret, **tuning)
   _check_forward(out, lse, q, k, v, mask, block_q)
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=interpret, **backward_tuning)
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=interpret, **tuning)
   _check_backward(grads, q, k, v, d_out, mask, block_q)
 
 
@@ -181,11 +152,152 @@ def test_forward_and_backward_match_reference(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", COMPILED_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
 def test_compiled_kernels_match_reference(case):
   """The same cases compiled: register operands, which the interpreter stages through shared memory,
   run only here."""
   _check_case(case, interpret=False)
+
+
+def _contract_mask(seed, batch, heads, q_len, kv_len, block_q, kv_seq_lengths, is_causal, density=0.4):
+  """A random block mask as the API builds them: no block wholly past a batch's length or wholly above
+  the diagonal; every q block keeps the kv block of its first query's position (clipped to the valid keys),
+  but q block 1 of (batch 0, head 0), which keeps none."""
+  n_q, n_kv = -(-q_len // block_q), -(-kv_len // BLOCK_KV)
+  mask = cases.random_mask(seed, batch, heads, n_q, n_kv, density)
+  q_first = jnp.arange(n_q) * block_q
+  kv_first = jnp.arange(n_kv) * BLOCK_KV
+  lengths = jnp.full((batch,), kv_len) if kv_seq_lengths is None else jnp.minimum(jnp.asarray(kv_seq_lengths), kv_len)
+  allowed = kv_first[None, None, None, :] < lengths[:, None, None, None]
+  if is_causal:
+    q_last = jnp.minimum(q_first + block_q, q_len) - 1
+    allowed = allowed & (kv_first[None, :] <= q_last[:, None])[None, None]
+  own = jnp.minimum(q_first[None, :], lengths[:, None] - 1) // BLOCK_KV  # [batch, n_q]
+  keep = jax.nn.one_hot(own, n_kv, dtype=bool)[:, None]
+  return ((mask & allowed) | keep).at[0, 0, 1].set(False)
+
+
+def _contract_tables(mask, kv_heads):
+  """The forward/dQ table per query head and the dK/dV table per kv head (entries member · n_q + q block)."""
+  batch, heads, n_q, n_kv = mask.shape
+  group = heads // kv_heads
+  by_kv_head = mask.reshape(batch, kv_heads, group, n_q, n_kv).transpose(0, 1, 4, 2, 3)
+  return mask_lib.index_table(mask), mask_lib.index_table(by_kv_head.reshape(batch, kv_heads, n_kv, group * n_q))
+
+
+def _contract_reference(q, k, v, mask, *, block_q, kv_seq_lengths, is_causal):
+  """float32 (out, lse) of attention over the kept blocks: query head n reads kv head n // (heads //
+  kv_heads); keys past the batch's length, and with is_causal keys after their query, take no part."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  (_, q_len, heads, _), (kv_len, kv_heads) = q.shape, k.shape[1:3]
+  k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+  allowed = token_mask(mask, q_len, kv_len, block_q=block_q, block_kv=BLOCK_KV)
+  if kv_seq_lengths is not None:
+    allowed = allowed & (jnp.arange(kv_len) < jnp.asarray(kv_seq_lengths)[:, None, None, None])
+  if is_causal:
+    allowed = allowed & (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST) * q.shape[-1] ** -0.5
+  row_max = jnp.max(jnp.where(allowed, scores, -jnp.inf), axis=-1, keepdims=True)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  weights = jnp.where(allowed, jnp.exp(scores - row_max), 0.0)
+  total = weights.sum(-1)
+  attends = total > 0
+  safe_total = jnp.where(attends, total, 1.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights / safe_total[..., None], v, precision=jax.lax.Precision.HIGHEST)
+  lse = jnp.where(attends, jnp.log(safe_total) + row_max[..., 0], -jnp.inf)
+  return out, lse
+
+
+def _check_contract(q, k, v, d_out, d_lse, mask, *, kv_seq_lengths, is_causal, block_q, interpret, **tuning):
+  """forward and backward against `_contract_reference`'s (out, lse) and vjp; returns (out, lse, ref_lse)."""
+  lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
+  forward_table, backward_table = _contract_tables(mask, k.shape[2])
+  semantics = dict(kv_seq_lengths=lengths, is_causal=is_causal, block_q=block_q, block_kv=BLOCK_KV)
+  settings = dict(semantics, **tuning, scale=q.shape[-1] ** -0.5, interpret=interpret)
+  out, lse = mosaic_block_sparse.forward(q, k, v, *forward_table, **settings)
+
+  reference = lambda q, k, v: _contract_reference(
+    q, k, v, mask, block_q=block_q, kv_seq_lengths=kv_seq_lengths, is_causal=is_causal
+  )
+  f32 = lambda x: x.astype(jnp.float32)
+  (ref_out, ref_lse), pullback = jax.vjp(reference, f32(q), f32(k), f32(v))
+  tol = TOL[q.dtype.type]
+  assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+  assert cases.rel_err(out, ref_out) <= tol, cases.rel_err(out, ref_out)
+  finite = np.isfinite(np.asarray(ref_lse))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+  np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
+  np.testing.assert_array_equal(np.asarray(out, np.float32).transpose(0, 2, 1, 3)[~finite], 0.0)
+
+  grads = mosaic_block_sparse.backward(q, k, v, out, lse, d_out, d_lse, *forward_table, *backward_table, **settings)
+  ref_grads = pullback((f32(d_out), jnp.zeros_like(ref_lse) if d_lse is None else d_lse))
+  for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+    assert grad.shape == x.shape and grad.dtype == x.dtype, name
+    assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
+    assert cases.rel_err(grad, ref_grad) <= tol, (name, cases.rel_err(grad, ref_grad))
+  if kv_seq_lengths is not None:  # keys past a batch's length: zero gradients
+    for b, length in enumerate(kv_seq_lengths):
+      for grad in grads[1:]:
+        np.testing.assert_array_equal(np.asarray(grad[b, length:], np.float32), 0.0)
+  if d_lse is not None:  # the lse cotangent matters: without it the gradients are off
+    without = pullback((f32(d_out), jnp.zeros_like(ref_lse)))
+    assert cases.rel_err(grads[0], without[0]) > 10 * tol
+  return out, lse, ref_lse
+
+
+def _check_contract_case(case, interpret):
+  batch, q_len, kv_len, heads, kv_heads, head_dim, block_q, dtype, kv_seq_lengths, is_causal, with_d_lse, tuning = case
+  seed = q_len + kv_len + heads
+  q, _, _, d_out = cases.random_qkv(seed, batch, q_len, kv_len, heads, head_dim, dtype)
+  _, k, v, _ = cases.random_qkv(seed + 1, batch, q_len, kv_len, kv_heads, head_dim, dtype)
+  d_lse = jax.random.normal(jax.random.PRNGKey(seed + 2), (batch, heads, q_len)) if with_d_lse else None
+  mask = _contract_mask(seed, batch, heads, q_len, kv_len, block_q, kv_seq_lengths, is_causal)
+  out, lse, ref_lse = _check_contract(
+    q, k, v, d_out, d_lse, mask, kv_seq_lengths=kv_seq_lengths, is_causal=is_causal, block_q=block_q,
+    interpret=interpret, **tuning,
+  )  # fmt: skip
+  # Only q block 1 of (batch 0, head 0), which keeps no block, attends nothing.
+  finite = np.isfinite(np.asarray(ref_lse))
+  assert not finite[0, 0, block_q : 2 * block_q].any() and finite.sum() == finite.size - min(block_q, q_len - block_q)
+
+
+@pytest.mark.parametrize("case", CONTRACT_CASES, ids=str)
+def test_contract_semantics_match_reference(case):
+  """GQA/MQA, kv lengths per batch, causal masking with q_len ≠ kv_len and the lse cotangent: forward
+  (out and lse) and gradients against the float32 reference."""
+  _check_contract_case(case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", COMPILED_CONTRACT_CASES, ids=str)
+def test_compiled_contract_semantics_match_reference(case):
+  _check_contract_case(case, interpret=False)
+
+
+# Those rows' probabilities are not zero (exp2 of MASKED·scale's rounding error) and may overflow; the
+# interpreter's matmul warns about them, the kernel selects their output away.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_rows_whose_listed_keys_are_all_masked_attend_nothing():
+  """Causal, q block 1 listing only kv block 3: its rows 128-191 (the first compute warpgroup's) have no
+  key at or before them, so they output zeros with lse = -inf and get zero gradients; rows 192-255 attend
+  keys 192 to their own."""
+  q, k, v, d_out = cases.random_qkv(31, 1, 256, 256, 1, 64, jnp.bfloat16)
+  mask = jnp.array([[[[True, True, False, False], [False, False, False, True]]]])
+  _, lse, _ = _check_contract(
+    q, k, v, d_out, None, mask, kv_seq_lengths=None, is_causal=True, block_q=128, interpret=True
+  )
+  assert np.all(np.isneginf(lse[0, 0, 128:192])) and np.all(np.isfinite(lse[0, 0, 192:]))
+
+
+def test_contract_semantics_without_races(capsys):
+  """GQA, causal, a kv length and the lse cotangent (a fourth row copy into the delta slot) on persistent
+  CTAs with 2 or 3 work items each, under race detection."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
+
+  races = plgpu.InterpretGPUParams(detect_races=True)
+  _check_contract_case((1, 256, 136, 4, 2, 64, 128, jnp.float16, (100,), True, True, dict(num_ctas=2)), races)
+  assert not get_races().races_found
+  assert "RACE DETECTED" not in capsys.readouterr().out
 
 
 def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
@@ -199,18 +311,12 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   assert int(kv_count.max()) > 2 and int(q_count.max()) * (block_q // 64) > 2
   races = plgpu.InterpretGPUParams(detect_races=True)
 
-  out, lse = _forward(q, k, v, mask, block_q, interpret=races, num_stages=2)
+  out, lse = _forward(q, k, v, mask, block_q, interpret=races)
   assert not get_races().races_found
-  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2, dkv_stages=2)
+  grads = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races)
   assert not get_races().races_found  # the dK/dV kernel, the last one run
-  grads_precomputed_delta = _backward(
-    q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=2, delta_in_dq=False, dq_persistent=2
-  )
-  assert not get_races().races_found
-  # persistent dQ with one row slot (two do not fit beside 5 stages of 128 keys), 2 items per CTA
-  grads_one_row_slot = _backward(
-    q, k, v, out, lse, d_out, mask, block_q, interpret=races, dq_stages=5, dq_kv_blocks_per_step=2, dq_persistent=2
-  )
+  # two dQ CTAs: row slots and the K/V ring carry over from item to item
+  grads_two_ctas = _backward(q, k, v, out, lse, d_out, mask, block_q, interpret=races, num_ctas=2)
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out  # every kernel
 
@@ -218,8 +324,7 @@ def test_long_rows_reuse_the_pipeline_slots_without_races(capsys):
   ref_out = masked_attention_reference(f32(q), f32(k), f32(v), mask, block_q=block_q, block_kv=BLOCK_KV)
   assert cases.rel_err(out, ref_out) <= TOL[jnp.float16]
   _check_backward(grads, q, k, v, d_out, mask, block_q)
-  _check_backward(grads_precomputed_delta, q, k, v, d_out, mask, block_q)
-  _check_backward(grads_one_row_slot, q, k, v, d_out, mask, block_q)
+  _check_backward(grads_two_ctas, q, k, v, d_out, mask, block_q)
 
 
 def test_forward_variants_match_reference_without_races(capsys):
@@ -243,9 +348,7 @@ def test_forward_variants_match_reference_without_races(capsys):
     mask,
     block_q,
     interpret=plgpu.InterpretGPUParams(detect_races=True),
-    persistent=2,
-    kv_blocks_per_step=2,
-    num_stages=2,
+    num_ctas=2,
   )
   assert not get_races().races_found
   assert "RACE DETECTED" not in capsys.readouterr().out
@@ -253,9 +356,9 @@ def test_forward_variants_match_reference_without_races(capsys):
 
 
 def test_persistent_backward_matches_reference_without_races(capsys):
-  """Persistent dQ (2 CTAs: 3 of the 6 q-block items each, two compute warpgroups) and dK/dV (3 CTAs,
-  6 pairs: 2 or 3 of the 16 kv-block items each, dealt by `balanced_schedule`, two K/V slots), so row slots, K/V slots and both rings
-  carry over from item to item; lengths multiples of 8 but not of the blocks, an empty q row (dQ = 0)
+  """Persistent dQ (3 CTAs: 2 of the 6 q-block items each, two compute warpgroups) and dK/dV (3 CTAs,
+  6 lanes: 2 or 3 of the 16 kv-block items each, dealt by `balanced_schedule`, two K/V slots), so row
+  slots, K/V slots and both rings carry over from item to item; lengths multiples of 8 but not of the blocks, an empty q row (dQ = 0)
   and an empty kv column (dK = dV = 0), odd and even counts, under race detection."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # no public API
 
@@ -278,9 +381,7 @@ def test_persistent_backward_matches_reference_without_races(capsys):
     mask,
     block_q,
     interpret=plgpu.InterpretGPUParams(detect_races=True),
-    dq_persistent=2,
-    dq_stages=2,
-    dkv_persistent=3,
+    num_ctas=3,
     dkv_balanced=True,
   )
   assert not get_races().races_found  # the dK/dV kernel, the last one run
@@ -304,81 +405,74 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
   lse = jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)
   blocks = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim**-0.5)
   export = lambda f, *args: jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
-  forward = export(lambda *a: mosaic_block_sparse.forward(*a, **blocks), x, x, x, table(n_q, n_kv), count(n_q))
-  backward = export(
-    lambda *a: mosaic_block_sparse.backward(*a, **blocks),
-    x,
-    x,
-    x,
-    x,
-    lse,
-    x,
-    table(n_q, n_kv),
-    count(n_q),
-    table(n_kv, n_q),
-    count(n_kv),
-  )
-  assert forward.count("mosaic_gpu") >= 1 and backward.count("mosaic_gpu") >= 2
+
+  def export_forward(**tuning):
+    return export(lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning), x, x, x, table(n_q, n_kv), count(n_q))
+
+  def export_backward(**tuning):
+    def backward(q, k, v, out, lse, d_out, *tables):
+      return mosaic_block_sparse.backward(q, k, v, out, lse, d_out, None, *tables, **blocks, **tuning)
+
+    return export(backward, x, x, x, x, lse, x, table(n_q, n_kv), count(n_q), table(n_kv, n_q), count(n_kv))
+
+  assert export_forward().count("mosaic_gpu") >= 1 and export_backward().count("mosaic_gpu") >= 2
   deep = head_dim == 64  # deeper pipelines fit in shared memory only at head_dim 64
+  for tuning in (dict(forward_stages=4 if deep else 1), dict(num_ctas=7)):
+    assert export_forward(**tuning).count("mosaic_gpu") >= 1, tuning
   for tuning in (
-    dict(kv_blocks_per_step=2, num_stages=2),
-    dict(persistent=True),
-    dict(persistent=True, kv_blocks_per_step=2, num_stages=4 if deep else 2),
+    dict(dq_stages=3),  # one Q/dO row slot at head_dim 128
+    dict(dkv_stages=1),  # two K/V slots per dK/dV pair at head_dim 128
+    dict(dq_stages=4 if deep else 2, dkv_stages=3 if deep else 2),
+    dict(dkv_balanced=head_dim != 128),
   ):
-    variant = export(
-      lambda *a: mosaic_block_sparse.forward(*a, **blocks, **tuning), x, x, x, table(n_q, n_kv), count(n_q)
-    )
-    assert variant.count("mosaic_gpu") >= 1, tuning
-  for tuning in (
-    dict(dq_stages=2, dq_kv_blocks_per_step=2, dq_persistent=False),
-    dict(dq_stages=3, dq_persistent=False, dkv_persistent=False),  # v1
-    dict(dq_stages=2, dq_persistent=True, dkv_persistent=True),  # one K/V slot at 128
-    dict(dq_stages=1, dq_kv_blocks_per_step=2, dq_persistent=True, dkv_stages=1, dkv_persistent=True),  # two K/V slots
-    dict(dq_stages=4 if deep else 2, dq_persistent=True, dkv_stages=3 if deep else 2, dkv_persistent=True),
-    dict(delta_in_dq=False),
-    dict(delta_in_dq=False, dq_persistent=False),
-  ):
-    variant = export(
-      lambda *a: mosaic_block_sparse.backward(*a, **blocks, **tuning),
-      x,
-      x,
-      x,
-      x,
-      lse,
-      x,
-      table(n_q, n_kv),
-      count(n_q),
-      table(n_kv, n_q),
-      count(n_kv),
-    )
-    assert variant.count("mosaic_gpu") >= 2, tuning
+    assert export_backward(**tuning).count("mosaic_gpu") >= 2, tuning
 
 
-@pytest.mark.parametrize(
-  "change,message",
-  [
-    (dict(dtype=jnp.float32), "triton"),
-    (dict(head_dim=96), "head_dim"),
-    (dict(block_q=256), "block_q"),
-  ],
-)
-def test_rejects_what_the_kernels_do_not_cover(change, message):
-  args = dict(dtype=jnp.bfloat16, head_dim=64, block_q=128) | change
-  q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, args["head_dim"], args["dtype"])
-  mask = jnp.ones((1, 1, -(-128 // args["block_q"]), 2), bool)
-  with pytest.raises(ValueError, match=message):
-    _forward(q, k, v, mask, args["block_q"])
+@pytest.mark.parametrize("block_q,head_dim", [(128, 128), (64, 64)])
+def test_contract_kernels_lower_for_hopper(block_q, head_dim):
+  """GQA, kv lengths, causal masking, the lse cotangent and lengths that are not multiples of 8 (zero
+  padded for the TMA) lower for CUDA."""
+  batch, q_len, kv_len, heads, kv_heads = 2, 1001, 777, 4, 2
+  n_q, n_kv = -(-q_len // block_q), -(-kv_len // BLOCK_KV)
+  q = jax.ShapeDtypeStruct((batch, q_len, heads, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  forward_table = (
+    jax.ShapeDtypeStruct((batch, heads, n_q, n_kv), jnp.int32),
+    jax.ShapeDtypeStruct((batch, heads, n_q), jnp.int32),
+  )
+  backward_table = (
+    jax.ShapeDtypeStruct((batch, kv_heads, n_kv, heads // kv_heads * n_q), jnp.int32),
+    jax.ShapeDtypeStruct((batch, kv_heads, n_kv), jnp.int32),
+  )
+  settings = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim**-0.5, is_causal=True)
+  export = lambda f, *args: jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+
+  def forward(q, k, v, index, count, lengths):
+    return mosaic_block_sparse.forward(q, k, v, index, count, kv_seq_lengths=lengths, **settings)
+
+  def backward(q, k, v, out, lse, d_out, d_lse, *tables_and_lengths):
+    *tables, lengths = tables_and_lengths
+    return mosaic_block_sparse.backward(q, k, v, out, lse, d_out, d_lse, *tables, kv_seq_lengths=lengths, **settings)
+
+  assert export(forward, q, kv, kv, *forward_table, lengths).count("mosaic_gpu") >= 1
+  assert (
+    export(backward, q, kv, kv, q, rows, q, rows, *forward_table, *backward_table, lengths).count("mosaic_gpu") >= 2
+  )
 
 
 @pytest.mark.parametrize(
   "tuning,message",
   [
-    (dict(kv_blocks_per_step=3), "kv_blocks_per_step"),
-    (dict(kv_blocks_per_step=2, num_stages=3, persistent=True), "num_stages"),  # 288 KB of SMEM
-    (dict(persistent=0), "persistent"),
+    (dict(kv_blocks_per_step=2), "kv_blocks_per_step"),  # not a setting (any more)
+    (dict(forward_stages=3), "forward_stages"),  # 288 KB of SMEM at head_dim 128
+    (dict(forward_stages=0), "forward_stages"),
+    (dict(num_ctas=0), "num_ctas"),
+    (dict(dkv_balanced="yes"), "dkv_balanced"),
   ],
 )
-def test_rejects_forward_variants_that_do_not_exist(tuning, message):
+def test_rejects_forward_tuning_that_does_not_exist(tuning, message):
   q, k, v, _ = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   with pytest.raises(ValueError, match=message):
     _forward(q, k, v, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
@@ -387,13 +481,13 @@ def test_rejects_forward_variants_that_do_not_exist(tuning, message):
 @pytest.mark.parametrize(
   "tuning,message",
   [
-    (dict(dkv_persistent=0), "dkv_persistent"),
-    (dict(dq_persistent=-1), "dq_persistent"),
-    (dict(dkv_stages=3), "dkv_stages"),  # 256 KB of SMEM at head_dim 128
-    (dict(dq_stages=4, dq_kv_blocks_per_step=2), "dq_stages"),  # even one row slot: 336 KB
+    (dict(dq_persistent=True), "dq_persistent"),
+    (dict(num_ctas=-1), "num_ctas"),
+    (dict(dkv_stages=3), "dkv_stages"),  # 259 KB of SMEM at head_dim 128
+    (dict(dq_stages=5), "dq_stages"),  # even one row slot: 228 KB
   ],
 )
-def test_rejects_backward_variants_that_do_not_exist(tuning, message):
+def test_rejects_backward_tuning_that_does_not_exist(tuning, message):
   q, k, v, d_out = cases.random_qkv(0, 1, 128, 128, 1, 128, jnp.bfloat16)
   lse = jnp.zeros((1, 1, 128), jnp.float32)
   with pytest.raises(ValueError, match=message):

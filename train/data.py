@@ -1,4 +1,4 @@
-"""Training data: latent-video shards on disk, a synthetic moving-shapes source, and a resumable loader.
+"""Training data: latent-video shards on disk and a synthetic moving-shapes source (``train.loader`` batches them).
 
 On-disk format (a directory, written atomically by ``write_dataset``)::
 
@@ -13,21 +13,15 @@ On-disk format (a directory, written atomically by ``write_dataset``)::
 
 Latents are VAE latents already normalised the way the model expects (Wan: per-channel mean/std);
 ``context`` is the text encoder's output (Wan: umT5, zero-padded to 512 tokens).
-
-The loader is a pure function of a position (examples consumed so far, counted globally): example
-``p`` is ``permutation(epoch = p // N)[p % N]`` with a permutation seeded by ``(seed, epoch)``.
-So resuming mid-epoch needs only the position, and every process computes the same global batch
-and keeps its own slice of it.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -231,6 +225,12 @@ class ShardedDataset:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
+  def __getstate__(self):  # for the loader's worker processes: open files stay behind, shards are re-verified
+    return {k: v for k, v in self.__dict__.items() if k not in ("_verified", "_open")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _verified=set(), _open={})
+
   def _shard(self, index: int) -> safetensors.safe_open:
     if index not in self._verified:
       file = os.path.join(self.path, self._shards[index]["file"])
@@ -323,51 +323,3 @@ class MovingShapes:
         [kind, self.KINDS + colour, self.KINDS + self.COLOURS + direction]
       ].sum(0)
     return {"latents": video.astype(np.float32), "context": context}
-
-
-class Loader:
-  """Deterministic shuffled batches from a ``Source``, addressed by position.
-
-  ``batch(position)`` returns rows ``rows = (start, stop)`` (this process's share; default all)
-  of the global batch of examples ``position .. position + batch_size - 1`` (epochs roll over
-  seamlessly) as ``{"latents": [stop - start, F, H, W, C], "context": [stop - start, L, D]}``.
-  """
-
-  def __init__(
-    self, source: Source, *, batch_size: int, seed: int, shuffle: bool = True, rows: tuple[int, int] | None = None
-  ):
-    start, stop = (0, batch_size) if rows is None else rows
-    if batch_size < 1 or not 0 <= start < stop <= batch_size:
-      raise ValueError(f"rows {rows} must be a non-empty range within batch_size {batch_size}")
-    self.source, self.batch_size, self.seed, self.shuffle = source, batch_size, seed, shuffle
-    self.rows = (start, stop)
-    self._epoch_order: tuple[int, np.ndarray] | None = None
-
-  def _order(self, epoch: int) -> np.ndarray:
-    if self._epoch_order is None or self._epoch_order[0] != epoch:
-      n = len(self.source)
-      order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-      self._epoch_order = (epoch, order)
-    return self._epoch_order[1]
-
-  def indices(self, position: int) -> list[int]:
-    """Source indices of this process's rows of the batch starting at ``position``."""
-    n = len(self.source)
-    start, stop = self.rows
-    return [int(self._order(p // n)[p % n]) for p in range(position + start, position + stop)]
-
-  def batch(self, position: int) -> dict[str, np.ndarray]:
-    if position < 0:
-      raise ValueError(f"position must be >= 0, got {position}")
-    examples = [self.source.get(i) for i in self.indices(position)]
-    return {k: np.stack([e[k] for e in examples]) for k in ("latents", "context")}
-
-  def iterate(self, position: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yields ``(position, batch)`` from ``position`` on, reading the next batch in a thread."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      future = pool.submit(self.batch, position)
-      while True:
-        batch = future.result()
-        future = pool.submit(self.batch, position + self.batch_size)
-        yield position, batch
-        position += self.batch_size

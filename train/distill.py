@@ -34,13 +34,13 @@ from sparge_jax.files import write_json_atomic
 
 from . import checkpoint, cli, errors, identity, resume, sharding, teacher
 from .configs import PRESETS, Config, to_dict, validate
-from .data import Loader
+from .evaluate import VideoEval
+from .export import export_student
+from .loader import Batches
 from .models import abstract_model, model_configs
-from .sources import make_source
+from .sources import make_sources
 from .step import make_loss_fn, make_optimizer, make_train_step
 from .workdir import Lock, check_directory
-
-EVAL_BATCHES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +120,18 @@ def _run(
       f"({mesh.size}), the batch is split over all devices"
     )
   teacher_config, student_config = model_configs(config, batch_axes=sharding.BATCH_AXES)
-  source = make_source(config, student_config)
+  source, heldout = make_sources(config, student_config)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  loader = Loader(
+  rows = sharding.process_rows(batch_sharding, config.batch_size)
+  d = config.data
+  batches = Batches(
     source,
     batch_size=config.batch_size,
     seed=config.seed,
-    shuffle=config.data.shuffle,
-    rows=sharding.process_rows(batch_sharding, config.batch_size),
+    shuffle=d.shuffle,
+    rows=rows,
+    workers=d.workers,
+    prefetch=d.prefetch,
   )
 
   teacher_graphdef, abstract_state = abstract_model(teacher_config)
@@ -176,10 +180,11 @@ def _run(
   teacher_shardings = None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
 
   key = jax.random.key(config.seed)
-  start_step, position, resumed_from = 0, 0, None
+  start_step, position, data_state, resumed_from = 0, 0, None, None
   if restored is not None:
     meta = restored.meta
-    start_step, position, resumed_from = meta["step"], meta["data_position"], restored.step
+    start_step, position, data_state = meta["step"], meta["data_position"], meta.get("data_state")
+    resumed_from = restored.step
     key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
   train_key, eval_key = jax.random.split(key)
   if lead:
@@ -192,8 +197,12 @@ def _run(
     mesh,
   )
   global_batch = functools.partial(sharding.global_batch, sharding=batch_sharding, batch_size=config.batch_size)
-  # Fixed batches, t and noise, so "before" and "after" compare the same thing.
-  eval_batches = [global_batch(loader.batch(i * config.batch_size)) for i in range(EVAL_BATCHES)]
+  # Fixed held-out batches, t and noise, so every eval compares the same thing.
+  heldout_batches = Batches(heldout, batch_size=config.batch_size, seed=config.seed, shuffle=False, rows=rows)
+  eval_batches = [
+    global_batch(heldout_batches.batch(i * config.batch_size))
+    for i in range(math.ceil(len(heldout) / config.batch_size))
+  ]
   eval_loss = sharding.on_mesh(jax.jit(lambda p, tp, b, k: loss_fn(p, tp, b, k)[0]), mesh)
 
   def evaluate(params):
@@ -204,6 +213,9 @@ def _run(
     )
 
   eval_before = evaluate(params)
+  videos = None
+  if config.eval.every and config.eval.videos and teacher_params is not None:
+    videos = VideoEval(config, heldout, teacher_params, mesh, workdir)
 
   tokens_per_example = math.prod(s // p for s, p in zip(source.latent_shape[:3], config.model.patch_size))
   # resume.resume cut metrics.jsonl back to start_step; TensorBoard drops its events past it on reading.
@@ -214,11 +226,25 @@ def _run(
     total=config.steps, initial=start_step, disable=None if progress and lead else True, unit="step", dynamic_ncols=True
   )
   losses, sparsities, step_times = [], [], []
-  batches = loader.iterate(position)
+
+  def log_eval(step, loss):
+    record = {"step": step, "eval_loss": loss}
+    if videos is not None:
+      record.update({f"eval_{k}": v for k, v in videos(params, step, writer=writer).items()})
+    if lead:
+      for name, value in record.items():
+        if name != "step":
+          writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, step)
+      metrics_file.write(json.dumps(record) + "\n")
+      metrics_file.flush()
+
+  if config.eval.every and start_step == 0:
+    log_eval(0, eval_before)
+  iterator = batches.iterator(data_state, position=position)
   last_time = time.perf_counter()
   try:
     for step in range(start_step, config.steps):
-      position, local_batch = next(batches)
+      local_batch = next(iterator)
       params, opt_state, metrics = train_step(
         params, opt_state, teacher_params, global_batch(local_batch), train_key, jnp.int32(step)
       )
@@ -258,7 +284,9 @@ def _run(
           writer.add_scalar(f"sparsity/layer_{layer:02d}", value, done)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-      # After the step's record: a checkpoint never holds a step that metrics.jsonl lacks.
+      if config.eval.every and (done % config.eval.every == 0 or done == config.steps):
+        log_eval(done, evaluate(params))
+      # After the step's records: a checkpoint never holds a step that metrics.jsonl lacks.
       if done % config.checkpoint_every == 0 or done == config.steps:
         checkpoints.save(
           done,
@@ -266,19 +294,22 @@ def _run(
           opt_state,
           {
             "step": done,
-            "data_position": position + config.batch_size,
+            "data_position": iterator.position,
+            "data_state": iterator.get_state(),
             "rng": np.asarray(jax.random.key_data(key)).tolist(),
             "config": to_dict(config),
           },
         )
     checkpoints.wait()
   finally:
+    iterator.close()
     bar.close()
     if lead:
       writer.close()
       metrics_file.close()
 
   eval_after = evaluate(params)
+  export = export_student(config, params, workdir)
   mean_sparsity = np.mean(sparsities, axis=0) if sparsities else np.zeros(config.model.num_layers)
   summary = {
     "workdir": os.path.abspath(workdir),
@@ -289,6 +320,8 @@ def _run(
     "steps": config.steps,
     "eval_loss_before": eval_before,
     "eval_loss_after": eval_after,
+    "eval_examples": len(heldout),
+    "export": os.path.abspath(export),
     "train_losses": losses,
     "sparsity_per_layer": mean_sparsity.tolist(),
     "sparsity": float(mean_sparsity.mean()),
@@ -309,7 +342,7 @@ def print_summary(summary: dict) -> None:
     "",
     f"teacher:   {summary['teacher']}",
     f"devices:   {summary['devices']}",
-    f"{summary['loss']} loss on {EVAL_BATCHES} fixed eval batches: {summary['eval_loss_before']:.5g} at {start} -> "
+    f"{summary['loss']} loss on {summary['eval_examples']} held-out examples: {summary['eval_loss_before']:.5g} at {start} -> "
     f"{summary['eval_loss_after']:.5g} after step {summary['steps']}",
   ]
   if summary["train_losses"]:
@@ -330,6 +363,7 @@ def print_summary(summary: dict) -> None:
     f"TensorBoard:  tensorboard --logdir {workdir}",
     f"metrics:      {os.path.join(workdir, 'metrics.jsonl')} (per step), {os.path.join(workdir, 'summary.json')}",
     f"samples:      {cli.command('train.sample')} --workdir {workdir}",
+    f"student:      {summary['export']} (diffusers folder)",
   ]
   print("\n".join(lines))
 

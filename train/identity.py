@@ -7,8 +7,7 @@ the same except ``FREE_FIELDS``:
 - ``name``: a label;
 - ``steps``: train further (a run already past the new ``steps`` changes nothing: ``check_steps``);
 - ``checkpoint_every``, ``keep_checkpoints``, ``log_every``: when to save and to log;
-- ``eval``: when and how the student is measured against its teacher (never trained on);
-- ``data.workers``, ``data.prefetch``: how the same batches are read;
+- ``eval``: what is measured, not trained; ``data.workers``, ``data.prefetch``: how the same batches are read;
 - ``mesh``: how the devices split the same global batch (restores go onto the new shardings);
 - ``model.remat``, ``model.remat_saves``: memory traded for recomputation, the same results;
 - ``attention.implementation`` (and the older ``attention.backend``): which kernels run the same rule;

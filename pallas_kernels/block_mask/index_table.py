@@ -31,10 +31,24 @@ def index_table(mask):
   return index, count
 
 
-def index_tables(mask):
+def transposed_mask(mask, kv_heads: int | None = None):
+  """The mask as the dK/dV kernels read it: per kv head and kv block, the (query head, q block) pairs.
+
+  mask: bool [batch, heads, n_q_blocks, n_kv_blocks] -> bool [batch, kv_heads, n_kv_blocks, group · n_q_blocks],
+  group = heads // kv_heads, column member · n_q_blocks + q_block for query head kv_head · group + member.
+  kv_heads defaults to heads (one query head per kv head: the mask with its block axes swapped).
+  """
+  batch, heads, n_q, n_kv = mask.shape
+  kv_heads = heads if kv_heads is None else kv_heads
+  grouped = mask.reshape(batch, kv_heads, heads // kv_heads, n_q, n_kv)
+  return grouped.transpose(0, 1, 4, 2, 3).reshape(batch, kv_heads, n_kv, -1)
+
+
+def index_tables(mask, kv_heads: int | None = None):
   """Forward/dQ table (per q block: its kv blocks) and dK/dV table (per kv block: its q blocks).
 
-  mask: bool [batch, heads, n_q_blocks, n_kv_blocks].
-  Returns ((kv_block_index, kv_block_count), (q_block_index, q_block_count)).
+  mask: bool [batch, heads, n_q_blocks, n_kv_blocks]; kv_heads: as in `transposed_mask`.
+  Returns ((kv_block_index, kv_block_count), (q_block_index, q_block_count)), the dK/dV table of
+  `transposed_mask`.
   """
-  return index_table(mask), index_table(jnp.swapaxes(mask, -1, -2))
+  return index_table(mask), index_table(transposed_mask(mask, kv_heads))

@@ -1,7 +1,7 @@
 """The kernels' index tables (per row of a block mask, its kept columns in order) as a Pallas Triton kernel.
 
-Same output as `sparge_jax.mask.index_table`, which builds it in XLA with a cumulative sum and a scatter over
-the whole mask (0.04 ms per table at 32,760 tokens × 12 heads on an H100: the scatter is the cost). Here each
+Same output as `index_table.index_table`, which builds it in XLA with a cumulative sum and a scatter over
+the whole mask (the scatter is its cost). Here each
 program holds a few rows in registers, ranks their columns (kept ones first, in order; skipped ones after
 them) and writes every column id to its rank in one pass: every slot of the row is written exactly once, so
 the row needs no zero fill and no second pass.
@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.block_mask.index_table import transposed_mask
+from pallas_kernels.varying import shape_dtype, varying_axes
 
 _ROWS = 4
 
@@ -46,6 +49,7 @@ def index_table(mask, interpret: bool = False):
   *lead, n_rows, n_cols = mask.shape
   flat = mask.reshape(-1, n_rows, n_cols)  # bool is read as bytes: no conversion pass
   n_pad = pl.next_power_of_2(n_cols)
+  axes = varying_axes(mask)
   index, count = pl.pallas_call(
     functools.partial(_index_table_kernel, n_rows=n_rows, n_cols=n_cols, n_pad=n_pad),
     grid=(pl.cdiv(n_rows, _ROWS), flat.shape[0]),
@@ -54,7 +58,7 @@ def index_table(mask, interpret: bool = False):
       pl.BlockSpec((None, _ROWS, n_pad), lambda i, b: (b, i, 0)),
       pl.BlockSpec((None, _ROWS), lambda i, b: (b, i)),
     ],
-    out_shape=[jax.ShapeDtypeStruct(flat.shape, jnp.int32), jax.ShapeDtypeStruct(flat.shape[:2], jnp.int32)],
+    out_shape=[shape_dtype(flat.shape, jnp.int32, axes), shape_dtype(flat.shape[:2], jnp.int32, axes)],
     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
     interpret=interpret,
     name="index_table",
@@ -62,10 +66,10 @@ def index_table(mask, interpret: bool = False):
   return index.reshape(*lead, n_rows, n_cols), count.reshape(*lead, n_rows)
 
 
-def index_tables(mask, interpret: bool = False):
+def index_tables(mask, kv_heads: int | None = None, interpret: bool = False):
   """Forward/dQ table (per q block: its kv blocks) and dK/dV table (per kv block: its q blocks).
 
-  mask: bool [batch, heads, n_q_blocks, n_kv_blocks].
-  Returns ((kv_block_index, kv_block_count), (q_block_index, q_block_count)), as `sparge_jax.mask.index_tables`.
+  mask: bool [batch, heads, n_q_blocks, n_kv_blocks]; kv_heads: as in `index_table.transposed_mask`.
+  Returns ((kv_block_index, kv_block_count), (q_block_index, q_block_count)), as `index_table.index_tables`.
   """
-  return index_table(mask, interpret=interpret), index_table(jnp.swapaxes(mask, -1, -2), interpret=interpret)
+  return index_table(mask, interpret=interpret), index_table(transposed_mask(mask, kv_heads), interpret=interpret)

@@ -1,6 +1,6 @@
 """Top-k ∪ Top-p block selection as a Pallas Triton kernel, without sorting.
 
-The same rule as `sparge_jax.mask.select_blocks` (which sorts each row in XLA): each program (one warp)
+The same rule as `reference.select_blocks_from_probs` (which sorts each row in XLA): each program (one warp)
 takes one row of pooled logits (a few when rows are short), forms the row softmax in registers and finds
 the two thresholds by bisection on the bit patterns of the (non-negative) probabilities, whose integer
 order is their float order:
@@ -15,12 +15,13 @@ Bisection over a row held in registers (as many steps as the bits between the ro
 entry, ≤ 31; the n_keep-th largest stops once one entry is left, ~10 steps) costs far less than a sort of
 the row in global memory.
 Masses are summed in a different order than the reference's sorted cumulative sum, so a row whose p
-boundary falls within float rounding may keep one block more or less than `select_blocks`.
+boundary falls within float rounding may keep one block more or less than the reference.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.block_mask.reference import COUNT_SLACK as _COUNT_SLACK
+from pallas_kernels.varying import shape_dtype, varying_axes
+
 _INF_BITS = 0x7F800000
-_COUNT_SLACK = 1e-3  # as in sparge_jax.mask: topk·n_kv this close above an integer is rounding
 
 
 def _smallest(predicate, low, high):
@@ -85,11 +88,23 @@ def _nth_largest(bits, n, low, high):
   return jnp.where(n_from_low > n_above_high, first, low)
 
 
-def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad, mode, rows_per_program):
+def _select_kernel(*refs, n_q, n_kv, n_pad, mode, rows_per_program, has_limit, has_anchor):
+  refs = list(refs)
+  topk_ref, topp_ref = refs.pop(0), refs.pop(0)
+  limit_ref = refs.pop(0) if has_limit else None
+  anchor_ref = refs.pop(0) if has_anchor else None
+  logits_ref, keep_ref = refs
   n_rows = rows_per_program
   rows = pl.program_id(0) * n_rows + jnp.arange(n_rows)
-  valid = (rows < n_q)[:, None] & (jnp.arange(n_pad) < n_kv)[None, :]
-  logits = pltriton.load(logits_ref, mask=valid, other=0.0)
+  cols = jnp.arange(n_pad)
+  in_range = (rows < n_q)[:, None] & (cols < n_kv)[None, :]
+  if has_limit:
+    # Row i may attend its first n_allowed[i] blocks only: ranks, counts and masses are over those.
+    n_allowed = pltriton.load(limit_ref, mask=rows < n_q, other=0)
+    valid = in_range & (cols[None, :] < n_allowed[:, None])
+  else:
+    n_allowed, valid = n_kv, in_range
+  logits = pltriton.load(logits_ref, mask=in_range, other=0.0)
   logits = jnp.where(valid, logits, -jnp.inf)
   exps = jnp.where(valid, jnp.exp(logits - logits.max(axis=1)[:, None]), 0.0)
   probs = exps / exps.sum(axis=1)[:, None]
@@ -98,7 +113,8 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   bits = jnp.where(valid, lax.bitcast_convert_type(probs, jnp.int32), -1)
 
   topk, topp = topk_ref[0], topp_ref[0]
-  n_topk = jnp.broadcast_to(jnp.ceil(topk * n_kv - _COUNT_SLACK).astype(jnp.int32), (n_rows,))
+  allowed_count = n_allowed.astype(jnp.float32) if has_limit else n_kv
+  n_topk = jnp.broadcast_to(jnp.ceil(topk * allowed_count - _COUNT_SLACK).astype(jnp.int32), (n_rows,))
   count_above = lambda t: (bits > t[:, None]).astype(jnp.int32).sum(axis=1)
   # Both thresholds lie in [smallest, largest + 1] of the row's bit patterns (a Top-p boundary below the
   # smallest entry keeps the same blocks as the smallest itself), so bisection need only span that bracket:
@@ -110,7 +126,7 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   mass_above = lambda t: jnp.where(bits > t[:, None], probs, 0.0).sum(axis=1)
 
   def top_k_alone():
-    n_keep = jnp.clip(n_topk, 1, n_kv)
+    n_keep = jnp.minimum(jnp.maximum(n_topk, 1), n_allowed)
     return n_keep, _nth_largest(bits, n_keep, low, high)
 
   def with_top_p():
@@ -122,8 +138,8 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
     value = lax.bitcast_convert_type(boundary, jnp.float32)
     tie_count = jnp.where(value > 0, jnp.ceil((topp - mass) / jnp.where(value > 0, value, 1.0)), ties)
     n_topp = n_above + jnp.clip(tie_count.astype(jnp.int32), 0, ties)
-    n_topp = jnp.where(topp >= 1.0, n_kv, n_topp)
-    n_keep = jnp.clip(jnp.maximum(n_topk, n_topp) if mode == "hybrid" else n_topp, 1, n_kv)
+    n_topp = jnp.where(topp >= 1.0, n_allowed, n_topp)
+    n_keep = jnp.minimum(jnp.maximum(jnp.maximum(n_topk, n_topp) if mode == "hybrid" else n_topp, 1), n_allowed)
     # The n_keep-th largest probability is the Top-p boundary itself whenever n_keep ends among the
     # boundary's ties (always for Top-p, and for the hybrid when Top-p keeps more than Top-k): skip the
     # second bisection unless some row of this program needs it.
@@ -146,8 +162,10 @@ def _select_kernel(topk_ref, topp_ref, logits_ref, keep_ref, *, n_q, n_kv, n_pad
   tied = bits == last[:, None]
   tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
   keep = (bits > last[:, None]) | (tied & (tie_rank <= (n_keep - count_above(last))[:, None]))
-  keep = (keep | has_nan[:, None]) & valid
-  pltriton.store(keep_ref, keep, mask=valid)
+  keep = keep | has_nan[:, None]
+  if has_anchor:
+    keep = keep | (cols[None, :] == pltriton.load(anchor_ref, mask=rows < n_q, other=-1)[:, None])
+  pltriton.store(keep_ref, keep & valid, mask=in_range)
 
 
 def _launch(n_kv):
@@ -158,11 +176,25 @@ def _launch(n_kv):
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "interpret", "rows_per_program", "num_warps"))
-def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_per_program=None, num_warps=None):
-  """logits: float32 [batch, heads, n_q_blocks, n_kv_blocks] (pooled, scaled; softmax taken here).
+def select_blocks_from_logits(
+  logits,
+  topk,
+  topp,
+  mode: str,
+  *,
+  kv_block_limit=None,
+  anchor=None,
+  interpret: bool = False,
+  rows_per_program=None,
+  num_warps=None,
+):
+  """Top-k ∪ Top-p selection on pooled logits (float32 [batch, heads, n_q_blocks, n_kv_blocks], scaled; the
+  row softmax is taken here), as `reference.select_blocks_from_probs` on their softmax.
 
-  topk, topp: scalars or [heads] arrays. Returns the bool block mask of the same shape.
-  rows_per_program, num_warps: launch shape (default: `_launch`).
+  topk, topp: scalars or [heads] arrays. kv_block_limit, anchor: int32 [batch or 1, n_q_blocks] or None,
+  as in `reference.select_blocks_from_probs` (the softmax is over each row's allowed blocks).
+  Returns the bool block mask of the logits' shape. rows_per_program, num_warps: launch shape (default:
+  `_launch`).
   """
   batch, heads, n_q, n_kv = logits.shape
   n_pad = pl.next_power_of_2(n_kv)
@@ -175,15 +207,39 @@ def select_blocks(logits, topk, topp, mode: str, interpret: bool = False, rows_p
     pl.BlockSpec((None, 1), (lambda i, bh: (bh % heads, 0)) if a.shape[0] > 1 else (lambda i, bh: (0, 0)))
     for a in fractions
   ]
+  # Limits and anchors are per batch and q block (or shared by the batch), read by every head.
+  row_inputs = [jnp.asarray(a, jnp.int32) for a in (kv_block_limit, anchor) if a is not None]
+  row_specs = [
+    pl.BlockSpec(
+      (None, rows_per_program), (lambda i, bh: (bh // heads, i)) if a.shape[0] > 1 else (lambda i, bh: (0, i))
+    )
+    for a in row_inputs
+  ]
   rows_spec = pl.BlockSpec((None, rows_per_program, n_pad), lambda i, bh: (bh, i, 0))
+  kernel = functools.partial(
+    _select_kernel,
+    n_q=n_q,
+    n_kv=n_kv,
+    n_pad=n_pad,
+    mode=mode,
+    rows_per_program=rows_per_program,
+    has_limit=kv_block_limit is not None,
+    has_anchor=anchor is not None,
+  )
   keep = pl.pallas_call(
-    functools.partial(_select_kernel, n_q=n_q, n_kv=n_kv, n_pad=n_pad, mode=mode, rows_per_program=rows_per_program),
+    kernel,
     grid=(pl.cdiv(n_q, rows_per_program), batch * heads),
-    in_specs=[*fraction_specs, rows_spec],
+    in_specs=[*fraction_specs, *row_specs, rows_spec],
     out_specs=rows_spec,
-    out_shape=jax.ShapeDtypeStruct((batch * heads, n_q, n_kv), jnp.bool_),
+    out_shape=shape_dtype((batch * heads, n_q, n_kv), jnp.bool_, varying_axes(logits, fractions, row_inputs)),
     compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
     name="select_blocks",
-  )(*fractions, logits.reshape(batch * heads, n_q, n_kv))
+  )(*fractions, *row_inputs, logits.reshape(batch * heads, n_q, n_kv))
   return keep.reshape(batch, heads, n_q, n_kv)
+
+
+def select_blocks(logits, topk, topp, mode: str, **kwargs):
+  """Deprecated name of `select_blocks_from_logits` (kept while callers move)."""
+  warnings.warn("select_blocks is now select_blocks_from_logits", DeprecationWarning, stacklevel=2)
+  return select_blocks_from_logits(logits, topk, topp, mode, **kwargs)

@@ -28,6 +28,7 @@ __all__ = [
   "AttentionConfig",
   "Config",
   "DataConfig",
+  "EvalConfig",
   "MeshConfig",
   "ModelConfig",
   "PretrainConfig",
@@ -139,6 +140,41 @@ class DataConfig:
   """Latent width of the synthetic videos."""
   text_len: int = 16
   """Text tokens of the synthetic captions."""
+  heldout_examples: int = 16
+  """Examples the eval measures and training never sees: the last ones of the shard folder, or extra
+  synthetic videos."""
+  workers: int = 0
+  """Worker processes reading batches ahead (grain); 0 reads in threads of the trainer."""
+  prefetch: int = 2
+  """Batches read ahead (per worker with workers > 0)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Teacher against student during distillation: the velocity loss on the held-out examples, and videos
+  both generate from the same noise and text (no guidance), compared by PSNR and SSIM."""
+
+  every: int = 50
+  """Steps between evals (and one before the first step); 0: none (the loss on the held-out examples before
+  the first step and after the last is in summary.json either way)."""
+  videos: int = 2
+  """Videos each model generates: the captions of the first held-out examples, or eval.prompts."""
+  num_steps: int = 10
+  """Sampling steps per video."""
+  shift: float = 5.0
+  """Timestep shift of the sampler."""
+  frames: int = 0
+  """Latent frames of the videos; 0: the training data's."""
+  height: int = 0
+  """Latent height of the videos; 0: the training data's."""
+  width: int = 0
+  """Latent width of the videos; 0: the training data's."""
+  model: str = ""
+  """A Wan diffusers folder: its vae/ decodes the videos to pixels and scheduler/ samples them (its
+  text_encoder/ and tokenizer/ encode eval.prompts); empty: Euler sampling, latents shown through a fixed
+  RGB projection."""
+  prompts: tuple[str, ...] = ()
+  """With eval.model: the prompts of the videos; empty: the held-out captions."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +236,7 @@ class Config:
   """bfloat16 keeps float32 master weights and optimizer state."""
   time: TimeConfig = TimeConfig()
   data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint_every: int = 100
   """Steps between checkpoints (the last step is always saved)."""
@@ -246,6 +283,7 @@ def wan2_1_1_3b() -> Config:
     batch_size=8,
     compute_dtype="bfloat16",
     data=DataConfig(path="data/wan_latents", frames=21, height=60, width=104, text_len=512),
+    eval=EvalConfig(every=100, num_steps=20, model="Wan2.1-T2V-1.3B-Diffusers"),
   )
 
 
@@ -261,6 +299,7 @@ def wan2_1_14b() -> Config:
     compute_dtype="bfloat16",
     mesh=MeshConfig(data=1, fsdp=-1),
     data=DataConfig(path="data/wan_latents_720p", frames=21, height=90, width=160, text_len=512),
+    eval=EvalConfig(every=100, num_steps=20, model="Wan2.1-T2V-14B-Diffusers"),
   )
 
 
@@ -346,6 +385,20 @@ def validate(config: Config) -> None:
     size, patch = getattr(config.data, name), config.model.patch_size[("frames", "height", "width").index(name)]
     check(size >= 1 and size % patch == 0, f"data.{name}", f"must be a positive multiple of the patch size {patch}")
   check(config.data.text_len >= 3, "data.text_len", "must be >= 3")
+  check(config.data.heldout_examples >= 1, "data.heldout_examples", "must be >= 1")
+  check(config.data.workers >= 0, "data.workers", "must be >= 0")
+  check(config.data.prefetch >= 0, "data.prefetch", "must be >= 0")
+  e = config.eval
+  check(e.every >= 0, "eval.every", "must be >= 0 (0: no eval)")
+  check(e.videos >= 0, "eval.videos", "must be >= 0")
+  check(e.num_steps >= 1, "eval.num_steps", "must be >= 1")
+  check(e.shift > 0, "eval.shift", "must be > 0")
+  for name in ("frames", "height", "width"):
+    size, patch = getattr(e, name), config.model.patch_size[("frames", "height", "width").index(name)]
+    check(
+      size >= 0 and size % patch == 0, f"eval.{name}", f"must be 0 (the data's) or a multiple of the patch size {patch}"
+    )
+  check(not e.prompts or bool(e.model), "eval.prompts", "needs eval.model (its text encoder encodes them)")
   check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
   check(config.mesh.fsdp == -1 or config.mesh.fsdp >= 1, "mesh.fsdp", "must be -1 or >= 1")
   check(config.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")

@@ -325,7 +325,7 @@ def _attend(
     mode=attention.mode,
     block_q=attention.block_q,
     block_kv=attention.block_kv,
-    backend=attention.implementation or "auto",
+    implementation=attention.implementation,
     return_stats=True,
   )
   return out, stats["sparsity"].astype(jnp.float32)
