@@ -24,11 +24,13 @@ import math
 import os
 import sys
 import time
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 
 from sparge_jax.files import write_json_atomic
 
@@ -56,10 +58,10 @@ class Args:
   """Number of processes (or JAX_NUM_PROCESSES)."""
   process_id: int | None = None
   """This process's index (or JAX_PROCESS_ID)."""
-  allow_config_change: str | None = None
-  """Resume although these config fields differ from the checkpoint's, e.g. --allow-config-change=seed,attention
-  (fields or groups, comma-separated; recorded in <workdir>/history.jsonl). steps, the eval, log and checkpoint
-  intervals, mesh, remat and the kernel implementation may always change; see docs/RELIABILITY.md."""
+  allow_config_change: Annotated[str | None, tyro.conf.arg(metavar="FIELD,...")] = None
+  """Resume although these config fields differ from the checkpoint's (fields or groups, e.g.
+  --allow-config-change=seed,attention; recorded in <workdir>/history.jsonl). steps, the eval, log and
+  checkpoint intervals, mesh, remat and the kernel implementation may always change; see docs/RELIABILITY.md."""
 
 
 class NonFiniteLoss(errors.CommandError):
@@ -74,7 +76,7 @@ def pretrain_teacher(config: Config, workdir: str, progress: bool, allow: tuple[
   directory, steps = teacher.pretrained_dir(workdir), config.pretrain_teacher.steps
   with checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1) as existing:
     done = existing.latest_step()
-  if done != steps and progress and jax.process_index() == 0:
+  if (done is None or done < steps) and progress and jax.process_index() == 0:
     print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
   try:  # a finished teacher is checked like any resumed run, and left as it is
     run(teacher.pretraining_config(config), directory, progress=progress, allow=allow)
