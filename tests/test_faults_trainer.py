@@ -306,6 +306,33 @@ def test_make_dataset_checks_its_output_before_sampling(tmp_path, capsys):
   assert os.listdir(tmp_path / "exists") == []
 
 
+def test_a_run_with_a_pretrained_teacher_is_checked_before_the_teacher_is_touched(env, tmp_path):
+  workdir = tmp_path / "run"
+  pretrain = ["--config.pretrain_teacher.steps=2", "--workdir", str(workdir)]
+  code, _, err = run(["--config.steps=2", *pretrain], env)
+  assert code == 0, err[-3000:]
+  before = snapshot(workdir)
+  code, _, err = run(["--config.steps=4", *pretrain, "--config.pretrain_teacher.steps=3"], env)
+  assert code == 1
+  assert err.splitlines() == [
+    "error: the config differs from the checkpoint at step 2 being resumed in 1 field(s): pretrain_teacher.steps: "
+    "2 -> 3. Resume with the stored values, start a new --workdir, or pass "
+    "--allow-config-change=pretrain_teacher.steps to change them (recorded in the workdir's history.jsonl)"
+  ]
+  assert snapshot(workdir) == before  # the teacher was not trained further
+  code, out, err = run(["--config.steps=4", *pretrain], env)
+  assert code == 0, err[-3000:]
+  assert "pretraining the teacher" not in out
+  teacher_history = [json.loads(line)["event"] for line in open(workdir / "teacher" / "history.jsonl")]
+  assert teacher_history == ["start", "already_complete"]  # checked like any resume, and left as it was
+  assert {k: v for k, v in snapshot(workdir / "teacher").items() if k != "history.jsonl"} == {
+    k.removeprefix("teacher/"): v
+    for k, v in before.items()
+    if k.startswith("teacher/") and k != "teacher/history.jsonl"
+  }
+  assert json.load(open(workdir / "summary.json"))["resumed_from_step"] == 2
+
+
 def test_a_second_trainer_on_the_same_workdir_stops_at_once_naming_the_first(env, copy):
   first = start(["--config.steps=1000", "--workdir", str(copy)], env)
   try:
