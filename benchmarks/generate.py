@@ -19,14 +19,16 @@ dense steps run).
 The baseline runs in a subprocess (so the two frameworks do not share the GPU's memory), where torch and
 diffusers import: diffusers' `WanPipeline` with its default attention (SDPA) on the same shapes, steps and
 scheduler, text embeddings from transformers' `UMT5EncoderModel` (timed apart; skipped without transformers)
-and the decode as the pipeline does it. Results merge into benchmarks/results/generate-<device>.json
-(`--out`), keyed by model, size and steps, so separate calls (variants, baseline, 14B) add up.
+and the decode as the pipeline does it. Both sides encode the same fixed token ids of realistic prompt
+lengths (`FixedTokenIds`: there is no real tokenizer without a download). Results merge into
+benchmarks/results/generate-<device>.json (`--out`), keyed by model, size and steps, so separate calls
+(variants, baseline, 14B) add up; the file is written after the baseline and after each variant, so a run
+cut short keeps what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -130,12 +132,13 @@ def _flow_shift(size: str) -> float:
   return 5.0 if size == "720p" else 3.0
 
 
-def _token_ids(vocab_size: int, lengths: list[int], seed: int = 0):
-  """(input_ids, attention_mask) int32 [len(lengths), TEXT_LEN] of random tokens, eos, then padding."""
+def _token_ids(vocab_size: int, lengths: list[int], max_length: int = TEXT_LEN, seed: int = 0):
+  """(input_ids, attention_mask) int32 [len(lengths), max_length]: random tokens, eos (id 1), then padding
+  (id 0), as UMT5's tokenizer lays out a prompt of each length."""
   import numpy as np  # noqa: PLC0415
 
   rng = np.random.default_rng(seed)
-  ids = np.zeros((len(lengths), TEXT_LEN), np.int32)
+  ids = np.zeros((len(lengths), max_length), np.int32)
   mask = np.zeros_like(ids)
   for row, n in enumerate(lengths):
     ids[row, : n - 1] = rng.integers(2, vocab_size, n - 1)
@@ -165,15 +168,20 @@ def _random(make):
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
 
 
-class _Tokenizer:
-  """Stands in for the UMT5 tokenizer: fixed random token ids of typical prompt lengths."""
+class FixedTokenIds:
+  """What the benchmark tokenizes with: not a tokenizer (the real one is a download away), but fixed
+  random token ids of realistic lengths, the same for any text: PROMPT_TOKENS for each prompt (even
+  rows) and NEGATIVE_TOKENS for each negative prompt (odd rows), as `pipe.encode_prompts([prompt,
+  negative])` asks. The encoder's cost depends on the padded length only; the trim to each prompt's
+  token count, and diffusers' side, see the same lengths. Tokenizing itself (host side, about a
+  millisecond) is left out of the text-encoding seconds on both sides."""
 
   def __init__(self, vocab_size: int):
     self.vocab_size = vocab_size
 
   def __call__(self, prompts, max_length=TEXT_LEN):
     lengths = [PROMPT_TOKENS if i % 2 == 0 else NEGATIVE_TOKENS for i in range(len(prompts))]
-    return _token_ids(self.vocab_size, lengths)
+    return _token_ids(self.vocab_size, lengths, max_length)
 
 
 def _peak_bytes():
@@ -200,7 +208,7 @@ def build_pipeline(model: str, dtype):
   dit_config = config_from_diffusers(dit, dtype=dtype, attention=AttentionConfig(**tiles))
   text_config, vae_config = _config(umt5.UMT5Config, text), _config(wan_vae.WanVAEConfig, vae)
   return WanPipeline(
-    tokenizer=_Tokenizer(text["vocab_size"]),
+    tokenizer=FixedTokenIds(text["vocab_size"]),
     text_encoder=_random(lambda: umt5.UMT5Encoder(text_config, rngs=nnx.Rngs(1), param_dtype=dtype, dtype=dtype)),
     transformer=_random(lambda: WanModel(dit_config, rngs=nnx.Rngs(0))),
     vae=_random(lambda: wan_vae.WanVAE(vae_config, rngs=nnx.Rngs(2))),
@@ -218,7 +226,9 @@ def _schedule(variant: str, steps: int, dense_steps: int, dense_layers: int):
   return AttentionSchedule(topk=SPARSE_TOPK, topp=0.0, dense_steps=min(dense_steps, steps), dense_layers=dense_layers)
 
 
-def run_jax(args) -> dict:
+def run_jax(args, save=lambda result: None) -> dict:
+  """The JAX side: one pipeline, then each variant compiled, timed and handed to `save` as it finishes
+  (so a run cut short keeps the variants it finished)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -274,8 +284,11 @@ def run_jax(args) -> dict:
     record["peak_bytes_so_far"] = _peak_bytes()
     result["variants"][variant] = record
     print(f"jax {variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k.endswith("_s")), flush=True)
+    save(result)
   if args.kernel_check:
     result["kernel_check"] = kernel_check(pipe, noise, embeddings)
+    print("kernel check (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result["kernel_check"].items()), flush=True)
+    save(result)
   return result
 
 
@@ -474,6 +487,20 @@ def _speedups(entry: dict) -> dict:
   return out
 
 
+def merge_run(run: dict, entry: dict, command: str) -> dict:
+  """A results file's run (same model, size and steps) with this call's `entry` ({"jax": ..., "diffusers":
+  ...}) joined in: a side this call ran replaces that side, except that jax variants of separate calls
+  add up (a variant run again replaces its old record); speedups recomputed; the command appended."""
+  merged = dict(run)
+  for name, value in entry.items():
+    if name == "jax" and "variants" in run.get("jax", {}):
+      value = run["jax"] | value | {"variants": run["jax"]["variants"] | value["variants"]}
+    merged[name] = value
+  merged["speedups"] = _speedups(merged)
+  merged["commands"] = [c for c in run.get("commands", []) if c != command] + [command]
+  return merged
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=sorted(MODELS), default="1.3b")
@@ -503,31 +530,24 @@ def main(argv: list[str] | None = None) -> int:
       json.dump(result, f)
     return 0
 
-  entry = {}
-  if not args.no_baseline:
-    entry["diffusers"] = _baseline_in_subprocess(args)
-  if not args.baseline_only:
-    entry["jax"] = run_jax(args)
-
-  from benchmarks import timing  # noqa: PLC0415
-  from sparge_jax.files import write_json_atomic  # noqa: PLC0415
-
-  out = args.out or os.path.join(os.path.dirname(__file__), "results", f"generate-{timing.device_slug()}.json")
-  results = {}
-  if os.path.exists(out):
-    with open(out) as f:
-      results = json.load(f)
   key = f"{args.model}-{args.size}" + (f"-per-step{args.per_step}" if args.per_step else f"-{args.steps}steps")
-  merged = results.get("runs", {}).get(key, {})
-  for name, value in entry.items():  # a later call's variants join an earlier call's
-    if name == "jax" and "variants" in merged.get("jax", {}):
-      value = merged["jax"] | value | {"variants": merged["jax"]["variants"] | value["variants"]}
-    merged[name] = value
-  merged["speedups"] = _speedups(merged)
-  results |= {"device": timing.device_name(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-  results.setdefault("runs", {})[key] = merged
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  write_json_atomic(out, results)
+  command = " ".join(["python -m benchmarks.generate", *(sys.argv[1:] if argv is None else argv)])
+  out = args.out
+  merged = {}
+
+  def save(entry: dict) -> None:  # after the baseline and after each jax variant
+    nonlocal out, merged
+    from benchmarks import results  # noqa: PLC0415 (jax takes the GPU: only once the baseline is done)
+
+    out = out or results.results_path("generate")
+    previous = results.read_results(out) if os.path.exists(out) else {}
+    merged = merge_run(previous.get("runs", {}).get(key, {}), entry, command)
+    results.write_results(out, {"runs": previous.get("runs", {}) | {key: merged}})
+
+  if not args.no_baseline:
+    save({"diffusers": _baseline_in_subprocess(args)})
+  if not args.baseline_only:
+    run_jax(args, lambda result: save({"jax": result}))
   for name, value in merged["speedups"].items():
     print(f"{name}: {value:.2f}x")
   print(f"-> {out} [{key}]")

@@ -205,12 +205,12 @@ PHASES = [  # (name, metrics file, steps)
 
 
 def logged_losses(path):
-  """{step: loss} logged so far; a resumed run logs steps again, the last record wins."""
+  """{step: training loss} logged so far (eval records, which carry no "loss", are skipped)."""
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     records = [json.loads(line) for line in f if line.endswith("\n")]  # skip a half-written line
-  return {record["step"]: record["loss"] for record in records}
+  return {record["step"]: record["loss"] for record in records if "loss" in record}
 
 
 figure, axes = plt.subplots(1, len(PHASES), figsize=(11, 3.5))

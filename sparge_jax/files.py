@@ -18,6 +18,14 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 
+def creation_mode(mode: int = 0o666) -> int:
+  """`mode` less the process's umask: the permissions `open` gives a new file (`mode=0o777` for a folder).
+  The temporary files and folders of `tempfile` are private (0600, 0700); a finished one is given these."""
+  umask = os.umask(0o077)  # reading the umask sets it; restored at once
+  os.umask(umask)
+  return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO[Any]]:
   """Opens a temporary file beside `path`; on a clean exit it is flushed, synced and renamed to `path`.
@@ -33,6 +41,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
+      with contextlib.suppress(OSError):  # file systems without permissions (FAT, some mounts)
+        os.fchmod(f.fileno(), creation_mode())
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:

@@ -38,11 +38,13 @@ def test_mosaic_float16_matches_reference():
   cases.check_backend("mosaic", False, LONG8, seed=15, dtype=jnp.float16, tol=5e-3)
 
 
-def test_auto_falls_back_to_triton_for_lengths_mosaic_cannot_take():
+def test_auto_takes_mosaic_for_lengths_that_are_not_multiples_of_8():
+  # The Mosaic wrappers pad such lengths to whole 8-row tiles, so auto no longer falls back to Triton.
   q, k, v, _ = cases.random_qkv(16, 1, 1001, 1003, 2, 128, jnp.bfloat16)
+  assert backends.explain(q, k).chosen == "mosaic"
   out = attention.sparse_attention(q, k, v, topk=0.2)
   ref = attention.sparse_attention(q, k, v, topk=0.2, implementation="triton")
-  assert cases.rel_err(out, ref) < 1e-6
+  assert cases.rel_err(out, ref) < 2e-2
 
 
 def test_triton_full_mask_is_dense():

@@ -1,8 +1,9 @@
 """The Wan text-to-video pipeline end to end on tiny random models, attention schedules, video files and
-the `train.generate` command.
+the `train.generate` and `benchmarks.generate` commands.
 
-The tiny folder holds a random transformer saved with `save_diffusers`, and the UMT5 text encoder and
-VAE of `sparge_jax.models.umt5` / `wan_vae` where those exist, else the stand-ins of t2v_standins."""
+The tiny Wan folder (wan_tiny_folder.py) holds the committed tiny UMT5 text encoder, tokenizer and VAE
+fixtures (random models made with transformers and diffusers) and a random transformer saved with
+`save_diffusers`; `WanPipeline.from_pretrained` loads it with the real loaders."""
 
 import dataclasses
 import json
@@ -10,19 +11,22 @@ import math
 import os
 import pathlib
 import re
+import stat
 import subprocess
 import sys
 
-import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import t2v_standins  # registers stand-ins for missing modules before the pipeline imports them
 from flax import nnx
+from safetensors.numpy import load_file
+from wan_tiny_folder import FIXTURES, tiny_folder
 
 from sparge_jax.config import AttentionConfig
+from sparge_jax.files import creation_mode
 from sparge_jax.models.wan import WanModel
+from sparge_jax.models.wan_vae import normalize_latents
 from sparge_jax.pipelines import AttentionSchedule, LayerSparsity, export_video
 from sparge_jax.pipelines.wan import WanPipeline, default_flow_shift
 
@@ -33,7 +37,7 @@ PROMPT, NEGATIVE = "a red fox runs through fresh snow", "blurry, static"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return t2v_standins.tiny_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny")
+  return tiny_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +73,25 @@ def test_a_prompt_gives_a_video_file(pipe, size, tmp_path):
   assert np.abs(video.astype(int) - other).mean() > 1
 
   path = export_video(video[0], tmp_path / "fox.mp4", fps=16)
+  import imageio_ffmpeg  # here, not at the top: the GPU test needs no ffmpeg
+
   reader = imageio_ffmpeg.read_frames(str(path))
   meta = next(reader)
   decoded = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
   assert meta["size"] == (width, height) and meta["fps"] == 16 and len(decoded) == frames
   assert [p.name for p in tmp_path.iterdir()] == ["fox.mp4"]  # no temporary file left
+  assert stat.S_IMODE(path.stat().st_mode) == creation_mode()  # as open() makes files, not mkstemp's 0600
+
+
+def test_decode_is_the_diffusers_vae_on_denormalized_latents(pipe):
+  """The pipeline's last stage on the VAE fixture's diffusers run: latents as the transformer sees them
+  (normalized) -> uint8 frames of diffusers' `vae.decode` output."""
+  io = load_file(FIXTURES / "wan_vae_tiny" / "io.safetensors")
+  latents = io["latents"].transpose(0, 2, 3, 4, 1)  # [batch, frames, height, width, z], as the VAE takes them
+  frames = pipe.decode(normalize_latents(jnp.asarray(latents), pipe.vae.config))
+  expected = np.round((np.clip(io["decoded"].transpose(0, 2, 3, 4, 1), -1, 1) + 1) * 127.5)
+  assert frames.shape == expected.shape and frames.dtype == np.uint8
+  assert np.abs(frames.astype(int) - expected).max() <= 1 and frames.std() > 5
 
 
 def test_latent_shape_follows_size_and_frames(pipe):
@@ -197,33 +215,60 @@ def test_bad_inputs_are_named(folder, pipe, size, inputs):
 
 
 SHARDED = r"""
-import sys
-sys.path.insert(0, "tests")
+import json, sys
 import jax, jax.numpy as jnp, numpy as np
-import t2v_standins
+from sparge_jax.config import AttentionConfig
 from sparge_jax.pipelines.wan import WanPipeline
 
-assert jax.device_count() == 2
-folder = t2v_standins.tiny_folder(sys.argv[1])
-mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-sharded = WanPipeline.from_pretrained(folder, dtype=jnp.float32, mesh=mesh, rules=[("embed", "fsdp")])
-kernel = sharded.transformer.blocks.ffn_in.kernel[...]
-assert kernel.sharding.spec[1] == "fsdp" and kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 2
-single = WanPipeline.from_pretrained(folder, dtype=jnp.float32)
-video = [p("a fox", height=32, width=48, num_frames=9, num_steps=2, progress=False) for p in (sharded, single)]
-assert video[0].shape == (1, 9, 32, 48, 3)
-assert np.abs(video[0].astype(int) - video[1]).max() <= 1, np.abs(video[0].astype(int) - video[1]).max()
-print("ok")
+folder, out, run = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+assert jax.device_count() == 4
+mesh = jax.make_mesh((1, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+pipe = WanPipeline.from_pretrained(
+  folder, dtype=jnp.float32, attention=AttentionConfig(**run["tiles"]), mesh=mesh, rules=[("embed", "fsdp")]
+)
+# Each model's parameters live on the mesh, the large ones split four ways along their model width.
+for name, param in (
+  ("transformer", pipe.transformer.blocks.ffn_in.kernel), ("text_encoder", pipe.text_encoder.blocks.query.kernel),
+  ("text_encoder", pipe.text_encoder.embedding.embedding),
+):
+  value = param[...]
+  assert "fsdp" in value.sharding.spec and len(value.sharding.device_set) == 4, (name, value.sharding)
+  assert value.addressable_shards[0].data.size == value.size // 4, (name, value.addressable_shards[0].data.shape)
+vae_kernel = pipe.vae.decoder.conv_in.kernel[...]
+assert len(vae_kernel.sharding.device_set) == 4 and vae_kernel.sharding.is_fully_replicated  # no rule: replicated
+
+embeddings = pipe.encode_prompts(run["prompts"])
+noise = jax.random.normal(jax.random.key(run["seed"]), pipe.latent_shape(1, *run["size"]), jnp.float32)
+latents = pipe.denoise(noise, embeddings[:1], embeddings[1:], num_steps=run["steps"], progress=False)
+np.savez(out, embeddings=embeddings, latents=latents, video=pipe.decode(latents))
 """
 
 
-def test_pipeline_shards_the_transformer_over_a_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+def test_pipeline_shards_every_model_over_a_mesh(folder, pipe, size, inputs, tmp_path):
+  """On 4 CPU devices: the text encoder and transformer sharded along their width, the VAE replicated;
+  every stage gives what the unsharded pipeline gives."""
+  # The flags of conftest.py (cheap code generation) and four host devices; a new process for the device count.
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   root = pathlib.Path(__file__).parent.parent
+  out = tmp_path / "sharded.npz"
+  run = dict(tiles=TILES, prompts=[PROMPT, NEGATIVE], seed=3, size=list(size), steps=3)
   done = subprocess.run(
-    [sys.executable, "-c", SHARDED, str(tmp_path / "Wan-tiny")], cwd=root, env=env, capture_output=True, text=True
+    [sys.executable, "-c", SHARDED, str(folder), str(out), json.dumps(run)],
+    cwd=root,
+    env=dict(env, PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")])),
+    capture_output=True,
+    text=True,
   )
-  assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+  assert done.returncode == 0, done.stderr[-3000:]
+  sharded = np.load(out)
+  noise, context, negative = inputs
+  np.testing.assert_allclose(sharded["embeddings"], np.concatenate([context, negative]), atol=1e-5, rtol=0)
+  latents = pipe.denoise(noise, context, negative, num_steps=3, progress=False)
+  np.testing.assert_allclose(sharded["latents"], latents, atol=1e-4, rtol=0)
+  video = pipe.decode(latents)
+  assert sharded["video"].shape == video.shape == (1, size[2], size[0], size[1], 3)
+  assert np.abs(sharded["video"].astype(int) - video).max() <= 1
 
 
 def test_default_flow_shift_is_wans():
@@ -237,6 +282,9 @@ def test_export_video_formats_and_errors(tmp_path):
 
   assert iio.imread(gif).shape == (5, 16, 24, 3)
   pngs = export_video(frames, tmp_path / "frames")
+  assert stat.S_IMODE(gif.stat().st_mode) == creation_mode() and stat.S_IMODE(pngs.stat().st_mode) == creation_mode(
+    0o777
+  )
   assert sorted(p.name for p in pngs.iterdir()) == [f"frame_{i:05d}.png" for i in range(5)]
   np.testing.assert_array_equal(iio.imread(pngs / "frame_00003.png"), frames[3])
   for args, match in (
@@ -270,6 +318,8 @@ def test_generate_command_writes_the_video(folder, size, tmp_path, capsys):
   args = _generate_args(folder, size, out, "--sparse-topk", "0.5", "--sparse-topp", "0", "--dense-steps", "1")
   assert generate.main(args) == 0
   assert out.is_file() and "schedule attention" in capsys.readouterr().out
+  import imageio_ffmpeg
+
   reader = imageio_ffmpeg.read_frames(str(out))
   assert next(reader)["size"] == (size[1], size[0]) and sum(1 for _ in reader) == size[2]
 
@@ -341,19 +391,50 @@ def test_generate_benchmark_at_a_tiny_size(tmp_path):
 
   out = tmp_path / "results" / "generate.json"
   args = ["--model", "tiny", "--size", "tiny", "--steps", "3", "--dtype", "float32", "--out", str(out)]
-  assert generate.main([*args, "--variants", "dense", "--no-baseline"]) == 0
-  assert generate.main([*args, "--variants", "dense-first"]) == 0  # no torch here: the baseline is "skipped"
-  (key,) = json.loads(out.read_text())["runs"]
-  run = json.loads(out.read_text())["runs"][key]
-  assert key == "tiny-tiny-3steps" and set(run) == {"jax", "diffusers", "speedups"}  # the calls add up
+  # No torch here: the baseline is "skipped". Two variants, the kernel check, then the per-step mode.
+  assert generate.main([*args, "--variants", "dense", "dense-first", "--kernel-check"]) == 0
+  assert generate.main([*args, "--variants", "sparse", "--per-step", "1", "--no-baseline"]) == 0
+  saved = json.loads(out.read_text())
+  assert saved["device"] == "cpu" and "git_commit" in saved and [p.name for p in out.parent.iterdir()] == [out.name]
+  run, per_step = saved["runs"]["tiny-tiny-3steps"], saved["runs"]["tiny-tiny-per-step1"]
+  assert set(run) == {"jax", "diffusers", "speedups", "commands"} and len(run["commands"]) == 1
   assert run["diffusers"] == {"skipped": "torch, diffusers not importable"}
   assert run["jax"]["tokens"] == 18 and set(run["jax"]["variants"]) == {"dense", "dense-first"}
   for record in run["jax"]["variants"].values():
     assert record["total_s"] == pytest.approx(record["text_encoding_s"] + record["denoising_s"] + record["decode_s"])
+    assert record["per_step_s"] == pytest.approx(record["denoising_s"] / 3)
   schedule = run["jax"]["variants"]["dense-first"]["schedule"]
   assert schedule["topk"] == generate.SPARSE_TOPK and schedule["dense_steps"] == 1 and schedule["dense_layers"] == 1
-  assert "dense-first_vs_dense_denoising" in run["speedups"]
-  assert [p.name for p in out.parent.iterdir()] == ["generate.json"]
+  assert set(run["speedups"]) == {"dense-first_vs_dense_denoising"}
+  assert set(run["jax"]["kernel_check"]) == {"dense_ms", "sparse_full_keep_ms", "sparse_95_ms"}
+  (record,) = per_step["jax"]["variants"].values()
+  assert per_step["jax"]["steps"] == 1 and "decode_s" not in record and record["per_step_s"] == record["denoising_s"]
+  assert record["schedule"] == {
+    "topk": generate.SPARSE_TOPK,
+    "topp": 0.0,
+    **dict.fromkeys(["dense_steps", "dense_last_steps", "dense_layers"], 0),
+  }
+
+
+def test_generate_benchmark_calls_add_up():
+  from benchmarks.generate import merge_run
+
+  def jax(**variants):
+    return {
+      "jax": {"tokens": 18, "variants": {k: {"denoising_s": v, "per_step_s": v / 2} for k, v in variants.items()}}
+    }
+
+  run = merge_run({}, jax(dense=4.0), "a")
+  run = merge_run(run, jax(sparse=1.0), "b")
+  run = merge_run(run, {"diffusers": {"per_step_s": 4.0, "total_s": 9.0}}, "a")
+  assert set(run["jax"]["variants"]) == {"dense", "sparse"} and run["commands"] == ["b", "a"]
+  assert run["speedups"] == {
+    "sparse_vs_dense_denoising": 4.0,
+    "dense_vs_diffusers_denoising": 2.0,
+    "sparse_vs_diffusers_denoising": 8.0,
+  }
+  run = merge_run(run, jax(sparse=2.0), "c")  # run again: the newer record replaces the older
+  assert run["jax"]["variants"]["sparse"]["denoising_s"] == 2.0 and run["speedups"]["sparse_vs_dense_denoising"] == 2.0
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -362,7 +443,7 @@ def test_generate_benchmark_at_a_tiny_size(tmp_path):
 @pytest.mark.gpu
 def test_gpu_bf16_pipeline_full_keep_matches_dense_and_schedules_compile_once(tmp_path, monkeypatch):
   """On a GPU in bf16 with head_dim 64 and 64-token tiles (the Mosaic kernels on Hopper, Triton elsewhere)."""
-  folder = t2v_standins.tiny_folder(tmp_path / "Wan-gpu", attention_head_dim=64)
+  folder = tiny_folder(tmp_path / "Wan-gpu", attention_head_dim=64)
   tiles = AttentionConfig(block_q=64, block_kv=64)
   pipe = WanPipeline.from_pretrained(folder, dtype=jnp.bfloat16, attention=tiles)
   height = width = 16 * pipe.spatial_factor  # 8 x 8 patches: 64 tokens a frame, 3 frames

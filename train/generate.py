@@ -32,8 +32,9 @@ from sparge_jax.models.wan import WanModel, load_diffusers
 from sparge_jax.pipelines import AttentionSchedule, export_video
 from sparge_jax.pipelines.video import check_output_path
 from sparge_jax.pipelines.wan import DEFAULT_NEGATIVE_PROMPT, WanPipeline, check_folder, default_flow_shift
-from train import checkpoint, distill, errors, sharding
-from train.configs import Config, from_dict
+
+from . import checkpoint, distill, errors, sharding
+from .configs import Config, from_dict
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -244,10 +245,10 @@ def run(config: GenerateConfig) -> dict:
   }
 
 
-@errors.command
+@errors.command  # bad options, folders, checkpoints, an unwritable output, out of memory: one error line
 def main(argv: list[str] | None = None) -> int:
   config = tyro.cli(GenerateConfig, args=argv, description=__doc__)
-  check(config)  # bad options, folders or checkpoints: one error line, before any model is loaded
+  check(config)
   summary = run(config)
   seconds = summary["seconds"]
   print(

@@ -5,7 +5,7 @@
     export_video(frames, "frames", fps=16)     # a folder of PNG frames, frame_00000.png, ...
 
 frames: uint8 [frames, height, width, 3]. Each file is written under a temporary name in the target's
-folder and renamed when complete.
+folder and renamed when complete, with the permissions a plain `open` would give it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparge_jax.files import write_bytes_atomic
+from sparge_jax.files import creation_mode, write_bytes_atomic
 
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIXES = (".gif",)
@@ -96,6 +96,8 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
     for frame in frames:
       writer.send(np.ascontiguousarray(frame))
     writer.close()
+    with contextlib.suppress(OSError):  # file systems without permissions
+      os.chmod(tmp, creation_mode())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -110,6 +112,8 @@ def _write_png_frames(frames: np.ndarray, path: Path) -> None:
   try:
     for i, frame in enumerate(frames):
       iio.imwrite(staging / f"frame_{i:05d}.png", frame)
+    with contextlib.suppress(OSError):
+      os.chmod(staging, creation_mode(0o777))
     if path.is_dir():
       path.rmdir()  # empty (checked); os.replace cannot replace a folder
     os.replace(staging, path)

@@ -64,13 +64,6 @@ def check_folder(folder: str | os.PathLike, *, transformer: bool = True) -> Path
   return folder
 
 
-def _scale_factors(vae_graphdef, vae_state, z_dim: int) -> tuple[int, int]:
-  """(temporal, spatial) downsampling of the VAE, from the shape its decoder gives two 2x2 latent frames."""
-  latents = jax.ShapeDtypeStruct((1, 2, 2, 2, z_dim), jnp.float32)
-  video = jax.eval_shape(lambda state, z: nnx.merge(vae_graphdef, state).decode(z), vae_state, latents)
-  return video.shape[1] - 1, video.shape[2] // 2
-
-
 def _as_prompts(name: str, value) -> list[str]:
   prompts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
   if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -112,7 +105,7 @@ class WanPipeline:
     self.scheduler = scheduler
     self._vae_graphdef, self._vae_state = nnx.split(vae)
     self._steps = {}
-    self.temporal_factor, self.spatial_factor = _scale_factors(self._vae_graphdef, self._vae_state, vae.config.z_dim)
+    self.temporal_factor, self.spatial_factor = vae.config.temporal_compression, vae.config.spatial_compression
 
   @classmethod
   def from_pretrained(
@@ -289,8 +282,7 @@ class WanPipeline:
 
     def decode(vae_state, latents):
       vae = nnx.merge(graphdef, vae_state)
-      dtype = jax.tree.leaves(vae_state)[0].dtype
-      video = vae.decode(wan_vae.denormalize_latents(latents.astype(dtype), config))
+      video = vae.decode(wan_vae.denormalize_latents(latents.astype(jnp.float32), config).astype(vae.dtype))
       return jnp.round((jnp.clip(video.astype(jnp.float32), -1, 1) + 1) * 127.5).astype(jnp.uint8)
 
     return jax.jit(decode)
