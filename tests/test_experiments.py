@@ -32,6 +32,7 @@ TINY = [
   "--config.data.height=16",
   "--config.data.width=32",
   "--config.data.text_len=4",
+  "--config.data.heldout_examples=2",
   "--config.batch_size=2",
   "--config.warmup_steps=0",
   "--config.steps=2",
