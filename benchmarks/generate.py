@@ -173,8 +173,8 @@ class FixedTokenIds:
   random token ids of realistic lengths, the same for any text: PROMPT_TOKENS for each prompt (even
   rows) and NEGATIVE_TOKENS for each negative prompt (odd rows), as `pipe.encode_prompts([prompt,
   negative])` asks. The encoder's cost depends on the padded length only; the trim to each prompt's
-  token count, and diffusers' side, see the same lengths. Tokenizing itself (host side, about a
-  millisecond) is left out of the text-encoding seconds on both sides."""
+  token count, and diffusers' side, see the same lengths. Tokenizing itself (on the host) is left out
+  of the text-encoding seconds on both sides."""
 
   def __init__(self, vocab_size: int):
     self.vocab_size = vocab_size

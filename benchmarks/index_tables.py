@@ -15,8 +15,8 @@ Variants (cumsum c[r, j] = kept columns up to and including j):
 - matmul_count: c by matmul; index[r, s] = #{j : c[r, j] <= s} (the (s+1)-th kept column), a compare-and-sum
   that XLA fuses into one reduction with no scatter.
 - argsort: a stable argsort of ~mask (kept columns first, in order).
-- pallas_kernel: `pallas_kernels.index_table` (rows in registers, each column written once to its rank);
-  what the GPU backends use since 2026-11-26.
+- pallas_kernel: `pallas_kernels.block_mask.triton_index_table` (rows in registers, each column written once to
+  its rank); what the Pallas backends use since 2026-11-26.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def stage_calls(q, k, *, topk: float, topp: float, block_q: int = 128, block_kv:
   scale = q.shape[-1] ** -0.5
   pool = jax.jit(functools.partial(mask_pool.block_means_pair, block_q=block_q, block_kv=block_kv, interpret=interpret))
   logits_fn = jax.jit(functools.partial(mask_pool.pooled_logits, scale=scale, interpret=interpret))
-  select = jax.jit(functools.partial(mask_select.select_blocks, mode="hybrid", interpret=interpret))
+  select = jax.jit(functools.partial(mask_select.select_blocks_from_logits, mode="hybrid", interpret=interpret))
   table = jax.jit(functools.partial(index_table.index_table, interpret=interpret))
   transposed_table = jax.jit(lambda m: index_table.index_table(jnp.swapaxes(m, -1, -2), interpret=interpret))
 

@@ -1,12 +1,13 @@
 """Figures from results files: speedup against sparsity, and the mask's stages.
 
-    python -m benchmarks.plot benchmarks/results/nvidia-h100-80gb-hbm3.json [more results files] --out docs/speedup.png
+    python -m benchmarks.plot benchmarks/results/attention-nvidia-h200.json [more results files] --out docs/speedup.png
     python -m benchmarks.plot benchmarks/results/mask-nvidia-h100-80gb-hbm3.json --out docs/mask.png
 
 From `python -m benchmarks.attention` records: speedup over cuDNN, forward and forward+backward, with the
 ideal 1/(1 − s) line, one line per (backend, case, results file) where a case has several sparsities; other
-cases appear as single points; FlexAttention's rows (`benchmarks.flex_attention`), over torch's cuDNN, too. From one `python -m benchmarks.mask` file: each input kind's stages as
-stacked bars, against the read floor and 15% of the sparse forward.
+cases appear as single points; FlexAttention's rows (`benchmarks.flex_attention`), over torch's cuDNN, too.
+From one `python -m benchmarks.mask` file: each input kind's stages as stacked bars, against the read floor
+and 15% of the sparse forward.
 """
 
 from __future__ import annotations

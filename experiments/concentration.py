@@ -1,4 +1,4 @@
-"""Experiment 3 of issue 6 (the paper's Table 2): attention concentration before and after sparse fine-tuning.
+"""Attention concentration before and after sparse fine-tuning (the paper's Table 2).
 
     python -m experiments.concentration            # after experiments.finetune
 

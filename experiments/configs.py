@@ -1,4 +1,4 @@
-"""The small Wan-style teacher of the issue-6 experiments, its data, and a step-time estimate.
+"""The small Wan-style teacher of the quality experiments, its data, and a step-time estimate.
 
     python -m experiments.configs          # prints the size, token count and the H100 step-time estimate
 
@@ -12,8 +12,8 @@ hence other palette colours and other caption embeddings.
 
 Step-time estimate (not a measurement): dense FLOPs of the forward (projections, FFN, self-attention
 4·N²·dim, cross-attention) x 3 for forward+backward, at an assumed fraction of the throughput the
-1.3B model reached on an H100 (benchmarks/results/distill-nvidia-h100-80gb-hbm3-x1.json: dense student
-forward+backward at 32,760 tokens in 2.45 s).
+1.3B model reached on an H100: the dense student's forward+backward time at 32,760 tokens that
+benchmarks/results/distill-nvidia-h100-80gb-hbm3-x1.json records.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the issue-6 experiments measure: models loaded from workdirs, sampling, SSIM, attention probes.
+"""What the quality experiments measure: models loaded from workdirs, sampling, SSIM, attention probes.
 
 Probes run inside the model's forward (``WanModel(..., probe=fn)``) on every layer's self-attention
 q, k, v [batch, seq, heads, head_dim], so nothing of the model is re-implemented here.
@@ -56,16 +56,17 @@ def sample(graphdef, params, noise, context, *, num_steps: int, shift: float = 5
   return np.asarray(run(params, noise.astype(dtype), context.astype(dtype)), np.float32)
 
 
-def ssim(reference: np.ndarray, other: np.ndarray, *, sigma: float = 1.5, radius: int = 5) -> float:
+def mean_ssim(reference: np.ndarray, other: np.ndarray, *, sigma: float = 1.5, radius: int = 5) -> float:
   """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, 11 taps, K1 0.01, K2 0.03) over frames and channels.
 
   reference, other: [..., height, width, channels] (each channel of each frame is one grey image); the data
   range is the reference's, as in ``train.sample.psnr``. Statistics are taken over the valid region only.
+  (``train.evaluate.ssim_per_image`` gives one value per image at a fixed data range.)
   """
   x, y = np.asarray(reference, np.float64), np.asarray(other, np.float64)
   if x.shape != y.shape or x.ndim < 3 or min(x.shape[-3:-1]) <= 2 * radius:
     raise ValueError(
-      f"ssim needs equal shapes [..., height, width, channels] with height, width > {2 * radius}, "
+      f"mean_ssim needs equal shapes [..., height, width, channels] with height, width > {2 * radius}, "
       f"got {x.shape} and {y.shape}"
     )
   taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)

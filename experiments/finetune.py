@@ -1,4 +1,4 @@
-"""Experiment 2 of issue 6: sparse fine-tuning at 90% and 95% sparsity, in resumable pieces.
+"""Sparse fine-tuning of the experiments' teacher at 90% and 95% sparsity, in resumable pieces.
 
     python -m experiments.finetune --minutes 10        # repeat until it prints "finetune done"
 
@@ -16,7 +16,7 @@ Top-p and hybrid to the sparsity Top-k actually reaches (it rounds its block cou
 Metrics on fixed held-out x_t (t spread over (0, 1)): velocity MSE against the teacher; self-attention
 relative L1 of the run's attention against dense attention on its own q, k, v (``attn_l1``) and against
 the teacher's dense attention output (``attn_l1_vs_teacher``); realized sparsity; PSNR and SSIM
-(``experiments.evaluation.ssim``) of Euler samples against the teacher's from the same noise and captions.
+(``experiments.evaluation.mean_ssim``) of Euler samples against the teacher's from the same noise and captions.
 ``--shard i/n`` runs every n-th run of the plan from the i-th (one process per GPU, same workdir); a later call
 without it collects them all. Writes each run's ``eval.json`` in its workdir, then ``--out`` (mean, std and per-seed values; also when
 ``--minutes`` cuts the plan short, with ``"complete": false``) and ``--frames_figure`` (sample frames of the
@@ -140,7 +140,7 @@ def evaluate(
     "attn_l1_vs_teacher": evaluation.relative_l1(out, teacher["attention"]),
     "sparsity": float(np.mean(sparsity)),
     "psnr": float(np.mean([psnr(t, v) for t, v in zip(teacher["videos"], videos)])),
-    "ssim": float(np.mean([evaluation.ssim(t, v) for t, v in zip(teacher["videos"], videos)])),
+    "ssim": float(np.mean([evaluation.mean_ssim(t, v) for t, v in zip(teacher["videos"], videos)])),
   }, videos
 
 

@@ -1,4 +1,4 @@
-"""Every issue-6 experiment in order, inside one time budget (one GPU lease).
+"""Every quality experiment in order, inside one time budget.
 
     python -m experiments.run_all --minutes 25
     python -m experiments.run_all --minutes 20 --gpus 2      # fine-tuning grid split over 2 GPUs
@@ -12,8 +12,8 @@ concentration; the report. Wall times per command go to `docs/results/run_times.
 Re-running resumes: every stage skips what is already on disk.
 
 Outputs are written under `runs/experiments/docs/` (git-ignored) and copied into `docs/` when all stages are
-done: a remote runner that re-syncs the working tree between calls (as the device tool does) deletes
-untracked files it did not send, and a run spans several calls.
+done: a remote runner that re-syncs the working tree between calls deletes untracked files it did not send,
+and a run may span several calls.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Whole sampling runs of diffusers' flow-matching schedulers, for tests/test_schedulers.py.
 
-    /work/wan-parity-venv/bin/python scripts/make_scheduler_fixture.py   # diffusers 0.42.x, torch (CPU)
+    ~/parity-venv/bin/python scripts/make_scheduler_fixture.py   # diffusers 0.42.x, torch (CPU): see make_wan_fixture.py
 
 Each case builds `UniPCMultistepScheduler` (Wan's scheduler config, with the case's overrides) or
 `FlowMatchEulerDiscreteScheduler`, and integrates a fixed deterministic "model" from fixed noise:

@@ -4,8 +4,9 @@ and their outputs for a few prompts, under tests/fixtures/umt5_tiny/.
 Runs in its own environment with torch (CPU), transformers, diffusers and sentencepiece, which the library
 itself never needs:
 
-    /work/wan-parity-venv/bin/pip install torch transformers diffusers sentencepiece protobuf tokenizers
-    /work/wan-parity-venv/bin/python scripts/make_umt5_fixture.py
+    python3.11 -m venv ~/parity-venv
+    ~/parity-venv/bin/pip install torch transformers diffusers sentencepiece protobuf tokenizers
+    ~/parity-venv/bin/python scripts/make_umt5_fixture.py
 
 It writes
   tokenizer/             tokenizer.json, tokenizer_config.json, special_tokens_map.json: a SentencePiece

@@ -2,9 +2,9 @@
 
 Runs in its own environment with torch (CPU) and diffusers, which the library itself never needs:
 
-    python3.11 -m venv /work/wan-parity-venv
-    /work/wan-parity-venv/bin/pip install torch==2.13.0 diffusers==0.42.1 transformers accelerate safetensors numpy
-    /work/wan-parity-venv/bin/python scripts/make_wan_fixture.py
+    python3.11 -m venv ~/parity-venv
+    ~/parity-venv/bin/pip install torch==2.13.0 diffusers==0.42.1 transformers accelerate safetensors numpy
+    ~/parity-venv/bin/python scripts/make_wan_fixture.py
 
 For each case it writes tests/fixtures/<case>/transformer/ (diffusers' own save_pretrained output:
 config.json + diffusion_pytorch_model.safetensors) and tests/fixtures/<case>/io.safetensors with the

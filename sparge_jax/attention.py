@@ -148,8 +148,8 @@ def block_mask(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
   )
-  config.check_fractions("topk", topk, q.shape[2])
-  config.check_fractions("topp", topp, q.shape[2])
+  config.check_fraction_argument("topk", topk, q.shape[2])
+  config.check_fraction_argument("topp", topp, q.shape[2])
   config.check_choice("mode", mode, MODES)
   return core.block_mask(
     q,
@@ -271,8 +271,8 @@ def sparse_attention(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
   )
-  config.check_fractions("topk", topk, q.shape[2])
-  config.check_fractions("topp", topp, q.shape[2])
+  config.check_fraction_argument("topk", topk, q.shape[2])
+  config.check_fraction_argument("topp", topp, q.shape[2])
   config.check_choice("mode", mode, MODES)
   kernel = _kernel(
     q,
@@ -457,7 +457,8 @@ def make_attention_fn(
 
 
 def dense_attention(q, k, v, *, scale=None):
-  """Full attention: cuDNN flash attention on GPUs of compute capability ≥ 8.0 for bf16/fp16, XLA otherwise.
+  """Full attention: cuDNN flash attention on GPUs of compute capability ≥ 8.0 for bf16/fp16 with a head_dim
+  that is a multiple of 8 and at most 128, XLA otherwise.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
   """

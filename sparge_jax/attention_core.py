@@ -112,6 +112,11 @@ def _limits(q_len, kv_len, *, block_q, block_kv, q_lengths, kv_lengths, is_causa
 def block_mask(
   q, k, topk, topp, q_lengths, kv_lengths, *, mode, block_q, block_kv, scale, is_causal, implementation, interpret
 ):
+  """bool [B, N, nq, nkv]: the jitted body of `sparge_jax.attention.block_mask` (no gradient flows).
+
+  implementation: "triton" (the Pallas mask kernels: pooling, pooled logits, selection) or "xla" (the
+  plain-JAX reference). topk, topp: float32 scalars or [heads], clamped to [0, 1] here.
+  """
   q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   q_lengths, kv_lengths = _clipped(q_lengths, q.shape[1]), _clipped(kv_lengths, k.shape[1])
   topk, topp = config.clamp_fractions(topk), config.clamp_fractions(topp)

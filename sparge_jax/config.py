@@ -28,7 +28,11 @@ def check_block(name: str, block) -> None:
 
 
 def check_fraction(name: str, value) -> None:
-  """ValueError naming `name` unless `value` is a concrete float in [0, 1] (NaN fails)."""
+  """ValueError naming `name` unless `value` is a concrete float in [0, 1] (NaN fails).
+
+  For settings (`AttentionConfig`, schedules); the API's arguments, which may be per-head arrays or traced,
+  go through `check_fraction_argument`.
+  """
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
     raise ValueError(f"{name} must be in [0, 1] (a float), got {value!r}")
 
@@ -100,7 +104,7 @@ class AttentionConfig:
 FRACTION_FOR_NAN = 1.0  # a traced NaN topk or topp keeps every allowed block: dense attention, never less
 
 
-def check_fractions(name: str, value, heads: int) -> None:
+def check_fraction_argument(name: str, value, heads: int) -> None:
   """ValueError naming `name` unless `value` is a float or a [heads] array, each in [0, 1] where concrete.
 
   Traced values pass (their contents are unknown while tracing); `clamp_fractions` states what happens to

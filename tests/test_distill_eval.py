@@ -33,24 +33,24 @@ def test_ssim_and_psnr_against_references():
   rng = np.random.default_rng(0)
   a = rng.uniform(size=(2, 3, 19, 23, 3))  # [videos, frames, H, W, channels], not window multiples
   b = np.clip(a + rng.normal(scale=0.1, size=a.shape), 0, 1)
-  values = evaluate.ssim(a, b)
+  values = evaluate.ssim_per_image(a, b)
   assert values.shape == (2, 3)
   for v in range(2):
     for f in range(3):
       expected = np.mean([ssim_reference(a[v, f, ..., c], b[v, f, ..., c]) for c in range(3)])
       np.testing.assert_allclose(values[v, f], expected, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(evaluate.ssim(a, a), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(evaluate.ssim_per_image(a, a), 1.0, rtol=1e-6)
   noisier = np.clip(a + rng.normal(scale=0.3, size=a.shape), 0, 1)
-  assert (evaluate.ssim(a, noisier) < values).all()
-  np.testing.assert_allclose(evaluate.ssim(b, a), values, rtol=1e-5)  # symmetric
+  assert (evaluate.ssim_per_image(a, noisier) < values).all()
+  np.testing.assert_allclose(evaluate.ssim_per_image(b, a), values, rtol=1e-5)  # symmetric
   small = rng.uniform(size=(4, 6, 1))  # smaller than the window: the largest odd window that fits (3)
   np.testing.assert_allclose(
-    evaluate.ssim(small, small * 0.5), ssim_reference(small[..., 0], small[..., 0] * 0.5, window=3), rtol=2e-5
+    evaluate.ssim_per_image(small, small * 0.5), ssim_reference(small[..., 0], small[..., 0] * 0.5, window=3), rtol=2e-5
   )
-  assert evaluate.psnr(a, a) == float("inf")
-  np.testing.assert_allclose(evaluate.psnr(a, b), 10 * np.log10(1 / np.mean((a - b) ** 2)))
+  assert evaluate.psnr_unit_range(a, a) == float("inf")
+  np.testing.assert_allclose(evaluate.psnr_unit_range(a, b), 10 * np.log10(1 / np.mean((a - b) ** 2)))
   with pytest.raises(ValueError, match="must be"):
-    evaluate.ssim(a, b[0])
+    evaluate.ssim_per_image(a, b[0])
 
 
 def tensorboard_tags(workdir):

@@ -32,6 +32,7 @@ TINY = [
   "--config.data.height=16",
   "--config.data.width=32",
   "--config.data.text_len=4",
+  "--config.data.heldout_examples=2",
   "--config.batch_size=2",
   "--config.warmup_steps=0",
   "--config.steps=2",
@@ -41,13 +42,13 @@ TINY = [
 def test_ssim_is_one_for_equal_images_and_falls_with_noise():
   import numpy as np
 
-  from experiments.evaluation import ssim
+  from experiments.evaluation import mean_ssim
 
   rng = np.random.default_rng(0)
   image = rng.normal(size=(2, 16, 16, 3)).cumsum(axis=1)
-  assert abs(ssim(image, image) - 1.0) < 1e-9
+  assert abs(mean_ssim(image, image) - 1.0) < 1e-9
   slightly, very = image + 0.1 * rng.normal(size=image.shape), image + 3.0 * rng.normal(size=image.shape)
-  assert 0.0 < ssim(image, very) < ssim(image, slightly) < 1.0
+  assert 0.0 < mean_ssim(image, very) < mean_ssim(image, slightly) < 1.0
 
 
 def test_pipeline_runs_end_to_end_at_tiny_size(tmp_path):

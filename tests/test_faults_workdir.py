@@ -177,7 +177,9 @@ def test_free_fields_may_change_and_identity_fields_may_not():
   new["mesh"]["fsdp"] = 2
   new["model"]["remat"] = True
   new["attention"]["implementation"] = "xla"
-  new["model"]["attention"]["topk"] = 0.5  # ignored by the trainer
+  stored["model"]["attention"], new["model"]["attention"] = {"topk": 0.1}, {"topk": 0.5}  # older files; ignored
+  stored["eval"], new["eval"] = {"every": 50, "videos": 2}, {"every": 10, "videos": 4}  # measured, never trained on
+  stored["data"]["workers"], new["data"]["workers"] = 0, 4
   assert identity.differences(stored, new) == {}
   new.update(seed=1, teacher="/teachers/wan", learning_rate=1.0)
   new["attention"]["topk"] = 0.2

@@ -15,6 +15,7 @@ JAX_PROCESS_ID) on every process; see docs/TRAINING.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -23,15 +24,17 @@ import math
 import os
 import sys
 import time
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 
 from sparge_jax.files import write_json_atomic
 
-from . import checkpoint, cli, sharding, teacher
+from . import checkpoint, cli, errors, identity, resume, sharding, teacher
 from .configs import PRESETS, Config, to_dict, validate
 from .evaluate import VideoEval
 from .export import export_student
@@ -39,6 +42,7 @@ from .loader import Batches
 from .models import abstract_model, model_configs
 from .sources import make_sources
 from .step import make_loss_fn, make_optimizer, make_train_step
+from .workdir import Lock, check_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,40 +58,62 @@ class Args:
   """Number of processes (or JAX_NUM_PROCESSES)."""
   process_id: int | None = None
   """This process's index (or JAX_PROCESS_ID)."""
+  allow_config_change: Annotated[str | None, tyro.conf.arg(metavar="FIELD,...")] = None
+  """Resume although these config fields differ from the checkpoint's (fields or groups, e.g.
+  --allow-config-change=seed,attention; recorded in <workdir>/history.jsonl). steps, the eval, log and
+  checkpoint intervals, mesh, remat and the kernel implementation may always change; see docs/RELIABILITY.md."""
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(errors.CommandError):
   """Raised when a step produces a NaN or inf loss or gradient; nothing after it was saved."""
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def pretrain_teacher(config: Config, workdir: str, progress: bool) -> None:
-  """Trains the run's dense teacher into ``<workdir>/teacher`` unless a finished one is there."""
+def pretrain_teacher(config: Config, workdir: str, progress: bool, allow: tuple[str, ...] = ()) -> None:
+  """Trains (or resumes, or checks) the run's dense teacher in ``<workdir>/teacher``."""
   directory, steps = teacher.pretrained_dir(workdir), config.pretrain_teacher.steps
-  existing = checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1)
-  done, _ = existing.latest_step(), existing.close()
-  if done != steps:
-    if progress and jax.process_index() == 0:
-      print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
-    run(teacher.pretraining_config(config), directory, progress=progress)
+  with checkpoint.Checkpoints(os.path.join(directory, "checkpoints"), keep=1) as existing:
+    done = existing.latest_step()
+  if (done is None or done < steps) and progress and jax.process_index() == 0:
+    print(f"pretraining the teacher: {steps} steps of the diffusion loss, dense attention")
+  try:  # a finished teacher is checked like any resumed run, and left as it is
+    run(teacher.pretraining_config(config), directory, progress=progress, allow=allow)
+  except identity.AlreadyPast:
+    raise identity.AlreadyPast(
+      f"the teacher in {directory} is already pretrained for {done} steps, past "
+      f"--config.pretrain_teacher.steps={steps}; nothing was changed"
+    ) from None
+  except identity.ConfigChanged as e:
+    raise identity.ConfigChanged(f"the teacher pretrained in {directory}: {e}") from None
 
 
 def default_workdir(config: Config) -> str:
   return os.path.join("runs", f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
 
-def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
-  """Runs (or resumes) ``config`` in ``workdir``; returns the summary printed by ``main``.
+def run(config: Config, workdir: str, *, progress: bool = True, allow: tuple[str, ...] = ()) -> dict | None:
+  """Runs (or resumes) ``config`` in ``workdir``; returns the summary printed by ``main``, or None when
+  the workdir is already at ``config.steps`` (then nothing is rewritten).
 
+  A resume continues from the newest checkpoint that restores (``resume.resume``): its config must equal
+  ``config`` but for ``identity.FREE_FIELDS`` and the fields in `allow` (``identity.parse_allowed``).
   A run that pretrains its teacher (``Config.pretrains_teacher``) first runs ``teacher.pretraining_config``
-  in ``<workdir>/teacher``, unless that is already done.
+  in ``<workdir>/teacher``, unless that is already done. The caller holds the workdir's lock.
   """
+  validate(config)
+  # Closed on every exit path: no orbax thread outlives the run, and a failed save is reported.
+  with checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints) as checkpoints:
+    return _run(config, workdir, checkpoints, progress=progress, allow=allow)
+
+
+def _run(
+  config: Config, workdir: str, checkpoints: checkpoint.Checkpoints, *, progress: bool, allow: tuple[str, ...]
+) -> dict | None:
   from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, only needed here)
   from tqdm import tqdm  # noqa: PLC0415
 
-  validate(config)
   lead = jax.process_index() == 0
   m = config.mesh
   mesh = sharding.make_mesh(m.data, m.fsdp, m.sequence, m.ring if m.sequence_parallel == "usp" else None)
@@ -118,42 +144,52 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
   abstract_params = abstract_state.to_pure_dict()
   param_shardings = sharding.param_shardings(abstract_state, mesh)
 
+  optimizer, schedule = make_optimizer(config)
+  # Moments are sharded like their parameters; counters are replicated.
+  abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+    optimizer, lambda _, s: s, abstract_opt_state, param_shardings, transform_non_params=lambda _: replicated
+  )
+
+  # Before any teacher work: a resume with another config, or past its steps, stops here.
   os.makedirs(workdir, exist_ok=True)
+  restored = resume.resume(
+    checkpoints,
+    checkpoint.abstract(abstract_params, param_shardings),
+    checkpoint.abstract(abstract_opt_state, opt_shardings),
+    to_dict(config),
+    workdir,
+    allow=allow,
+    lead=lead,
+  )
+  if restored is not None and restored.step == config.steps:
+    return None
+
   if config.pretrains_teacher:
-    pretrain_teacher(config, workdir, progress)
-  checkpoints = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    pretrain_teacher(config, workdir, progress, allow)
   teacher_params, teacher_source = teacher.load_teacher(
     teacher.teacher_spec(config, workdir), teacher_config, abstract_params, param_shardings, config.seed, mesh
   )
   if config.pretrains_teacher:
     teacher_source = teacher.describe_pretrained(config, workdir)
-  # The student is a separate copy: its buffers are donated every step, the teacher's never are.
-  params = jax.tree.map(lambda x: jnp.array(x, copy=True), teacher_params)
+  if restored is None:
+    # The student is a separate copy: its buffers are donated every step, the teacher's never are.
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), teacher_params)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  else:
+    params, opt_state = restored.params, restored.opt_state
   if config.compute_dtype == "bfloat16":
     teacher_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), teacher_params)
   if config.loss == "diffusion":
     teacher_params, teacher_source = None, f"none (loss=diffusion; student initialised from {teacher_source})"
   teacher_shardings = None if teacher_params is None else jax.tree.map(lambda x: x.sharding, teacher_params)
 
-  optimizer, schedule = make_optimizer(config)
-  # Moments are sharded like their parameters; counters are replicated.
-  opt_shardings = optax.tree_map_params(
-    optimizer,
-    lambda _, s: s,
-    jax.eval_shape(optimizer.init, params),
-    param_shardings,
-    transform_non_params=lambda _: replicated,
-  )
-  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-
   key = jax.random.key(config.seed)
-  start_step, position, data_state = 0, 0, None
-  resumed_from = checkpoints.latest_step()
-  if resumed_from is not None:
-    params, opt_state, meta = checkpoints.restore(
-      resumed_from, checkpoint.abstract(params, param_shardings), checkpoint.abstract(opt_state, opt_shardings)
-    )
+  start_step, position, data_state, resumed_from = 0, 0, None, None
+  if restored is not None:
+    meta = restored.meta
     start_step, position, data_state = meta["step"], meta["data_position"], meta.get("data_state")
+    resumed_from = restored.step
     key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
   train_key, eval_key = jax.random.split(key)
   if lead:
@@ -187,9 +223,13 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
     videos = VideoEval(config, heldout, teacher_params, mesh, workdir)
 
   tokens_per_example = math.prod(s // p for s, p in zip(source.latent_shape[:3], config.model.patch_size))
-  writer = SummaryWriter(workdir) if lead else None
+  # resume.resume cut metrics.jsonl back to start_step; TensorBoard drops its events past it on reading.
+  writer = SummaryWriter(workdir, purge_step=start_step + 1 if start_step else None) if lead else None
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if lead else None
-  bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and lead), unit="step", dynamic_ncols=True)
+  # No bar where stderr is not a terminal (a log file): there, metrics.jsonl shows the progress.
+  bar = tqdm(
+    total=config.steps, initial=start_step, disable=None if progress and lead else True, unit="step", dynamic_ncols=True
+  )
   losses, sparsities, step_times = [], [], []
 
   def log_eval(step, loss):
@@ -226,19 +266,6 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
           f"{os.path.join(checkpoints.directory, str(last_good)) if last_good is not None else 'none'}."
           " Lower --config.learning_rate or set --config.grad_clip_norm."
         )
-      if done % config.checkpoint_every == 0 or done == config.steps:
-        checkpoints.save(
-          done,
-          params,
-          opt_state,
-          {
-            "step": done,
-            "data_position": iterator.position,
-            "data_state": iterator.get_state(),
-            "rng": np.asarray(jax.random.key_data(key)).tolist(),
-            "config": to_dict(config),
-          },
-        )
       losses.append(float(metrics["loss"]))
       sparsities.append(np.asarray(metrics["sparsity"], np.float64))
       if step > start_step:  # the first step includes compilation
@@ -264,6 +291,20 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
         metrics_file.flush()
       if config.eval.every and (done % config.eval.every == 0 or done == config.steps):
         log_eval(done, evaluate(params))
+      # After the step's records: a checkpoint never holds a step that metrics.jsonl lacks.
+      if done % config.checkpoint_every == 0 or done == config.steps:
+        checkpoints.save(
+          done,
+          params,
+          opt_state,
+          {
+            "step": done,
+            "data_position": iterator.position,
+            "data_state": iterator.get_state(),
+            "rng": np.asarray(jax.random.key_data(key)).tolist(),
+            "config": to_dict(config),
+          },
+        )
     checkpoints.wait()
   finally:
     iterator.close()
@@ -271,7 +312,6 @@ def run(config: Config, workdir: str, *, progress: bool = True) -> dict:
     if lead:
       writer.close()
       metrics_file.close()
-    checkpoints.close()
 
   eval_after = evaluate(params)
   export = export_student(config, params, workdir)
@@ -363,19 +403,27 @@ def check(args: Args) -> None:
     raise ValueError("--workdir is required with several processes (they must share it)")
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   args, code = cli.parse(
     Args, argv, prog="train.distill", description=__doc__, presets=PRESETS, default="tiny", check=check
   )
   if code is not None:
     return code
-  try:  # a teacher that cannot be loaded, bad data, or a loss that stops being finite
-    summary = run(args.config, args.workdir or default_workdir(args.config))
-  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  if jax.process_index() == 0:
-    print_summary(summary)
+  config, lead = args.config, jax.process_index() == 0
+  allow = identity.parse_allowed(args.allow_config_change, to_dict(config))
+  path = check_directory(args.workdir or default_workdir(config), "--workdir")
+  # One trainer per workdir; the other processes of a multi-process run share process 0's.
+  with Lock(path) if lead else contextlib.nullcontext():
+    summary = run(config, path, allow=allow)
+  if lead:
+    if summary is None:
+      print(
+        f"{path} is already complete at step {config.steps}; nothing to do "
+        "(pass a larger --config.steps to train further)"
+      )
+    else:
+      print_summary(summary)
   return 0
 
 

@@ -30,8 +30,8 @@ from .models import abstract_model, model_configs
 from .sample import rgb_projection
 
 
-def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-  """PSNR in dB of frames in [0, 1]."""
+def psnr_unit_range(reference: np.ndarray, other: np.ndarray) -> float:
+  """PSNR in dB of frames in [0, 1] (peak 1; `train.sample.psnr` takes the reference's range as the peak)."""
   mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(other, np.float64)) ** 2))
   return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
@@ -63,7 +63,7 @@ def _ssim_per_image(a, b, *, data_range: float, window: int, sigma: float):
   return ssim_map.reshape(-1, channels, *ssim_map.shape[-2:]).mean(axis=(1, 2, 3))
 
 
-def ssim(reference, other, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> np.ndarray:
+def ssim_per_image(reference, other, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> np.ndarray:
   """SSIM (Wang et al. 2004) of images ``[..., height, width, channels]``, one value per image: a Gaussian
   window (``window`` taps, ``sigma``), valid positions only, each channel separately, then averaged, as
   ``tf.image.ssim``. Images smaller than the window use the largest odd window that fits."""
@@ -188,8 +188,8 @@ class VideoEval:
     with ``writer`` (process 0) also the GIF, to ``<workdir>/eval/step_NNNNNN.gif`` and TensorBoard."""
     student = self._frames(self._student(student_params, self._noise, self._context))
     metrics = {
-      "psnr": float(np.mean([psnr(t, s) for t, s in zip(self.teacher, student)])),
-      "ssim": float(ssim(self.teacher, student).mean()),
+      "psnr": float(np.mean([psnr_unit_range(t, s) for t, s in zip(self.teacher, student)])),
+      "ssim": float(ssim_per_image(self.teacher, student).mean()),
     }
     if writer is not None:
       frames = side_by_side(self.teacher, student)

@@ -1,6 +1,6 @@
 """Flow-matching conventions shared by training, dataset generation and sampling.
 
-The one place that defines them (REFERENCE.md §2, as in Wan2.1 and TurboDiffusion):
+The one place that defines them (as Wan2.1 and TurboDiffusion do):
 
 - ``t`` in [0, 1]; ``t = 0`` is data, ``t = 1`` is pure noise.
 - ``x_t = (1 - t) * x0 + t * noise``; the velocity is ``d x_t / d t = noise - x0``.

@@ -163,18 +163,19 @@ def _schedule(config: GenerateConfig, own: AttentionConfig) -> AttentionSchedule
   )
 
 
-def load_student(workdir: str, *, dtype, mesh=None):
-  """The student of a distillation workdir's newest checkpoint as a WanModel with parameters in `dtype`."""
+def load_student(workdir: str, *, dtype, mesh=None) -> tuple[WanModel, str]:
+  """The student of a distillation workdir's newest checkpoint that restores, as a WanModel with parameters
+  in `dtype`, and that checkpoint's params directory."""
   with open(os.path.join(workdir, "config.json")) as f:
     run_config = from_dict(Config, json.load(f))
   _, trained = distill.model_configs(run_config)
   abstract = nnx.split(nnx.eval_shape(lambda: WanModel(trained, rngs=nnx.Rngs(0))))[1]
   mesh = mesh if mesh is not None else sharding.make_mesh(-1, 1)
   shardings = sharding.param_shardings(abstract, mesh)
-  params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
+  params, found = checkpoint.load_newest_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
   params = jax.tree.map(lambda a: a.astype(dtype), params)
   config = dataclasses.replace(trained, param_dtype=dtype, compute_dtype=dtype)
-  return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))), params)
+  return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))), params), found
 
 
 def run(config: GenerateConfig) -> dict:
@@ -186,7 +187,7 @@ def run(config: GenerateConfig) -> dict:
   start = time.perf_counter()
   transformer, source = None, os.path.join(config.model, "transformer")
   if config.student:
-    transformer, source = load_student(config.student, dtype=dtype, mesh=mesh), config.student
+    transformer, source = load_student(config.student, dtype=dtype, mesh=mesh)
   elif config.student_diffusers:
     transformer = load_diffusers(config.student_diffusers, dtype=dtype, mesh=mesh, rules=rules)
     source = config.student_diffusers

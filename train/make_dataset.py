@@ -51,11 +51,12 @@ from sparge_jax.models import umt5, wan_vae
 from sparge_jax.models.umt5 import UMT5Config
 from sparge_jax.models.wan_vae import WanVAEConfig
 
-from . import cli, distill, flow, sharding, sources, videos
-from .configs import PRESETS, Config, ModelConfig, checker, validate_model
+from . import cli, distill, errors, flow, sharding, sources, videos
+from .configs import PRESETS, Config, ModelConfig, checker, patch_grid, validate_model
 from .data import MovingShapes, Source, write_dataset
 from .models import abstract_model
 from .teacher import load_teacher
+from .workdir import check_new_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,6 +453,8 @@ def check(args: Args) -> None:
       name,
       f"must be a positive multiple of the patch size {patch}",
     )
+  grid = patch_grid(config.model, config.frames, config.height, config.width)
+  require(max(grid) <= config.model.rope_max_seq_len, "model.rope_max_seq_len", f"must cover the patch grid {grid}")
   require(config.text_len >= 3, "text_len", "must be >= 3")
   require(config.batch_size >= 1, "batch_size", "must be >= 1")
   require(config.seed >= 0, "seed", "must be >= 0")
@@ -468,11 +471,11 @@ def check(args: Args) -> None:
       raise ValueError(f"--fps must be > 0, got {args.fps}")
   elif args.videos:
     raise ValueError(f"--videos is only read with --source videos, not --source {args.kind}")
-  if os.path.exists(args.out):
-    raise ValueError(f"--out {args.out!r} already exists; choose a new dataset folder")
+  check_new_directory(args.out, "--out")  # before the sampling or encoding, the long part
   distill.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   args, code = cli.parse(
     Args,
@@ -489,27 +492,23 @@ def main(argv: list[str] | None = None) -> int:
   config, n = args.config, args.num_examples
   if args.kind == "teacher" and config.teacher == "random":
     print("note: --config.teacher=random samples an untrained model; pass a diffusers folder or a workdir")
-  try:  # a model or teacher folder that cannot be loaded, unreadable captions, or an --out that cannot be written
-    if args.kind == "videos":
-      manifest, report = encode_videos(args)
-      if manifest is None:
-        return 0  # not process 0: that one writes the dataset
-      print(
-        f"{report['written']} of {report['videos']} videos encoded; {len(report['skipped'])} skipped "
-        f"(listed with the reasons in {os.path.join(args.out, REPORT)})"
-      )
+  if args.kind == "videos":
+    manifest, report = encode_videos(args)
+    if manifest is None:
+      return 0  # not process 0: that one writes the dataset
+    print(
+      f"{report['written']} of {report['videos']} videos encoded; {len(report['skipped'])} skipped "
+      f"(listed with the reasons in {os.path.join(args.out, REPORT)})"
+    )
+  else:
+    if args.kind == "synthetic":
+      shapes = synthetic(config, n)
+      examples = (shapes.get(i) for i in range(n))
     else:
-      if args.kind == "synthetic":
-        shapes = synthetic(config, n)
-        examples = (shapes.get(i) for i in range(n))
-      else:
-        examples = teacher_examples(config, n, num_steps=args.num_steps, shift=args.shift)
-      manifest = write_dataset(
-        args.out, tqdm(examples, total=n, unit="video"), examples_per_shard=args.examples_per_shard
-      )
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+      examples = teacher_examples(config, n, num_steps=args.num_steps, shift=args.shift)
+    manifest = write_dataset(
+      args.out, tqdm(examples, total=n, unit="video"), examples_per_shard=args.examples_per_shard
+    )
   print(
     f"wrote {manifest['num_examples']} examples in {len(manifest['shards'])} shards to {args.out} "
     f"(latents {manifest['latent_shape']}, text {manifest['text_shape']})"

@@ -9,7 +9,7 @@ Raises ``identity.ConfigChanged`` (the config differs from the checkpoint's in f
 change) or ``identity.AlreadyPast`` (the workdir is past ``config["steps"]``) before any array is read
 and without changing anything. Otherwise, on the lead process: ``metrics.jsonl`` is cut back to the
 step resumed from (0 for a fresh start), and ``history.jsonl`` gets a record of each damaged step moved
-aside, of the allowed config changes, and of the start or resume.
+aside, of the allowed config changes, and of the start, the resume, or a run found already complete.
 """
 
 from __future__ import annotations
@@ -49,5 +49,6 @@ def resume(
       workdir.append_history(path, "damaged_checkpoint", moved_to=moved)
     if changes:
       workdir.append_history(path, "config_change", step=step, changes={f: list(c) for f, c in changes.items()})
-    workdir.append_history(path, "resume" if restored is not None else "start", step=step)
+    event = "start" if restored is None else "already_complete" if step == config["steps"] else "resume"
+    workdir.append_history(path, event, step=step)
   return restored

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,12 @@ from flax import nnx
 
 from sparge_jax.files import write_bytes_atomic
 
-from . import checkpoint, cli, flow, sharding
+from . import checkpoint, cli, errors, flow, sharding
 from .configs import Config, from_dict
 from .models import abstract_model, model_configs
 from .sources import make_source
 from .teacher import load_teacher, teacher_spec
+from .workdir import check_output_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +68,45 @@ def to_rgb(latents: np.ndarray, basis: np.ndarray, low: np.ndarray, high: np.nda
   return (rgb * 255).round().astype(np.uint8)
 
 
-def sample_pair(
-  config: Config, workdir: str, *, num_videos: int, num_steps: int, shift: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, str]:
-  """Teacher and student samples, float32 [num_videos, frames, height, width, channels] each."""
+class Models(NamedTuple):
+  """A run's teacher and student, placed for sampling, and where each came from."""
+
+  teacher_params: Any
+  teacher_source: str
+  student_params: Any
+  student_checkpoint: str  # the params directory of the newest checkpoint that restores
+
+
+def load_models(config: Config, workdir: str) -> Models:
+  """The teacher of the run `config` and the student of its workdir's newest checkpoint that restores."""
   mesh = sharding.make_mesh(-1, 1) if jax.device_count() == 1 else sharding.make_mesh(1, jax.device_count())
-  teacher_config, student_config = model_configs(config)
+  teacher_config = model_configs(config)[0]
   abstract = abstract_model(teacher_config)[1]
   shardings = sharding.param_shardings(abstract, mesh)
   teacher_params, teacher_source = load_teacher(
     teacher_spec(config, workdir), teacher_config, abstract.to_pure_dict(), shardings, config.seed
   )
-  student_params = checkpoint.load_params(workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings))
+  student_params, found = checkpoint.load_newest_params(
+    workdir, checkpoint.abstract(abstract.to_pure_dict(), shardings)
+  )
+  return Models(teacher_params, teacher_source, student_params, found)
+
+
+def sample_pair(
+  config: Config, workdir: str, *, num_videos: int, num_steps: int, shift: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+  """Teacher and student samples, float32 [num_videos, frames, height, width, channels] each, and the
+  teacher's description."""
+  models = load_models(config, workdir)
+  teacher, student = sample_models(config, models, num_videos=num_videos, num_steps=num_steps, shift=shift, seed=seed)
+  return teacher, student, models.teacher_source
+
+
+def sample_models(
+  config: Config, models: Models, *, num_videos: int, num_steps: int, shift: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Teacher and student samples of `load_models`, float32 [num_videos, frames, height, width, channels] each."""
+  teacher_config, student_config = model_configs(config)
   source = make_source(config, student_config)
   context = jnp.stack([source.get(i % len(source))["context"] for i in range(num_videos)])
   noise = jax.random.normal(jax.random.key(seed), (num_videos, *source.latent_shape), jnp.float32)
@@ -97,9 +126,9 @@ def sample_pair(
 
     return run
 
-  teacher = sampler(teacher_config)(teacher_params, noise, context)
-  student = sampler(student_config)(student_params, noise, context)
-  return np.asarray(teacher), np.asarray(student), teacher_source
+  teacher = sampler(teacher_config)(models.teacher_params, noise, context)
+  student = sampler(student_config)(models.student_params, noise, context)
+  return np.asarray(teacher), np.asarray(student)
 
 
 def rgb_projection(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,24 +169,27 @@ def check(args: Args) -> None:
     raise ValueError(f"--shift must be > 0, got {args.shift}")
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
   args, code = cli.parse(Args, argv, prog="train.sample", description=__doc__, check=check)
   if code is not None:
     return code
-  out = args.out or os.path.join(args.workdir, "samples.gif")
-  try:  # a config.json of another version, a workdir without a checkpoint, a teacher that cannot be loaded
-    with open(os.path.join(args.workdir, "config.json")) as f:
+  # Checked before the sampling, which is the long part.
+  out = check_output_file(args.out or os.path.join(args.workdir, "samples.gif"), "--out")
+  config_file = os.path.join(args.workdir, "config.json")
+  try:
+    with open(config_file) as f:
       config = from_dict(Config, json.load(f))
-    teacher, student, teacher_source = sample_pair(
-      config, args.workdir, num_videos=args.num_videos, num_steps=args.num_steps, shift=args.shift, seed=args.seed
-    )
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except ValueError as e:  # not JSON, or not a config of this version
+    raise ValueError(f"{config_file}: {e}") from None
+  models = load_models(config, args.workdir)
+  teacher, student = sample_models(
+    config, models, num_videos=args.num_videos, num_steps=args.num_steps, shift=args.shift, seed=args.seed
+  )
   write_gif(out, teacher, student, args.scale)
-  print(f"teacher: {teacher_source}")
+  print(f"teacher: {models.teacher_source}")
   print(
-    f"student: {checkpoint.find_params(args.workdir)} ({config.attention.kind} attention, "
+    f"student: {models.student_checkpoint} ({config.attention.kind} attention, "
     f"topk {config.attention.topk}, topp {config.attention.topp})"
   )
   print(f"{args.num_videos} videos, {args.num_steps} Euler steps, shift {args.shift}")

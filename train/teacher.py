@@ -75,8 +75,8 @@ def load_teacher(
         "pick the matching preset or set model.*"
       )
     return jax.device_put(params, shardings), f"diffusers weights from {spec}"
-  target = checkpoint.abstract(abstract_params, shardings)
-  return checkpoint.load_params(spec, target), f"student of checkpoint {checkpoint.find_params(spec)}"
+  params, found = checkpoint.load_newest_params(spec, checkpoint.abstract(abstract_params, shardings))
+  return params, f"student of checkpoint {found}"
 
 
 def pretrained_dir(workdir: str) -> str:

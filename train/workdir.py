@@ -276,8 +276,9 @@ def truncate_metrics(workdir: str, step: int) -> int:
 def append_history(workdir: str, event: str, **fields) -> dict:
   """Appends one JSON line to ``<workdir>/history.jsonl``: the time, `event`, host, pid and `fields`.
 
-  Events the trainer records: "start" (a fresh run), "resume" (from a step), "config_change" (fields
-  let through on resume: ``changes={field: [stored, new]}``), "damaged_checkpoint" (moved aside).
+  Events the trainer records: "start" (a fresh run), "resume" (from a step), "already_complete" (asked for
+  the steps it has done), "config_change" (fields let through on resume: ``changes={field: [stored, new]}``),
+  "damaged_checkpoint" (moved aside).
   """
   record = {
     "time": datetime.datetime.now().isoformat(timespec="seconds"),

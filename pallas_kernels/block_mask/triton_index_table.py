@@ -1,10 +1,9 @@
 """The kernels' index tables (per row of a block mask, its kept columns in order) as a Pallas Triton kernel.
 
 Same output as `index_table.index_table`, which builds it in XLA with a cumulative sum and a scatter over
-the whole mask (the scatter is its cost). Here each
-program holds a few rows in registers, ranks their columns (kept ones first, in order; skipped ones after
-them) and writes every column id to its rank in one pass: every slot of the row is written exactly once, so
-the row needs no zero fill and no second pass.
+the whole mask (the scatter is its cost). Here each program holds a few rows in registers, ranks their
+columns (kept ones first, in order; skipped ones after them) and writes every column id to its rank in one
+pass: every slot of the row is written exactly once, so the row needs no zero fill and no second pass.
 """
 
 from __future__ import annotations

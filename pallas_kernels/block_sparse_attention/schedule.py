@@ -3,10 +3,10 @@
 A persistent kernel runs `lanes` workers (CTAs, or warpgroup pairs of a CTA) that loop over work items.
 Dealing items round-robin keeps the items that run at the same time adjacent in the original order (for
 the dK/dV kernel: kv blocks of one head, whose Q and dO then stay in L2), but when items differ in cost
-the kernel lasts as long as its most loaded lane: for the transposed table of a random mask at 95%
-sparsity (13 ± 3.5 q blocks per kv block, ~23 items per lane) the most loaded lane carries 22% more
-than the mean. `balanced_schedule` keeps the rounds of adjacent items and only changes which lane takes
-which item of a round, which brings that to 14% (benchmarks/NOTES.md has what it does to the kernels).
+the kernel lasts as long as its most loaded lane, which on the transposed table of a random mask
+carries well above the mean. `balanced_schedule` keeps the rounds of adjacent items and only changes
+which lane takes which item of a round, which narrows that gap (benchmarks/NOTES.md has the figures and
+what it does to the kernels).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ compiles anything, so it runs before ``jax.distributed.initialize``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -35,6 +36,7 @@ __all__ = [
   "checker",
   "from_dict",
   "load_config",
+  "patch_grid",
   "tiny",
   "to_dict",
   "validate",
@@ -340,10 +342,11 @@ def validate_model(config) -> None:
     "freq_dim",
     "ffn_dim",
     "num_layers",
+    "rope_max_seq_len",
   ):
     check(getattr(m, name) >= 1, f"model.{name}", "must be >= 1")
   check(len(m.patch_size) == 3 and min(m.patch_size) >= 1, "model.patch_size", "must be 3 positive sizes")
-  check(m.eps > 0, "model.eps", "must be > 0")
+  check(0 < m.eps < math.inf, "model.eps", "must be > 0 and finite")
   attention = getattr(config, "attention", AttentionConfig())
   try:  # WanConfig's own checks (rotary split, remat names): plain Python, nothing traced
     m.wan(attention=attention)
@@ -353,6 +356,11 @@ def validate_model(config) -> None:
     attention.check_heads(m.num_attention_heads)
   except ValueError as e:
     raise ValueError(f"--config.attention: {e}") from None
+
+
+def patch_grid(model: ModelConfig, frames: int, height: int, width: int) -> list[int]:
+  """Patches per axis of a latent video of this size."""
+  return [size // patch for size, patch in zip((frames, height, width), model.patch_size)]
 
 
 def validate(config: Config) -> None:
@@ -365,17 +373,24 @@ def validate(config: Config) -> None:
   validate_model(config)
   check(bool(config.teacher) or config.loss == "diffusion", "teacher", "must be set for loss=distill")
   check(config.pretrain_teacher.steps >= 0, "pretrain_teacher.steps", "must be >= 0")
-  check(config.pretrain_teacher.learning_rate > 0, "pretrain_teacher.learning_rate", "must be > 0")
+  check(
+    0 < config.pretrain_teacher.learning_rate < math.inf, "pretrain_teacher.learning_rate", "must be > 0 and finite"
+  )
   check(config.steps >= 1, "steps", "must be >= 1")
   check(config.batch_size >= 1, "batch_size", "must be >= 1")
-  check(config.learning_rate > 0, "learning_rate", "must be > 0")
-  check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+  check(0 < config.learning_rate < math.inf, "learning_rate", "must be > 0 and finite")
+  check(0 <= config.weight_decay < math.inf, "weight_decay", "must be >= 0 and finite")
   check(0 <= config.adam_b1 < 1, "adam_b1", "must be in [0, 1)")
   check(0 <= config.adam_b2 < 1, "adam_b2", "must be in [0, 1)")
   check(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (0 disables clipping)")
   check(config.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-  check(config.time.std > 0, "time.std", "must be > 0")
-  check(config.time.shift > 0, "time.shift", "must be > 0")
+  check(math.isfinite(config.time.mean), "time.mean", "must be finite")
+  check(0 < config.time.std < math.inf, "time.std", "must be > 0 and finite")
+  check(0 < config.time.shift < math.inf, "time.shift", "must be > 0 and finite")
+  grid = patch_grid(config.model, config.data.frames, config.data.height, config.data.width)
+  check(
+    max(grid) <= config.model.rope_max_seq_len, "model.rope_max_seq_len", f"must cover the data's patch grid {grid}"
+  )
   check(config.data.synthetic_examples >= 1, "data.synthetic_examples", "must be >= 1")
   for name in ("frames", "height", "width"):
     size, patch = getattr(config.data, name), config.model.patch_size[("frames", "height", "width").index(name)]

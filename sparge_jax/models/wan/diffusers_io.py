@@ -226,6 +226,8 @@ def config_from_diffusers(fields: dict, *, dtype=jnp.float32, source: str = "con
 
 
 def config_to_diffusers(config: WanConfig) -> dict:
+  """The config.json fields of diffusers' `WanTransformer3DModel` for `config`'s architecture (run options
+  are not saved); `config_from_diffusers` reads them back."""
   fields = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.42.0"}
   fields.update({k: getattr(config, k) for k in _ARCHITECTURE_FIELDS})
   fields["patch_size"] = list(config.patch_size)
