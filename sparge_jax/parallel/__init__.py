@@ -17,8 +17,8 @@ the named mesh axis (or axes), and returns the output sharded the same way:
 - `usp_attention`: Ulysses over one axis around ring attention over another.
 - `load_balance`, `balanced_head_order`: the kept work per device, and a head order that evens it out.
 
-The keyword arguments are those of `sparge_jax.attention.dot_product_attention`; see docs/PARALLEL.md for
-launching, axis sizes and communication volumes.
+The keyword arguments are those of `sparge_jax.attention.dot_product_attention`. docs/ARCHITECTURE.md
+("Sequence parallelism") says how to launch, which axis sizes fit which model, and what each scheme moves.
 """
 
 from sparge_jax.parallel.api import ring_attention, ring_block_mask, ulysses_attention, usp_attention
