@@ -107,8 +107,8 @@ def _prepare(function: str, query, key, value, attention_kwargs: dict) -> Reques
   lengths = [None if kw[n] is None else jnp.asarray(kw[n]) for n in ("query_seq_lengths", "key_value_seq_lengths")]
   config.check_seq_lengths("query_seq_lengths", lengths[0], q.shape[0])
   config.check_seq_lengths("key_value_seq_lengths", lengths[1], q.shape[0])
-  config.check_fractions("topk", kw["topk"], q.shape[2])
-  config.check_fractions("topp", kw["topp"], q.shape[2])
+  config.check_fraction_argument("topk", kw["topk"], q.shape[2])
+  config.check_fraction_argument("topp", kw["topp"], q.shape[2])
   settings = Settings(
     mode=kw["mode"],
     block_q=kw["block_q"],
