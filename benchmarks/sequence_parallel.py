@@ -101,7 +101,7 @@ def main(argv=None):
       continue
     args_fwd = tuple(x if sharding is None else jax.device_put(x, sharding) for x in (q, k, v))
     args_bwd = (*args_fwd, d_out if sharding is None else jax.device_put(d_out, sharding))
-    reason = why_unsupported(forward, *args_fwd)
+    reason = why_unsupported(forward, *args_fwd) or why_unsupported(forward_backward, *args_bwd)
     try:
       out = None if reason else np.asarray(forward(*args_fwd), np.float32)
     except Exception as e:  # compiles but fails to run: a result for this scheme, not a crash

@@ -154,6 +154,16 @@ def test_arguments_are_checked_before_any_work():
     parallel.ulysses.check_head_order((1, 0, 2, 3), 4, 2)
   with pytest.raises(ValueError, match="head_order must be a permutation"):
     parallel.ulysses.check_head_order((0, 1, 2), 4, 4)
+  # Unbatched [seq, heads, head_dim], as dot_product_attention takes them: results without the batch axis.
+  unbatched = jax.shard_map(
+    lambda q, k, v: parallel.ulysses_attention(q, k, v, axis_name="s", return_residual=True, return_stats=True),
+    mesh=mesh,
+    in_specs=(P("s"),) * 3,
+    out_specs=(P("s"), P("s"), P()),
+  )
+  with jax.set_mesh(mesh):
+    out, lse, stats = jax.eval_shape(unbatched, q[0], k[0], v[0])
+  assert out.shape == q.shape[1:] and lse.shape == q.shape[1:3] and stats["kept_blocks"].shape == (4,)
   k_long, v_long = jnp.concatenate([k, k], axis=1), jnp.concatenate([v, v], axis=1)
   attend = jax.shard_map(
     lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="s", is_causal=True),

@@ -205,7 +205,7 @@ def _ring_local(q, k, v, topk, topp, q_lengths, kv_lengths, settings: Settings, 
     attended = attended & valid_q[:, None, :]
   lse = jnp.where(attended, lse, core.PADDED_ROW_LSE).swapaxes(1, 2).astype(q.dtype)
   kept = jnp.sum(mask, axis=(-2, -1), dtype=jnp.int32)
-  return out, lse, (lax.psum(kept, axis) if q_layout.ring > 1 else kept)
+  return out, lse, lax.psum(kept, axis)  # the same on every device (also, by type, over one device)
 
 
 def ring_attention(query, key, value, *, axis_name, **attention_kwargs):
@@ -282,7 +282,8 @@ def _run_ulysses(request: Request, local, *, axis, argument, head_order):
   devices = _axis_size(axis, argument)
   q, k = request.q, request.k
   if devices == 1:
-    return local(q, k, request.v, request.topk, request.topp), devices
+    out, lse, kept = local(q, k, request.v, request.topk, request.topp)
+    return (out, lse, lax.psum(kept, axis)), devices
   order = ulysses.check_head_order(head_order, q.shape[2], k.shape[2])
   heads = ulysses.plan(q.shape[2], k.shape[2], devices, order)
   return ulysses.ulysses(q, k, request.v, request.topk, request.topp, axis=axis, heads=heads, local=local), devices
