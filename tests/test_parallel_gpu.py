@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
-
 from attention_cases import rel_err
-from sparge_jax import parallel
+from jax.sharding import PartitionSpec as P
 from test_parallel_devices import inputs, mesh_of, sharded_results, unsharded_results
+
+from sparge_jax import parallel
 
 pytestmark = pytest.mark.gpu
 MASK = dict(topk=0.1, topp=0.3, mode="hybrid", block_q=128, block_kv=64)
@@ -21,7 +21,12 @@ def schemes(devices):
   """(name, scheme, mesh, spec) for each scheme over `devices` devices (USP: 2 x devices/2 where it splits)."""
   usp_shape = (2, devices // 2) if devices % 2 == 0 and devices > 1 else (devices, 1)
   return [
-    ("ulysses", functools.partial(parallel.ulysses_attention, axis_name="s"), mesh_of((devices,), ("s",)), P(None, "s")),
+    (
+      "ulysses",
+      functools.partial(parallel.ulysses_attention, axis_name="s"),
+      mesh_of((devices,), ("s",)),
+      P(None, "s"),
+    ),
     ("ring", functools.partial(parallel.ring_attention, axis_name="s"), mesh_of((devices,), ("s",)), P(None, "s")),
     (
       "usp",

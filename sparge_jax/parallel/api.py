@@ -295,7 +295,7 @@ def ulysses_attention(query, key, value, *, axis_name, head_order=None, **attent
   query: [B, T/U, N, H], key, value: [B, S/U, K, H] (or unbatched): local shards of arrays sharded along
   the sequence over `axis_name` (U devices). Each device attends over the whole sequence with N/U heads.
   Heads that do not divide by U are padded with zero heads (wasted work: pick U dividing N); kv heads
-  are split with their query heads where K is a multiple of U, otherwise gathered whole.
+  are split with their query heads without GQA or where K is a multiple of U, otherwise gathered whole.
   head_order: a permutation of the heads that moves whole GQA groups; device d takes the heads at
   positions [d · N/U, (d + 1) · N/U) (`balanced_head_order` evens out their kept blocks); None: in order.
   attention_kwargs and the results: as `ring_attention`'s.

@@ -2,10 +2,10 @@
 
 Device d of the axis (size U) gets the full sequence of the heads at positions [d · N/U, (d + 1) · N/U) of
 `head_order` (the identity by default). Heads that do not divide by U are padded with zero query heads,
-which keep one block per row and are cut off afterwards. kv heads follow their query heads: where each
-device's query heads use kv heads of their own (K a multiple of U, no padding), k and v take the same
-all-to-all; otherwise every device gathers the whole k and v (all K heads) and keeps the kv heads its query
-heads read, one per query head where the groups straddle devices.
+which keep one block per row and are cut off afterwards. kv heads follow their query heads: without GQA, or
+where each device's query heads use kv heads of their own (K a multiple of U, no padding), k and v take the
+same all-to-all (padded alike without GQA); otherwise every device gathers the whole k and v (all K heads)
+and keeps the kv heads its query heads read, one per query head where the groups straddle devices.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def plan(heads: int, kv_heads: int, devices: int, order: tuple[int, ...]) -> Hea
   order = order + (-1,) * (padded - heads)
   kv_order = tuple(h // group for h in order[:heads:group])
   local = padded // devices
-  kv_split = padded == heads and kv_heads % devices == 0
+  # Without GQA, kv heads pad with their query heads; with it, the groups must fall on whole devices.
+  kv_split = group == 1 or (padded == heads and kv_heads % devices == 0)
   kv_index = np.array([max(h, 0) // group for h in order]).reshape(devices, local)
   # A contiguous run of kv heads per device, each read by kv_group consecutive query heads, or else one per query head.
   for kv_group in (g for g in range(local, 0, -1) if local % g == 0):
@@ -131,6 +132,8 @@ def ulysses(q, k, v, topk, topp, *, axis: str, heads: Heads, local):
   if heads.kv_split:
     if heads.kv_order != tuple(range(heads.kv_heads)):
       k, v = (jnp.take(x, jnp.asarray(heads.kv_order), axis=2) for x in (k, v))
+    if padding:  # one kv head per query head (no GQA): zero kv heads for the zero query heads
+      k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, padding), (0, 0))) for x in (k, v))
     k, v = to_heads(k, axis), to_heads(v, axis)
   else:
     k, v = (lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
