@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference, token_mask
@@ -492,3 +493,46 @@ def test_rejects_backward_tuning_that_does_not_exist(tuning, message):
   lse = jnp.zeros((1, 1, 128), jnp.float32)
   with pytest.raises(ValueError, match=message):
     _backward(q, k, v, q, lse, d_out, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
+
+
+@pytest.mark.parametrize("head_dim,block_q", [(128, 128), (64, 64)])
+def test_api_gradients_lower_for_hopper_under_shard_map(head_dim, block_q, monkeypatch):
+  """Inside `jax.shard_map` at its default check_vma=True, the API's custom_vjp backward must return dq, dk
+  and dv varying over the mesh axes as q, k and v do: lowered for an H200 on CPU through the API (the mask
+  and index-table kernels, the three Mosaic kernels; at head_dim 128 also the balanced dK/dV schedule),
+  with GQA, causal masking, kv lengths and the lse cotangent. The Pallas interpreter cannot run the Triton
+  index-table kernel under check_vma, so this is lowered, not run."""
+  from sparge_jax import attention, backends
+
+  h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), abstract_device=h200)
+  monkeypatch.setattr(backends, "compute_capability", lambda: "9.0")
+  batch, q_len, kv_len, heads, kv_heads = 2, 300, 264, 4, 2
+  sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, P("data")))
+  q = sharded((batch, q_len, heads, head_dim), jnp.bfloat16)
+  kv = sharded((batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+  lengths = sharded((batch,), jnp.int32)
+
+  def local(q, k, v, lengths):
+    out, lse = attention.dot_product_attention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      key_value_seq_lengths=lengths,
+      topk=0.5,
+      block_q=block_q,
+      block_kv=BLOCK_KV,
+      implementation="mosaic",
+      return_residual=True,
+    )
+    return (jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.maximum(lse.astype(jnp.float32), 0.0)))[None]
+
+  def loss(q, k, v, lengths):
+    return jnp.sum(jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"))(q, k, v, lengths))
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv, lengths).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  for kernel in ("mosaic_block_sparse_forward", "mosaic_block_sparse_dq", "mosaic_block_sparse_dkv"):
+    assert kernel in text, kernel

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.varying import shape_dtype, varying_axes
+from pallas_kernels.varying import vary, varying_axes
 
 LOG2E = math.log2(math.e)
 MASKED = -1e30  # the score of a key that takes no part: large and finite, so never -inf arithmetic
@@ -326,9 +326,6 @@ def call_kernel(body, inputs, out_type, scratch, *, ctas, num_threads, interpret
   """
   flat_inputs, inputs_tree = jax.tree.flatten(inputs)
   flat_out_type, out_tree = jax.tree.flatten(out_type)
-  # Under `jax.shard_map(check_vma=True)` the outputs must declare the manual axes they vary over.
-  axes = varying_axes(flat_inputs)
-  flat_out_type = [shape_dtype(t.shape, t.dtype, axes) for t in flat_out_type]
 
   def kernel_body(*refs, scratch):
     inputs_refs = jax.tree.unflatten(inputs_tree, refs[: len(flat_inputs)])
@@ -347,4 +344,8 @@ def call_kernel(body, inputs, out_type, scratch, *, ctas, num_threads, interpret
     interpret=interpret_params(interpret),
     kernel_name=name,
   )(*flat_inputs)
-  return jax.tree.unflatten(out_tree, outputs)
+  # Under `jax.shard_map(check_vma=True)` the outputs must vary over the manual axes their inputs vary over
+  # (a custom_vjp's backward must return its primals' types). `plgpu.kernel` traces its launch with
+  # check_vma off, which drops any varying axes declared on out_type, so they are cast on afterwards.
+  axes = varying_axes(flat_inputs)
+  return jax.tree.unflatten(out_tree, [vary(x, axes) for x in outputs])

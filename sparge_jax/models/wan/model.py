@@ -299,13 +299,11 @@ def _attend(
   """
   if batch_axes:
     spec = P(batch_axes)
-    # check_vma off: the Pallas kernels carry no varying-axes types; nothing inside communicates.
     return jax.shard_map(
       lambda q, k, v, sparsity: _attend(q, k, v, attention, sparsity=sparsity),
       in_specs=(spec, spec, spec, P()),
       out_specs=(spec, spec),
       axis_names=set(batch_axes),
-      check_vma=False,
     )(q, k, v, sparsity)
   if attention.kind == "dense" and sparsity is None:
     return sparge_attention.dense_attention(q, k, v), jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
