@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference, token_mask
+from pallas_kernels.block_sparse_attention.schedule import balanced_schedule
+from sparge_jax import attention, backends
 from sparge_jax import mask as mask_lib
 
 # (batch, q_len, kv_len, heads, head_dim, block_q, dtype, tuning): lengths that are not block multiples,
@@ -295,8 +297,6 @@ def test_causal_schedules_change_only_which_cta_computes_a_tile():
   the causal geometry, dK/dV by its table's counts). Each output tile is still computed once, by the same
   arithmetic, so out, lse and the gradients equal round-robin's bit for bit; on 2 CTAs (12 q-block items,
   5 kv-block items on 4 lanes) the schedules differ from round-robin."""
-  from pallas_kernels.block_sparse_attention.schedule import balanced_schedule
-
   batch, q_len, kv_len, heads, kv_heads, head_dim, block_q = 1, 330, 264, 2, 1, 64, 64
   q, _, _, d_out = cases.random_qkv(51, batch, q_len, kv_len, heads, head_dim, jnp.bfloat16)
   _, k, v, _ = cases.random_qkv(52, batch, q_len, kv_len, kv_heads, head_dim, jnp.bfloat16)
@@ -536,8 +536,6 @@ def test_api_gradients_lower_for_hopper_under_shard_map(head_dim, block_q, monke
   and index-table kernels, the three Mosaic kernels; at head_dim 128 also the balanced dK/dV schedule),
   with GQA, causal masking, kv lengths and the lse cotangent. The Pallas interpreter cannot run the Triton
   index-table kernel under check_vma, so this is lowered, not run."""
-  from sparge_jax import attention, backends
-
   h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
   mesh = jax.sharding.AbstractMesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), abstract_device=h200)
   monkeypatch.setattr(backends, "compute_capability", lambda: "9.0")
