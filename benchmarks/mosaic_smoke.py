@@ -5,6 +5,7 @@
                                                       # depths, dK/dV dealing, CTA counts
     python -m benchmarks.mosaic_smoke --head-dim 64 --sweep   # deeper pipelines, which fit at head_dim 64
     python -m benchmarks.mosaic_smoke --heads 32 --kv-heads 8 # GQA; --causal: causal masking (allowed blocks)
+    python -m benchmarks.mosaic_smoke --causal --sweep        # also round-robin against the balanced schedules
 
 Each step runs on its own and prints its exception, so one failure does not hide the others. Errors are
 relative (‖ours − triton‖ / ‖triton‖) on the same inputs and index tables; both are bf16 kernels, so
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from benchmarks.inputs import random_block_mask
+from benchmarks.inputs import causal_block_mask, random_block_mask
 from benchmarks.results import device_name
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention import mosaic_pipeline
@@ -50,22 +51,23 @@ def _step(name, fn, results):
   return results[name]
 
 
-def sweep_variants(head_dim):
+def sweep_variants(head_dim, causal=False):
   """(forward, backward) lists of `MosaicTuning` settings to time against the defaults: those that fit
-  in shared memory at head_dim (MOSAIC_NOTES.md has what each measured)."""
+  in shared memory at head_dim (MOSAIC_NOTES.md has what each measured); with causal masking also
+  round-robin dealing, against the balanced schedules that are then the default in all three kernels."""
   sms = mosaic_pipeline.num_sms()
   if head_dim == 128:
-    forward = (dict(forward_stages=1), dict(num_ctas=sms - 4))
+    forward = (dict(forward_stages=1), dict(num_ctas=sms - 4)) + ((dict(balanced=False),) if causal else ())
     backward = (
       dict(dq_stages=3),  # one Q/dO row slot instead of two
       dict(dkv_stages=1),  # two K/V slots per dK/dV pair, no Q/dO double buffering
-      dict(dkv_balanced=False),  # dK/dV lanes dealt round-robin
+      dict(balanced=False),  # round-robin dealing
       dict(num_ctas=sms - 4),
     )
   else:
-    forward = tuple(dict(forward_stages=n) for n in (3, 4))
+    forward = tuple(dict(forward_stages=n) for n in (3, 4)) + ((dict(balanced=False),) if causal else ())
     backward = tuple(dict(dq_stages=d, dkv_stages=s) for d in (2, 3, 4) for s in (2, 3) if (d, s) != (2, 2))
-    backward += (dict(dkv_balanced=True),)
+    backward += (dict(balanced=not causal),)
   return forward, backward
 
 
@@ -84,7 +86,11 @@ def main(argv=None):
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--sparsity", type=float, default=0.95)
   parser.add_argument("--kv-heads", type=int, default=None, help="GQA: kv heads (default: --heads)")
-  parser.add_argument("--causal", action="store_true", help="causal masking; the mask keeps allowed blocks only")
+  parser.add_argument(
+    "--causal",
+    action="store_true",
+    help="causal masking; the mask keeps --sparsity's share of each row's allowed blocks",
+  )
   parser.add_argument("--sweep", action="store_true")
   args = parser.parse_args(argv)
   kv_heads = args.kv_heads or args.heads
@@ -97,12 +103,12 @@ def main(argv=None):
   q, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:2])
   k, v = (jax.random.normal(key, kv_shape, dtype) for key in keys[2:4])
   n_q, n_kv = -(-args.seq_len // block_q), -(-args.seq_len // block_kv)
-  kept = max(1, round((1 - args.sparsity) * n_kv))
-  mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, kept)
-  if args.causal:  # the allowed blocks only, and each q block's diagonal block
-    q_first = jnp.arange(n_q) * block_q
-    allowed = jnp.arange(n_kv)[None, :] * block_kv <= jnp.minimum(q_first + block_q, args.seq_len)[:, None] - 1
-    mask = (mask & allowed) | jax.nn.one_hot(q_first // block_kv, n_kv, dtype=bool)
+  if args.causal:  # the attention suite's causal mask: the allowed blocks only, each q block's own block first
+    mask = causal_block_mask(
+      keys[4], 1, args.heads, args.seq_len, args.seq_len, block_q=block_q, block_kv=block_kv, sparsity=args.sparsity
+    )
+  else:
+    mask = random_block_mask(keys[4], 1, args.heads, n_q, n_kv, max(1, round((1 - args.sparsity) * n_kv)))
   (kv_index, kv_count), (q_index, q_count) = jax.jit(functools.partial(tables, kv_heads=kv_heads))(mask)
   blocks = dict(block_q=block_q, block_kv=block_kv, scale=args.head_dim**-0.5, is_causal=args.causal)
   kept_flops = 4 * args.head_dim * block_q * block_kv * float(jnp.sum(mask))
@@ -183,7 +189,7 @@ def main(argv=None):
     to_time[name] = (fn, bwd_args(triton_fwd))
 
   if args.sweep and mosaic_fwd:
-    forward_variants, backward_variants = sweep_variants(args.head_dim)
+    forward_variants, backward_variants = sweep_variants(args.head_dim, args.causal)
     for tuning in forward_variants:
       _step(f"sweep forward {tuning}", lambda: sweep_forward(tuning), results)
     if triton_fwd and mosaic_bwd:

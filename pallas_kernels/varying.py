@@ -19,7 +19,8 @@ def varying_axes(*xs) -> frozenset:
 
 
 def vary(x, axes: frozenset):
-  """`x` made to vary over `axes` as well (for a loop's initial carry)."""
+  """`x` made to vary over `axes` as well (a loop's initial carry; the outputs of `plgpu.kernel`, which drops
+  the axes declared on its out_type)."""
   missing = axes - jax.typeof(x).mat.varying
   return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 

@@ -12,9 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_sparse_attention import mosaic as mosaic_block_sparse
 from pallas_kernels.block_sparse_attention.reference import masked_attention_reference, token_mask
+from pallas_kernels.block_sparse_attention.schedule import balanced_schedule
+from sparge_jax import attention, backends
 from sparge_jax import mask as mask_lib
 
 # (batch, q_len, kv_len, heads, head_dim, block_q, dtype, tuning): lengths that are not block multiples,
@@ -289,6 +292,38 @@ def test_rows_whose_listed_keys_are_all_masked_attend_nothing():
   assert np.all(np.isneginf(lse[0, 0, 128:192])) and np.all(np.isfinite(lse[0, 0, 192:]))
 
 
+def test_causal_schedules_change_only_which_cta_computes_a_tile():
+  """With causal masking the kernels take their items as `balanced_schedule` deals them (forward and dQ by
+  the causal geometry, dK/dV by its table's counts). Each output tile is still computed once, by the same
+  arithmetic, so out, lse and the gradients equal round-robin's bit for bit; on 2 CTAs (12 q-block items,
+  5 kv-block items on 4 lanes) the schedules differ from round-robin."""
+  batch, q_len, kv_len, heads, kv_heads, head_dim, block_q = 1, 330, 264, 2, 1, 64, 64
+  q, _, _, d_out = cases.random_qkv(51, batch, q_len, kv_len, heads, head_dim, jnp.bfloat16)
+  _, k, v, _ = cases.random_qkv(52, batch, q_len, kv_len, kv_heads, head_dim, jnp.bfloat16)
+  mask = _contract_mask(53, batch, heads, q_len, kv_len, block_q, None, True, density=0.6)
+  forward_table, backward_table = _contract_tables(mask, kv_heads)
+  settings = dict(block_q=block_q, block_kv=BLOCK_KV, scale=head_dim**-0.5, is_causal=True, interpret=True, num_ctas=2)
+
+  def run(**tuning):
+    out, lse = mosaic_block_sparse.forward(q, k, v, *forward_table, **settings, **tuning)
+    grads = mosaic_block_sparse.backward(
+      q, k, v, out, lse, d_out, None, *forward_table, *backward_table, **settings, **tuning
+    )
+    return out, lse, *grads
+
+  for name, scheduled, round_robin in zip(("out", "lse", "dq", "dk", "dv"), run(), run(balanced=False)):
+    np.testing.assert_array_equal(np.asarray(scheduled, np.float32), np.asarray(round_robin, np.float32), name)
+
+  def dealt(schedule):
+    items, count = (np.asarray(x) for x in schedule)
+    return [items[lane, : count[lane]].tolist() for lane in range(len(count))]
+
+  rows = mosaic_block_sparse._causal_schedule(q_len, kv_len, block_q=block_q, block_kv=BLOCK_KV, rows=2, lanes=2)
+  assert dealt(rows) != [list(range(0, 12, 2)), list(range(1, 12, 2))]
+  columns = balanced_schedule(backward_table[1].reshape(-1), 4)
+  assert dealt(columns) != [[0, 4], [1], [2], [3]]
+
+
 def test_contract_semantics_without_races(capsys):
   """GQA, causal, a kv length and the lse cotangent (a fourth row copy into the delta slot) on persistent
   CTAs with 2 or 3 work items each, under race detection."""
@@ -382,7 +417,7 @@ def test_persistent_backward_matches_reference_without_races(capsys):
     block_q,
     interpret=plgpu.InterpretGPUParams(detect_races=True),
     num_ctas=3,
-    dkv_balanced=True,
+    balanced=True,
   )
   assert not get_races().races_found  # the dK/dV kernel, the last one run
   assert "RACE DETECTED" not in capsys.readouterr().out  # both kernels
@@ -423,7 +458,7 @@ def test_kernels_lower_for_hopper(block_q, head_dim):
     dict(dq_stages=3),  # one Q/dO row slot at head_dim 128
     dict(dkv_stages=1),  # two K/V slots per dK/dV pair at head_dim 128
     dict(dq_stages=4 if deep else 2, dkv_stages=3 if deep else 2),
-    dict(dkv_balanced=head_dim != 128),
+    dict(balanced=head_dim != 128),
   ):
     assert export_backward(**tuning).count("mosaic_gpu") >= 2, tuning
 
@@ -469,7 +504,7 @@ def test_contract_kernels_lower_for_hopper(block_q, head_dim):
     (dict(forward_stages=3), "forward_stages"),  # 288 KB of SMEM at head_dim 128
     (dict(forward_stages=0), "forward_stages"),
     (dict(num_ctas=0), "num_ctas"),
-    (dict(dkv_balanced="yes"), "dkv_balanced"),
+    (dict(balanced="yes"), "balanced"),
   ],
 )
 def test_rejects_forward_tuning_that_does_not_exist(tuning, message):
@@ -492,3 +527,44 @@ def test_rejects_backward_tuning_that_does_not_exist(tuning, message):
   lse = jnp.zeros((1, 1, 128), jnp.float32)
   with pytest.raises(ValueError, match=message):
     _backward(q, k, v, q, lse, d_out, jnp.ones((1, 1, 1, 2), bool), 128, **tuning)
+
+
+@pytest.mark.parametrize("head_dim,block_q", [(128, 128), (64, 64)])
+def test_api_gradients_lower_for_hopper_under_shard_map(head_dim, block_q, monkeypatch):
+  """Inside `jax.shard_map` at its default check_vma=True, the API's custom_vjp backward must return dq, dk
+  and dv varying over the mesh axes as q, k and v do: lowered for an H200 on CPU through the API (the mask
+  and index-table kernels, the three Mosaic kernels; at head_dim 128 also the balanced dK/dV schedule),
+  with GQA, causal masking, kv lengths and the lse cotangent. The Pallas interpreter cannot run the Triton
+  index-table kernel under check_vma, so this is lowered, not run."""
+  h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), abstract_device=h200)
+  monkeypatch.setattr(backends, "compute_capability", lambda: "9.0")
+  batch, q_len, kv_len, heads, kv_heads = 2, 300, 264, 4, 2
+  sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, P("data")))
+  q = sharded((batch, q_len, heads, head_dim), jnp.bfloat16)
+  kv = sharded((batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+  lengths = sharded((batch,), jnp.int32)
+
+  def local(q, k, v, lengths):
+    out, lse = attention.dot_product_attention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      key_value_seq_lengths=lengths,
+      topk=0.5,
+      block_q=block_q,
+      block_kv=BLOCK_KV,
+      implementation="mosaic",
+      return_residual=True,
+    )
+    return (jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.maximum(lse.astype(jnp.float32), 0.0)))[None]
+
+  def loss(q, k, v, lengths):
+    return jnp.sum(jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"))(q, k, v, lengths))
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv, lengths).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  for kernel in ("mosaic_block_sparse_forward", "mosaic_block_sparse_dq", "mosaic_block_sparse_dkv"):
+    assert kernel in text, kernel

@@ -34,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sparse_attention import mosaic_dkv, mosaic_dq, mosaic_forward
@@ -54,15 +55,18 @@ class MosaicTuning:
   forward_stages: K/V slots in flight in the forward, 128 keys (two kept kv blocks) each.
   dq_stages: K/V slots in flight in the dQ kernel, 64 keys each.
   dkv_stages: Q/dO sub-tiles of 64 rows in flight per kv block in the dK/dV kernel.
-  dkv_balanced: the dK/dV lanes take their kv blocks as `schedule.balanced_schedule` deals them by q
-    count, instead of round-robin; None: at head_dim 128 only.
+  balanced: the persistent lanes take their work items as `schedule.balanced_schedule` deals them, instead
+    of round-robin. With causal masking, where rows differ in length by design, all three kernels: the
+    forward and dQ by each q block's allowed kv blocks (a schedule fixed at trace time), dK/dV by its
+    table's q counts, every round merged. Without it the dK/dV kernel only, rounds merged in pairs.
+    None: with causal masking, or at head_dim 128.
   num_ctas: CTAs of each persistent launch (at most one per work item); None: one per SM.
   """
 
   forward_stages: int = 2
   dq_stages: int = 2
   dkv_stages: int = 2
-  dkv_balanced: bool | None = None
+  balanced: bool | None = None
   num_ctas: int | None = None
 
   def __post_init__(self):
@@ -72,8 +76,8 @@ class MosaicTuning:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: a positive int, got {value!r}")
-    if self.dkv_balanced not in (None, True, False):
-      raise ValueError(f"dkv_balanced: True, False or None, got {self.dkv_balanced!r}")
+    if self.balanced not in (None, True, False):
+      raise ValueError(f"balanced: True, False or None, got {self.balanced!r}")
 
 
 def _tuning(settings) -> MosaicTuning:
@@ -146,6 +150,17 @@ def forward(
   )
 
 
+def _causal_schedule(q_len, kv_len, *, block_q, block_kv, rows, lanes):
+  """The forward and dQ kernels' schedule under causal masking, fixed at trace time: q block i costs the kv
+  blocks its queries may see (the masks keep about a share of those, and always the block of its first
+  query), the same in each of the `rows` (head, batch) rows of q blocks; `lanes` CTAs."""
+  n_q_blocks, n_kv_blocks = pl.cdiv(q_len, block_q), pl.cdiv(kv_len, block_kv)
+  last_query = np.minimum((np.arange(n_q_blocks) + 1) * block_q, q_len) - 1
+  allowed = np.minimum(last_query // block_kv + 1, n_kv_blocks)
+  with jax.ensure_compile_time_eval():
+    return mp.Schedule(*balanced_schedule(np.tile(allowed, rows), lanes))
+
+
 def _pad_to_tiles(x):
   """[batch, length, heads, head_dim] -> zero padded to whole 8-row tiles, which TMA needs."""
   padding = -x.shape[1] % 8
@@ -161,13 +176,19 @@ def _pad_rows(x, length):
 def _forward(
   q, k, v, kv_block_index, kv_block_count, kv_seq_lengths, *, block_q, block_kv, scale, is_causal, tuning, interpret
 ):
-  q_len, kv_len = q.shape[1], k.shape[1]
+  batch, q_len, heads, _ = q.shape
+  kv_len = k.shape[1]
+  ctas = mp.persistent_ctas(tuning.num_ctas, kv_block_count.size)
+  schedule = None
+  if is_causal and tuning.balanced is not False:
+    schedule = _causal_schedule(q_len, kv_len, block_q=block_q, block_kv=block_kv, rows=batch * heads, lanes=ctas)
   out, lse = mosaic_forward.forward_call(
     _pad_to_tiles(q),
     _pad_to_tiles(k),
     _pad_to_tiles(v),
     kv_block_index,
     kv_block_count,
+    schedule,
     kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
@@ -175,7 +196,7 @@ def _forward(
     kv_len=kv_len,
     causal=is_causal,
     stages=tuning.forward_stages,
-    ctas=mp.persistent_ctas(tuning.num_ctas, kv_block_count.size),
+    ctas=ctas,
     interpret=interpret,
   )
   if out.shape[1] != q_len:
@@ -289,6 +310,10 @@ def _backward(
     d_lse = _pad_rows(d_lse.astype(jnp.float32), padded_len)
   q, k, v, out, d_out = (_pad_to_tiles(x) for x in (q, k, v, out, d_out))
   masks = dict(kv_len=kv_len, causal=is_causal)
+  dq_ctas = mp.persistent_ctas(tuning.num_ctas, batch * heads * n_q_blocks)
+  dq_schedule = None
+  if is_causal and tuning.balanced is not False:
+    dq_schedule = _causal_schedule(q_len, kv_len, block_q=block_q, block_kv=block_kv, rows=batch * heads, lanes=dq_ctas)
   dq, delta = mosaic_dq.dq_call(
     q,
     k,
@@ -299,6 +324,7 @@ def _backward(
     d_lse,
     kv_block_index,
     kv_block_count,
+    dq_schedule,
     kv_seq_lengths,
     block_q=block_q,
     block_kv=block_kv,
@@ -306,14 +332,17 @@ def _backward(
     **masks,
     stages=tuning.dq_stages,
     row_slots=row_slots,
-    ctas=mp.persistent_ctas(tuning.num_ctas, batch * heads * n_q_blocks),
+    ctas=dq_ctas,
     interpret=interpret,
   )
   dkv_ctas = mp.persistent_ctas(tuning.num_ctas, pl.cdiv(batch * kv_heads * n_kv_blocks, mosaic_dkv.PAIRS))
-  balanced = dim == 128 if tuning.dkv_balanced is None else tuning.dkv_balanced
+  balanced = (is_causal or dim == 128) if tuning.balanced is None else tuning.balanced
   schedule = None
   if balanced:  # kv blocks differ in how many q blocks they serve: deal them so every lane does about as much
-    schedule = mosaic_dkv.DkvSchedule(*balanced_schedule(q_block_count.reshape(-1), dkv_ctas * mosaic_dkv.PAIRS))
+    # Causal: a kv block serves the q blocks at or after it, so adjacent rounds differ; merge them all.
+    lanes = dkv_ctas * mosaic_dkv.PAIRS
+    levels = None if is_causal else 1
+    schedule = mp.Schedule(*balanced_schedule(q_block_count.reshape(-1), lanes, levels=levels))
   dk, dv = mosaic_dkv.dkv_call(
     q,
     k,

@@ -2,7 +2,8 @@
 
 A CTA holds two (compute, memory) warpgroup pairs, one kv block each (adjacent kv blocks have different q
 lists, so the pairs run independently). Each pair is a persistent lane: it runs work items (kv block,
-kv head, batch) dealt round-robin or by `schedule.balanced_schedule` (the q lists differ in length). Its
+kv head, batch) dealt round-robin or by `schedule.balanced_schedule` (the q lists differ in length; with
+causal masking by design, as a kv block's q blocks are those at or after it). Its
 memory warpgroup loads each item's K and V into one of `kv_slots` slots (freed once the dK/dV stores,
 staged there, have read it) and runs one ring of Q, dO, lse and delta 64-row sub-tiles, from the
 transposed table, through all the pair's items. With GQA an item's table lists the q blocks of all the
@@ -28,17 +29,10 @@ from pallas_kernels.block_sparse_attention import mosaic_pipeline as mp
 PAIRS = 2  # (compute, memory) warpgroup pairs per CTA, one kv block each
 
 
-class DkvSchedule(NamedTuple):
-  """A `schedule.balanced_schedule` of the work items over the (CTA, pair) lanes."""
-
-  items: Any  # int32 [lanes, rounds]: item w = kv_block + n_kv_blocks·(kv_head + kv_heads·batch)
-  count: Any  # int32 [lanes]
-
-
 class DkvInputs(NamedTuple):
   q_block_index: Any  # int32 [batch, kv_heads, n_kv_blocks, group · n_q_blocks]: entries member · n_q_blocks + q block
   q_block_count: Any  # int32 [batch, kv_heads, n_kv_blocks]
-  schedule: DkvSchedule | None  # None: items dealt round-robin
+  schedule: mp.Schedule | None  # None: items dealt round-robin
   q: Any  # [batch, q_len, heads, head_dim]; query head kv_head · group + member
   k: Any  # [batch, kv_len, kv_heads, head_dim]
   v: Any
@@ -107,10 +101,7 @@ def _dkv_kernel(
   score_scale = scale * mp.LOG2E
   lane = lax.axis_index("ctas") * PAIRS + pair
   counts = (n_kv_blocks, kv_heads, batch_size)
-  if inputs.schedule is None:
-    work = mp.round_robin_items(lane, ctas * PAIRS, counts)
-  else:
-    work = mp.scheduled_items(lane, inputs.schedule.items, inputs.schedule.count, counts)
+  work = mp.work_items(lane, ctas * PAIRS, counts, inputs.schedule)
 
   def column(item):
     kv_block, kv_head, batch = item
@@ -286,7 +277,7 @@ def dkv_call(
   """One launch of the dK/dV kernel on `ctas` CTAs of PAIRS lanes each.
 
   lse, delta: float32 [batch, heads, n_q_blocks·block_q], zero padded (padded rows, with zero q and dO,
-  then add exactly zero). schedule: a `DkvSchedule`, or None for round-robin; kv_seq_lengths: int32
+  then add exactly zero). schedule: an `mp.Schedule` of the (CTA, pair) lanes, or None for round-robin; kv_seq_lengths: int32
   [batch] or None; causal: query i attends keys j ≤ i.
   Returns (dk, dv), [batch, kv_len, kv_heads, head_dim] each, summed over each kv head's query heads.
   """

@@ -1,6 +1,6 @@
 """The Mosaic GPU block-sparse attention dQ kernel, which also forms delta = rowsum(dO·O) for dK/dV.
 
-Work items are (q block, head, batch), as in the forward, on persistent CTAs of `compute_wgs` compute
+Work items are (q block, head, batch), dealt as in the forward, on persistent CTAs of `compute_wgs` compute
 warpgroups (64 q rows each) and one memory warpgroup. The memory warpgroup loads each item's Q, dO and
 lse rows into one of `row_slots` slots (freed once the dQ store, staged in the Q slot, has read it) and
 runs one K/V ring (one kv block per 64-key slot) through all the CTA's items, so the next item's rows and
@@ -30,6 +30,7 @@ O_PART = 64  # columns of O per load (128 bytes: one swizzle row)
 class DqInputs(NamedTuple):
   kv_block_index: Any  # int32 [batch, heads, n_q_blocks, n_kv_blocks]
   kv_block_count: Any  # int32 [batch, heads, n_q_blocks]
+  schedule: mp.Schedule | None  # of the CTAs; None: items dealt round-robin
   q: Any  # [batch, q_len, heads, head_dim]
   k: Any  # [batch, kv_len, kv_heads, head_dim]
   v: Any
@@ -74,7 +75,7 @@ def _dq_kernel(inputs: DqInputs, outputs: DqOutputs, scratch: DqScratch, *, scal
   dim = q_ref.shape[-1]
   score_scale = scale * mp.LOG2E
   ring = scratch.kv
-  work = mp.round_robin_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
+  work = mp.work_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size), inputs.schedule)
 
   def row_table(item):
     q_block, head, batch = item
@@ -260,6 +261,7 @@ def dq_call(
   d_lse,
   kv_block_index,
   kv_block_count,
+  schedule,
   kv_seq_lengths,
   *,
   block_q,
@@ -295,7 +297,7 @@ def dq_call(
   )
   return mp.call_kernel(
     lambda *refs: _dq_kernel(*refs, scale=scale, block_kv=block_kv, kv_len=kv_len, causal=causal, ctas=ctas),
-    DqInputs(kv_block_index, kv_block_count, q, k, v, d_out, lse, out, d_lse, kv_seq_lengths),
+    DqInputs(kv_block_index, kv_block_count, schedule, q, k, v, d_out, lse, out, d_lse, kv_seq_lengths),
     DqOutputs(
       dq=jax.ShapeDtypeStruct(q.shape, q.dtype), delta=jax.ShapeDtypeStruct((batch, heads, padded_len), jnp.float32)
     ),

@@ -3,7 +3,8 @@
 A CTA runs `compute_wgs` compute warpgroups of 64 rows each (one q block of 64·compute_wgs rows) and one
 memory warpgroup. The CTAs are persistent: CTA j runs work items (q block, head, batch) j, j + ctas, ...,
 q blocks fastest, so the CTAs running at one time share a kv head's K/V in L2 (query head n reads kv
-head n // group). The memory warpgroup loads
+head n // group); or, with causal masking, where rows differ in length by design, the items a
+`schedule.balanced_schedule` deals it from the same rounds. The memory warpgroup loads
 each item's Q into one of two slots and runs one K/V ring (`KvRing`, two kept kv blocks per 128-key slot)
 through all its items, so the next item's loads overlap this item's last steps and epilogue. With two
 compute warpgroups they ping-pong on a schedule barrier, so one's softmax runs under the other's wgmma.
@@ -27,6 +28,7 @@ KV_BLOCKS_PER_STEP = 2  # kept kv blocks per pipeline step: one [64, 128] score 
 class ForwardInputs(NamedTuple):
   kv_block_index: Any  # int32 [batch, heads, n_q_blocks, n_kv_blocks]
   kv_block_count: Any  # int32 [batch, heads, n_q_blocks]
+  schedule: mp.Schedule | None  # of the CTAs; None: items dealt round-robin
   q: Any  # [batch, q_len, heads, head_dim]
   k: Any  # [batch, kv_len, kv_heads, head_dim]
   v: Any
@@ -70,7 +72,7 @@ def _forward_kernel(
   score_scale = scale * mp.LOG2E
   ring, schedule = scratch.kv, scratch.schedule
   masks_rows = causal or inputs.kv_seq_lengths is not None  # a row may then have listed keys but none valid
-  work = mp.round_robin_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size))
+  work = mp.work_items(lax.axis_index("ctas"), ctas, (n_q_blocks, heads, batch_size), inputs.schedule)
 
   def sync_schedule():
     if schedule is not None:
@@ -227,6 +229,7 @@ def forward_call(
   v,
   kv_block_index,
   kv_block_count,
+  schedule,
   kv_seq_lengths,
   *,
   block_q,
@@ -241,7 +244,8 @@ def forward_call(
   """One launch of the forward kernel on `ctas` CTAs with a ring of `stages` K/V slots.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, ≥ kv_len, kv_heads, head_dim], keys from kv_len on
-  (zero padding) masked; kv_seq_lengths: int32 [batch] or None; causal: query i attends keys j ≤ i.
+  (zero padding) masked; schedule: an `mp.Schedule` of the CTAs, or None for round-robin; kv_seq_lengths:
+  int32 [batch] or None; causal: query i attends keys j ≤ i.
   Returns (out [batch, q_len, heads, head_dim], lse float32 [batch, heads, q_len]).
   """
   batch, q_len, heads, dim = q.shape
@@ -259,7 +263,7 @@ def forward_call(
   )
   out, lse = mp.call_kernel(
     lambda *refs: _forward_kernel(*refs, scale=scale, block_kv=block_kv, kv_len=kv_len, causal=causal, ctas=ctas),
-    ForwardInputs(kv_block_index, kv_block_count, q, k, v, kv_seq_lengths),
+    ForwardInputs(kv_block_index, kv_block_count, schedule, q, k, v, kv_seq_lengths),
     ForwardOutputs(
       out=jax.ShapeDtypeStruct(q.shape, q.dtype),
       lse=jax.ShapeDtypeStruct((batch, heads, n_q_blocks * block_q), jnp.float32),

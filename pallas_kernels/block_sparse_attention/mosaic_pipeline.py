@@ -6,7 +6,7 @@
 - The K/V ring of the forward and dQ kernels: a memory warpgroup streams a row's kept K and V tiles by TMA into
   `KvRing` slots, each with a "loaded" barrier (TMA transaction count) and a "free" barrier (the compute
   warpgroups arrive when done with it); `drain` observes the last releases.
-- The key mask of a row's last step, and the persistent work-item loops.
+- The key mask of a row's last step, and the persistent work-item loops (round-robin or a `Schedule`).
 - `call_kernel`: one persistent launch of a kernel body that takes its inputs, outputs and scratch as named
   structures.
 """
@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.varying import shape_dtype, varying_axes
+from pallas_kernels.varying import vary, varying_axes
 
 LOG2E = math.log2(math.e)
 MASKED = -1e30  # the score of a key that takes no part: large and finite, so never -inf arithmetic
@@ -302,19 +302,23 @@ def _work_items(count, item_id, counts):
   return WorkItems(count, run, item_at)
 
 
-def round_robin_items(lane, lanes, counts):
-  """`lane` of `lanes` runs items lane, lane + lanes, ... of the counts = (blocks, heads, batch) work
-  items, blocks fastest (lanes running at one time share a head's K/V, or Q and dO, in L2)."""
+class Schedule(NamedTuple):
+  """A `schedule.balanced_schedule` of a kernel's work items over its lanes."""
+
+  items: Any  # int32 [lanes, rounds]: item w = block + blocks·(head + heads·batch); -1 past count
+  count: Any  # int32 [lanes]
+
+
+def work_items(lane, lanes, counts, schedule: Schedule | None):
+  """`lane`'s work items of the counts = (blocks, heads, batch) items, blocks fastest: those its row of
+  `schedule` lists (a ref of each field), or with schedule None items lane, lane + lanes, ... (round-robin).
+  Either way the lanes running at one time take adjacent items, which share a head's K/V (or Q and dO) in L2."""
+  if schedule is not None:
+    return _work_items(schedule.count[lane], lambda i: schedule.items[lane, i], counts)
   blocks, heads, batch = counts
   total = blocks * heads * batch
   count = jnp.where(lane < total, lax.div(total - 1 - lane, lanes) + 1, 0)
   return _work_items(count, lambda i: i * lanes + lane, counts)
-
-
-def scheduled_items(lane, items_ref, count_ref, counts):
-  """`lane` runs the items its row of a `schedule.balanced_schedule` lists: items_ref int32 [lanes,
-  rounds] (item w = block + blocks·(head + heads·batch)), count_ref int32 [lanes]."""
-  return _work_items(count_ref[lane], lambda i: items_ref[lane, i], counts)
 
 
 def call_kernel(body, inputs, out_type, scratch, *, ctas, num_threads, interpret, name):
@@ -326,9 +330,6 @@ def call_kernel(body, inputs, out_type, scratch, *, ctas, num_threads, interpret
   """
   flat_inputs, inputs_tree = jax.tree.flatten(inputs)
   flat_out_type, out_tree = jax.tree.flatten(out_type)
-  # Under `jax.shard_map(check_vma=True)` the outputs must declare the manual axes they vary over.
-  axes = varying_axes(flat_inputs)
-  flat_out_type = [shape_dtype(t.shape, t.dtype, axes) for t in flat_out_type]
 
   def kernel_body(*refs, scratch):
     inputs_refs = jax.tree.unflatten(inputs_tree, refs[: len(flat_inputs)])
@@ -347,4 +348,8 @@ def call_kernel(body, inputs, out_type, scratch, *, ctas, num_threads, interpret
     interpret=interpret_params(interpret),
     kernel_name=name,
   )(*flat_inputs)
-  return jax.tree.unflatten(out_tree, outputs)
+  # Under `jax.shard_map(check_vma=True)` the outputs must vary over the manual axes their inputs vary over
+  # (a custom_vjp's backward must return its primals' types). `plgpu.kernel` traces its launch with
+  # check_vma off, which drops any varying axes declared on out_type, so they are cast on afterwards.
+  axes = varying_axes(flat_inputs)
+  return jax.tree.unflatten(out_tree, [vary(x, axes) for x in outputs])

@@ -368,7 +368,7 @@ def _attend_sequence_parallel(q, k, v, attention, batch_axes, sparsity, sequence
   heads = q.shape[2]
   no_sparsity = jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.float32)
   dense = attention.kind == "dense" and sparsity is None
-  # check_vma off, as for batch_axes alone: cuDNN and the Mosaic backward carry no varying-axes types.
+  # check_vma off: cuDNN attention inside shard_map at check_vma=True has not been run on a GPU yet.
   shard_map = functools.partial(jax.shard_map, axis_names=axis_names, check_vma=False)
   if dense and sequence.scheme == "ulysses" and sequence.lengths is None and heads % sequence.devices == 0:
     axis = sequence.axes[0]
@@ -440,12 +440,12 @@ def _attend(
     return _attend_sequence_parallel(q, k, v, attention, batch_axes, sparsity, sequence)
   if batch_axes:
     spec = P(batch_axes)
-    # check_vma off: the Pallas kernels carry no varying-axes types; nothing inside communicates.
     return jax.shard_map(
       lambda q, k, v, sparsity: _attend(q, k, v, attention, sparsity=sparsity),
       in_specs=(spec, spec, spec, P()),
       out_specs=(spec, spec),
       axis_names=set(batch_axes),
+      # cuDNN attention inside shard_map at check_vma=True has not been run on a GPU yet.
       check_vma=False,
     )(q, k, v, sparsity)
   if attention.kind == "dense" and sparsity is None:
