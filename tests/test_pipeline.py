@@ -354,9 +354,9 @@ def test_generate_command_faults_are_one_error_line(folder, size, tmp_path, caps
 def test_generate_with_a_distilled_student(folder, pipe, size, tmp_path):
   """A workdir's newest checkpoint drives the pipeline: the video equals the pipeline run on its params."""
   from train import checkpoint, generate
-  from train.configs import Config, to_dict
+  from train.configs import Config, ModelConfig, to_dict
 
-  trained = dataclasses.replace(pipe.transformer.config, attention=AttentionConfig())
+  trained = ModelConfig.from_wan(pipe.transformer.config)
   attention = AttentionConfig(kind="sparse", topk=0.5, topp=0.0, **TILES)
   run = Config(name="tiny-student", model=trained, attention=attention)
   workdir = tmp_path / "run"
