@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from sparge_jax.models.wan import AttentionConfig, WanModel, load_diffusers, save_diffusers, tiny
-from sparge_jax.models.wan.diffusers_io import INDEX_NAME, WEIGHTS_NAME
+from sparge_jax.models.wan.diffusers_io import ATTENTION_NAME, INDEX_NAME, WEIGHTS_NAME
 
 
 def _random_model(seed=0, **changes):
@@ -47,7 +47,7 @@ def saved(tmp_path_factory):
 
 def test_round_trip_is_exact(saved):
   model, folder = saved
-  assert sorted(p.name for p in folder.iterdir()) == ["config.json", WEIGHTS_NAME]
+  assert sorted(p.name for p in folder.iterdir()) == ["config.json", WEIGHTS_NAME, ATTENTION_NAME]
   loaded = load_diffusers(folder, attention=AttentionConfig(kind="sparse"), remat=True)
   _assert_same_params(model, loaded)
   assert loaded.config == dataclasses.replace(model.config, attention=AttentionConfig(kind="sparse"), remat=True)
@@ -97,6 +97,28 @@ def test_load_onto_a_mesh(saved):
   kernel = model.blocks.ffn_in.kernel[...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   assert model.text_in.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_the_attention_settings_travel_with_the_folder(tmp_path):
+  """A sparse student saved is a sparse student loaded; an explicit attention wins; a bad file names itself."""
+  sparse = AttentionConfig(kind="sparse", topk=(0.1, 0.3), topp=0.0, mode="topk", block_q=16, block_kv=32)
+  model = _random_model(attention=sparse)
+  folder = tmp_path / "student"
+  save_diffusers(model, folder)
+  loaded = load_diffusers(folder)
+  assert loaded.config.attention == sparse
+  x = _inputs(model.config, seed=3)
+  np.testing.assert_array_equal(loaded(*x), model(*x))
+  assert load_diffusers(folder, attention=AttentionConfig()).config.attention == AttentionConfig()
+  for text, message in (
+    ('{"kind": "sparse", "topk": 2.0}', "topk"),
+    ('{"kind": "sparse", "top_k": 0.1}', r"unknown field\(s\) \['top_k'\]"),
+    ("[0.1]", "JSON object"),
+    ("{", "not a readable"),
+  ):
+    (folder / ATTENTION_NAME).write_text(text)
+    with pytest.raises(ValueError, match=rf"{ATTENTION_NAME}.*{message}"):
+      load_diffusers(folder)
 
 
 def _copy(folder, tmp_path, *, config=None, tensors=None):

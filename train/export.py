@@ -1,18 +1,18 @@
 """The distilled student as a diffusers folder: ``<workdir>/export/``, loadable by ``sparge_jax.models.wan`` (and
 ``sparge_jax.pipelines``) and by diffusers.
 
-    export/transformer/            config.json + safetensors (``sparge_jax.models.wan.save_diffusers``)
-    export/transformer/sparge_attention.json   the student's attention settings (diffusers ignores the file)
+    export/transformer/            config.json + safetensors + sparge_attention.json, the student's attention
+                                   settings (``sparge_jax.models.wan.save_diffusers``; diffusers ignores the json)
     export/{vae,text_encoder,tokenizer,scheduler,model_index.json}   links to the teacher's Wan folder, when the
                                    teacher is the transformer/ of one (or to ``eval.model``'s)
 
 With the links the folder is a whole Wan2.1 pipeline folder: ``WanPipeline.from_pretrained("export")`` in
-diffusers, or ``from_pretrained`` of ``sparge_jax.pipelines.wan`` with the attention settings of the json file.
+diffusers, or ``sparge_jax.pipelines.WanPipeline.from_pretrained("export")``, whose transformer
+(``load_diffusers``) runs with the attention settings of the json file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
@@ -24,11 +24,10 @@ from jax.experimental import multihost_utils
 
 from sparge_jax.models.wan import save_diffusers
 
-from .configs import Config, to_dict
+from .configs import Config
 from .models import abstract_model, model_configs
 
 EXPORT_DIR = "export"
-ATTENTION_FILE = "sparge_attention.json"
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
 
 
@@ -61,8 +60,6 @@ def export_student(config: Config, params: Any, workdir: str) -> str:
     shutil.rmtree(path, ignore_errors=True)
   os.makedirs(staging)
   save_diffusers(model, os.path.join(staging, "transformer"))
-  with open(os.path.join(staging, "transformer", ATTENTION_FILE), "w") as f:
-    json.dump(to_dict(config.attention), f, indent=2)
   source = pipeline_folder(config)
   if source is not None:
     for part in PIPELINE_PARTS:

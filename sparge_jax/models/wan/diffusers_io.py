@@ -24,11 +24,15 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from sparge_jax.config import AttentionConfig
 from sparge_jax.models.safetensors_io import SafetensorsFolder
 from sparge_jax.models.wan.model import WanConfig, WanModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# The self-attention settings beside config.json: diffusers ignores the file, `load_diffusers` reads it, so a
+# saved sparse student loads sparse.
+ATTENTION_NAME = "sparge_attention.json"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 
@@ -265,12 +269,17 @@ def load_diffusers(
 
   mesh: place each parameter sharded over it, by the logical axis names of the model docstring
     mapped through `rules` (pairs like ("embed", "fsdp"); names without a rule are replicated).
-  overrides: run options - `attention` (AttentionConfig), `remat`, `compute_dtype` (default `dtype`),
-    `batch_axes`, `sequence_axes`, `sequence_parallel`.
+  overrides: run options - `attention` (AttentionConfig; default: the folder's sparge_attention.json as
+    `save_diffusers` writes it, else dense), `remat`, `compute_dtype` (default `dtype`), `batch_axes`,
+    `sequence_axes`, `sequence_parallel`.
   """
   folder = Path(path)
   if not folder.is_dir() or not (folder / CONFIG_NAME).is_file():
     raise ValueError(f"path {folder} is not a diffusers transformer folder (no {CONFIG_NAME})")
+  if overrides.get("attention") is None:
+    overrides.pop("attention", None)
+    if (folder / ATTENTION_NAME).is_file():
+      overrides["attention"] = read_attention(folder / ATTENTION_NAME)
   config_path = folder / CONFIG_NAME
   config = config_from_diffusers(read_config(config_path), dtype=dtype, source=str(config_path), **overrides)
   weights = SafetensorsFolder(folder, WEIGHTS_NAME)
@@ -304,6 +313,23 @@ def load_diffusers(
   return nnx.merge(graphdef, nnx.from_flat_state(placed))
 
 
+def read_attention(path: str | os.PathLike) -> AttentionConfig:
+  """The AttentionConfig a sparge_attention.json states; ValueError naming the file and the field if it is bad."""
+  try:
+    fields = json.loads(Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a readable attention settings file ({e})") from None
+  if not isinstance(fields, dict):
+    raise ValueError(f"{path}: expected a JSON object of AttentionConfig fields, got {type(fields).__name__}")
+  known = {f.name for f in dataclasses.fields(AttentionConfig)}
+  if unknown := sorted(set(fields) - known):
+    raise ValueError(f"{path}: unknown field(s) {unknown}; AttentionConfig has {sorted(known)}")
+  try:
+    return AttentionConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
 def _complete_rules(rules, flat) -> list[tuple[str, str | None]]:
   """`rules` plus a replicate-rule for every other logical name the model uses."""
   names = {name for _, v in flat for name in v.get_metadata().get("out_sharding", ()) if name is not None}
@@ -331,6 +357,7 @@ def save_diffusers(model: WanModel, path: str | os.PathLike, *, max_shard_bytes:
   staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
   try:
     (staging / CONFIG_NAME).write_text(json.dumps(config_to_diffusers(config), indent=2) + "\n")
+    (staging / ATTENTION_NAME).write_text(json.dumps(dataclasses.asdict(config.attention), indent=2) + "\n")
     shards, shard, shard_bytes = [], {}, 0
 
     def flush():
