@@ -259,12 +259,12 @@ def test_encoder_embed_tokens_wins_over_shared(io, tmp_path):
   [
     (
       lambda t: t.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight"),
-      "missing keys encoder.block.1.layer.1.DenseReluDense.wo.weight",
+      r"missing keys \[.encoder.block.1.layer.1.DenseReluDense.wo.weight.\]",
     ),
     (lambda t: t.pop("shared.weight"), "no token embedding"),
     (
       lambda t: t.update({"decoder.final_layer_norm.weight": t["encoder.final_layer_norm.weight"]}),
-      "unexpected keys decoder.final_layer_norm.weight",
+      r"unexpected keys \[.decoder.final_layer_norm.weight.\]",
     ),
     (
       lambda t: t.update(

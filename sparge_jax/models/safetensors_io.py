@@ -8,6 +8,9 @@ The layout is that of diffusers and transformers: either `<weights_name>`, or th
 `weight_map` of `<weights_name>.index.json`. Everything that can be wrong is reported as a `ValueError` that
 names the file: a missing or garbled index, shard paths that leave the folder, truncated or corrupted files,
 and keys the index puts in a shard that does not hold them.
+
+The loaders of the ported models (Wan DiT, Wan VAE, UMT5) also share `shape_mismatches` (the model's
+tensors against a folder's) and `complete_rules` (logical sharding rules that cover every parameter).
 """
 
 from __future__ import annotations
@@ -114,3 +117,31 @@ def _open(path: Path):
     return safe_open(path, "np")
   except Exception as e:  # SafetensorError and OSError alike
     raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _listed(keys: list[str], limit: int = 6) -> str:
+  return repr(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def shape_mismatches(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+  """Every difference between the tensors a model expects and those a folder holds (key -> shape each), as
+  phrases for one error message: missing keys, unexpected keys, then each wrong shape. Empty if they match."""
+  problems = []
+  if missing := sorted(set(expected) - set(shapes)):
+    problems.append(f"missing keys {_listed(missing)}")
+  if unexpected := sorted(set(shapes) - set(expected)):
+    problems.append(f"unexpected keys {_listed(unexpected)}")
+  problems += [
+    f"{key}: expected shape {expected[key]}, found {shapes[key]}"
+    for key in sorted(set(expected) & set(shapes))
+    if tuple(shapes[key]) != tuple(expected[key])
+  ]
+  return problems
+
+
+def complete_rules(rules, flat_state) -> list[tuple[str, str | None]]:
+  """`rules` (pairs like ("embed", "fsdp")) plus a replicate-rule for every other logical axis name that the
+  parameters of `flat_state` (pairs of path and nnx Variable) carry, so each parameter gets a partition spec."""
+  names = {name for _, v in flat_state for name in v.get_metadata().get("out_sharding", ()) if name is not None}
+  ruled = {name for name, _ in rules}
+  return list(rules) + [(name, None) for name in sorted(names - ruled)]

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparge_jax.models.safetensors_io import SafetensorsFolder
+from sparge_jax.models.safetensors_io import SafetensorsFolder, complete_rules, shape_mismatches
 from sparge_jax.models.umt5.model import UMT5Config, UMT5Encoder
 
 CONFIG_NAME = "config.json"
@@ -100,11 +100,6 @@ def _tensor_shape(shape: tuple[int, ...], layout: str, stacked: bool) -> tuple[i
   return per_tensor[::-1] if layout == "linear" else per_tensor
 
 
-def _listed(keys: list[str], limit: int = 6) -> str:
-  shown = ", ".join(keys[:limit])
-  return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _check_tensors(folder: Path, plan, flat, shapes: dict[str, tuple[int, ...]]) -> str:
   """Raise ValueError listing every mismatch between the model and the checkpoint; return the embedding key."""
   expected = {}
@@ -119,27 +114,10 @@ def _check_tensors(folder: Path, plan, flat, shapes: dict[str, tuple[int, ...]])
   problems = []
   if not any(key in shapes for key in _EMBEDDING_KEYS):
     problems.append(f"no token embedding (neither {' nor '.join(_EMBEDDING_KEYS)})")
-  missing = sorted(set(expected) - set(shapes))
-  unexpected = sorted(set(shapes) - set(expected))
-  if missing:
-    problems.append(f"missing keys {_listed(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys {_listed(unexpected)}")
-  problems += [
-    f"{key}: expected shape {expected[key]}, found {shapes[key]}"
-    for key in sorted(set(expected) & set(shapes))
-    if shapes[key] != expected[key]
-  ]
+  problems += shape_mismatches(expected, shapes)
   if problems:
     raise ValueError(f"{folder}: checkpoint does not match its config.json: " + "; ".join(problems))
   return next(key for key in _EMBEDDING_KEYS if key in shapes)
-
-
-def _complete_rules(rules, flat) -> list[tuple[str, str | None]]:
-  """`rules` plus a replicate-rule for every other logical name the model uses."""
-  names = {name for _, v in flat for name in v.get_metadata().get("out_sharding", ()) if name is not None}
-  ruled = {name for name, _ in rules}
-  return list(rules) + [(name, None) for name in sorted(names - ruled)]
 
 
 def _host_tensor(weights: SafetensorsFolder, key: str, layout: str, dtype) -> np.ndarray:
@@ -197,7 +175,7 @@ def load_umt5_encoder(
   flat = [(tuple(str(p) for p in path), v) for path, v in nnx.to_flat_state(state)]
   specs = {}
   if mesh is not None:
-    with nnx.logical_axis_rules(_complete_rules(rules, flat)):
+    with nnx.logical_axis_rules(complete_rules(rules, flat)):
       specs = {tuple(str(p) for p in k): v.get_value() for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
   plan = _expected_tensors(config, flat)
   with SafetensorsFolder(folder, WEIGHTS_NAME) as weights:

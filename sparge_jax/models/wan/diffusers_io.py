@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from sparge_jax.config import AttentionConfig
-from sparge_jax.models.safetensors_io import SafetensorsFolder
+from sparge_jax.models.safetensors_io import SafetensorsFolder, complete_rules, shape_mismatches
 from sparge_jax.models.wan.model import WanConfig, WanModel
 
 CONFIG_NAME = "config.json"
@@ -241,19 +241,7 @@ def config_to_diffusers(config: WanConfig) -> dict:
 
 def _check_tensors(entries: list[_Entry], shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
   expected = {key: entry.tensor_shape for entry in entries for key in entry.keys}
-  problems = []
-  missing = sorted(set(expected) - set(shapes))
-  unexpected = sorted(set(shapes) - set(expected))
-  if missing:
-    problems.append(f"missing keys {missing}")
-  if unexpected:
-    problems.append(f"unexpected keys {unexpected}")
-  problems += [
-    f"{key}: expected shape {expected[key]}, found {shapes[key]}"
-    for key in sorted(set(expected) & set(shapes))
-    if shapes[key] != expected[key]
-  ]
-  if problems:
+  if problems := shape_mismatches(expected, shapes):
     raise ValueError(f"{folder}: the weights do not match its {CONFIG_NAME}: " + "; ".join(problems))
 
 
@@ -291,7 +279,7 @@ def load_diffusers(
   _check_tensors(entries, weights.shapes, folder)
 
   if mesh is not None:
-    with nnx.logical_axis_rules(_complete_rules(rules, flat)):
+    with nnx.logical_axis_rules(complete_rules(rules, flat)):
       specs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
   host_dtype = np.dtype(dtype)
   placed = []
@@ -328,13 +316,6 @@ def read_attention(path: str | os.PathLike) -> AttentionConfig:
     return AttentionConfig(**fields)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: {e}") from None
-
-
-def _complete_rules(rules, flat) -> list[tuple[str, str | None]]:
-  """`rules` plus a replicate-rule for every other logical name the model uses."""
-  names = {name for _, v in flat for name in v.get_metadata().get("out_sharding", ()) if name is not None}
-  ruled = {name for name, _ in rules}
-  return list(rules) + [(name, None) for name in sorted(names - ruled)]
 
 
 def save_diffusers(model: WanModel, path: str | os.PathLike, *, max_shard_bytes: int = 10 * 2**30) -> None:

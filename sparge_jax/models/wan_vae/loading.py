@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.models.safetensors_io import SafetensorsFolder
+from sparge_jax.models.safetensors_io import SafetensorsFolder, complete_rules, shape_mismatches
 from sparge_jax.models.wan_vae.model import WanVAE, WanVAEConfig
 
 CONFIG_NAME = "config.json"
@@ -66,30 +66,6 @@ def _layout(path: tuple[str, ...], shape: tuple[int, ...]):
   return shape, lambda a: a
 
 
-def _check_tensors(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
-  problems = []
-  missing = sorted(set(expected) - set(shapes))
-  unexpected = sorted(set(shapes) - set(expected))
-  if missing:
-    problems.append(f"missing keys {missing}")
-  if unexpected:
-    problems.append(f"unexpected keys {unexpected}")
-  problems += [
-    f"{key}: expected shape {expected[key]}, found {shapes[key]}"
-    for key in sorted(set(expected) & set(shapes))
-    if shapes[key] != expected[key]
-  ]
-  if problems:
-    raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
-
-
-def _complete_rules(rules, flat) -> list[tuple[str, str | None]]:
-  """`rules` plus a replicate-rule for every other logical name the model uses."""
-  names = {name for _, v in flat for name in v.get_metadata().get("out_sharding", ()) if name is not None}
-  ruled = {name for name, _ in rules}
-  return list(rules) + [(name, None) for name in sorted(names - ruled)]
-
-
 def load_wan_vae(
   folder: str | os.PathLike,
   *,
@@ -120,10 +96,11 @@ def load_wan_vae(
   graphdef, state = nnx.split(abstract)
   flat = [(tuple(str(p) for p in path), variable) for path, variable in nnx.to_flat_state(state)]
   plan = {path: (_diffusers_key(path), *_layout(path, tuple(variable.shape))) for path, variable in flat}
-  _check_tensors({key: shape for key, shape, _ in plan.values()}, weights.shapes)
+  if problems := shape_mismatches({key: shape for key, shape, _ in plan.values()}, weights.shapes):
+    raise ValueError(f"{folder}: the weights do not match its {CONFIG_NAME}: " + "; ".join(problems))
 
   if mesh is not None:
-    with nnx.logical_axis_rules(_complete_rules(rules, flat)):
+    with nnx.logical_axis_rules(complete_rules(rules, flat)):
       specs = {tuple(str(p) for p in k): v for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
   placed = []
   for path, variable in flat:
