@@ -40,6 +40,7 @@ from benchmarks import mask as mask_benchmark
 from pallas_kernels.block_mask import triton_index_table as index_table
 from pallas_kernels.block_sparse_attention import triton as triton_block_sparse
 from sparge_jax import attention
+from sparge_jax import backends as backend_table
 from sparge_jax import mask as mask_lib
 
 MASK_COMPONENTS = ("pooling", "pooled logits", "selection")  # stages of benchmarks.mask, timed alone
@@ -363,7 +364,7 @@ def main(argv=None):
     parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
   if jax.default_backend() != "gpu":
     parser.error("this benchmark compares against cuDNN and needs a CUDA GPU")
-  backends = args.backend or (["mosaic", "triton"] if results.on_hopper() else ["triton"])
+  backends = args.backend or (["mosaic", "triton"] if backend_table.on_hopper() else ["triton"])
   if args.seq_len is None:
     suite = inputs.SUITE
   else:

@@ -31,16 +31,6 @@ def device_slug(name: str | None = None) -> str:
   return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
-def compute_capability() -> str | None:
-  """The first jax device's CUDA compute capability ("9.0" on Hopper), or None off a CUDA GPU."""
-  return getattr(jax.devices()[0], "compute_capability", None) if jax.default_backend() == "gpu" else None
-
-
-def on_hopper() -> bool:
-  """True on a compute capability 9.x GPU, where the Mosaic GPU kernels run."""
-  return (compute_capability() or "").startswith("9.")
-
-
 def git_commit() -> str | None:
   """The commit of the checkout that holds this file, with "-dirty" if it has uncommitted changes; None
   where there is no git or no repository (a copied tree)."""

@@ -33,8 +33,9 @@ from sparge_jax.pipelines import AttentionSchedule, export_video
 from sparge_jax.pipelines.video import check_output_path
 from sparge_jax.pipelines.wan import DEFAULT_NEGATIVE_PROMPT, WanPipeline, check_folder, default_flow_shift
 
-from . import checkpoint, distill, errors, sharding
+from . import checkpoint, errors, sharding
 from .configs import Config, from_dict
+from .models import model_configs
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -168,7 +169,7 @@ def load_student(workdir: str, *, dtype, mesh=None) -> tuple[WanModel, str]:
   in `dtype`, and that checkpoint's params directory."""
   with open(os.path.join(workdir, "config.json")) as f:
     run_config = from_dict(Config, json.load(f))
-  _, trained = distill.model_configs(run_config)
+  _, trained = model_configs(run_config)
   abstract = nnx.split(nnx.eval_shape(lambda: WanModel(trained, rngs=nnx.Rngs(0))))[1]
   mesh = mesh if mesh is not None else sharding.make_mesh(-1, 1)
   shardings = sharding.param_shardings(abstract, mesh)
