@@ -84,6 +84,12 @@ def _check_common(q, k, v, *, block_q, block_kv, scale, query_seq_lengths, key_v
   config.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, q.shape[0])
 
 
+def _check_selection(topk, topp, mode, *, heads):
+  config.check_fraction_argument("topk", topk, heads)
+  config.check_fraction_argument("topp", topp, heads)
+  config.check_choice("mode", mode, MODES)
+
+
 def _kernel(q, k, *, implementation, argument, block_q, block_kv, scale, is_causal, kv_lengths, residual, interpret):
   """Resolves the backend (once per call) and the kernels' static settings."""
   call = backends.call_of(
@@ -148,9 +154,7 @@ def block_mask(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
   )
-  config.check_fraction_argument("topk", topk, q.shape[2])
-  config.check_fraction_argument("topp", topp, q.shape[2])
-  config.check_choice("mode", mode, MODES)
+  _check_selection(topk, topp, mode, heads=q.shape[2])
   return core.block_mask(
     q,
     k,
@@ -271,9 +275,7 @@ def sparse_attention(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
   )
-  config.check_fraction_argument("topk", topk, q.shape[2])
-  config.check_fraction_argument("topp", topp, q.shape[2])
-  config.check_choice("mode", mode, MODES)
+  _check_selection(topk, topp, mode, heads=q.shape[2])
   kernel = _kernel(
     q,
     k,
