@@ -2,13 +2,16 @@
 
     python -m benchmarks.make_dataset                       # 16 clips of 1280x720 at 24 fps, 6 s each
     python -m benchmarks.make_dataset --clips 32 --batch 8 --vae_dtype bfloat16
+    python -m benchmarks.make_dataset --model PATH/Wan2.1-T2V-1.3B-Diffusers   # that folder's encoders
 
 Nothing is downloaded: the encoders have random weights of the real sizes (the VAE of Wan2.1, UMT5-XXL in
 bfloat16) and the tokenizer is the tiny test fixture's (its ids are valid UMT5 ids), so the time is the real
 one. The clips are written first (H.264), then ``train.make_dataset``'s own loop (``encode_videos``) runs
 once on one batch to compile and once on all clips, timed: clips/s is the second run's. Also timed alone:
 decoding and resizing one clip, the VAE on one batch, the text encoder on one batch; and the peak device
-memory. Prints one JSON object (and writes it to ``--out`` if given).
+memory. Prints one JSON object and writes it to benchmarks/results/make_dataset-<device>.json (``--out``).
+With ``--model`` the VAE, tokenizer and text encoder come from a Wan diffusers folder instead; ``--latents``
+sets the clip size as latent frames, height and width (default the 1.3B preset's, 81 x 480 x 832 pixels).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.results import results_path, write_results
 from sparge_jax.models import umt5, wan_vae
 from train import make_dataset, videos
 from train.configs import wan2_1_1_3b
@@ -72,8 +76,10 @@ def peak_memory_gib() -> float | None:
   return stats.get("peak_bytes_in_use", 0) / 2**30 or None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="", help="a Wan diffusers folder to take the encoders from")
+  parser.add_argument("--latents", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"), default=None)
   parser.add_argument("--clips", type=int, default=16)
   parser.add_argument("--batch", type=int, default=0, help="clips per encoder call (0: one per local device)")
   parser.add_argument("--source", default="1280x720", help="the clips' size, WIDTHxHEIGHT")
@@ -81,12 +87,23 @@ def main() -> None:
   parser.add_argument("--seconds", type=float, default=6.0)
   parser.add_argument("--vae_dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--read_workers", type=int, default=8)
-  parser.add_argument("--out", default="")
-  args = parser.parse_args()
-  width, height = (int(v) for v in args.source.split("x"))
+  parser.add_argument(
+    "--out", default=None, help="results file (default benchmarks/results/make_dataset-<device>.json)"
+  )
+  args = parser.parse_args(argv)
+  try:
+    width, height = (int(v) for v in args.source.split("x"))
+  except ValueError:
+    parser.error(f"--source must be WIDTHxHEIGHT, got {args.source!r}")
+  if args.clips < 1 or args.batch < 0:
+    parser.error("--clips must be at least 1 and --batch at least 0")
+  if args.model and not os.path.isdir(os.path.join(args.model, "vae")):
+    parser.error(f"--model {args.model}: not a Wan diffusers folder (no vae/)")
   preset = make_dataset.DatasetConfig.from_config(wan2_1_1_3b())
   batch = args.batch or jax.local_device_count()
   config = dataclasses.replace(preset, batch_size=batch, compute_dtype="bfloat16")
+  if args.latents:
+    config = dataclasses.replace(config, **dict(zip(("frames", "height", "width"), args.latents)))
   vae_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.vae_dtype]
 
   with tempfile.TemporaryDirectory() as root:
@@ -96,7 +113,12 @@ def main() -> None:
     captions = write_clips(clips, args.clips, width, height, args.fps, args.seconds)
     print(f"wrote {args.clips} clips of {width}x{height} in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    encoders = random_encoders(vae_dtype, config.text_len)
+    if args.model:
+      encoders = make_dataset.Encoders.load(
+        args.model, vae_dtype=vae_dtype, text_dtype=jnp.bfloat16, text_len=config.text_len
+      )
+    else:
+      encoders = random_encoders(vae_dtype, config.text_len)
     init_s = time.perf_counter() - start
     spec = make_dataset.clip_spec(config, encoders.vae_config, 16.0)
 
@@ -129,7 +151,8 @@ def main() -> None:
     text_s = time.perf_counter() - start
 
   results = {
-    "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind}",
+    "devices": jax.local_device_count(),
+    "encoders": os.path.abspath(args.model) if args.model else "random weights of the real sizes",
     "clip": f"{spec.frames} frames of {spec.width}x{spec.height} from {width}x{height} at {args.fps} fps",
     "batch": batch,
     "vae_dtype": args.vae_dtype,
@@ -137,17 +160,18 @@ def main() -> None:
     "clips_per_s": args.clips / total_s,
     "seconds_total": total_s,
     "seconds_first_batch_with_compilation": compile_s,
-    "seconds_random_init": init_s,
+    "seconds_encoders_init": init_s,
     "seconds_decode_resize_one_clip": read_s,
     "seconds_vae_one_batch": vae_s,
     "seconds_text_one_batch": text_s,
     "peak_memory_gib": peak_memory_gib(),
   }
   print(json.dumps(results, indent=1))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
+  out = args.out or results_path("make_dataset")
+  write_results(out, results)
+  print(f"wrote {out}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -207,3 +207,22 @@ def test_a_model_folder_without_a_vae_and_no_usable_video(inputs, tmp_path, caps
   assert "none of the 1 videos could be used" in err
   report = json.load(open(tmp_path / ("o" + make_dataset.PARTIAL_SUFFIX) / make_dataset.REPORT))
   assert report["skipped"][0]["video"].endswith("broken.mp4")
+
+
+# ----------------------------------------------------------------------------- the throughput benchmark
+
+
+def test_the_throughput_benchmark_runs_on_a_model_folder_and_writes_its_results(inputs, tmp_path, capsys):
+  from benchmarks import make_dataset as benchmark
+
+  out = tmp_path / "make_dataset-cpu.json"
+  argv = ["--model", inputs[2], "--latents", "2", "8", "12", "--clips", "3", "--source", "128x96", "--fps", "16"]
+  assert benchmark.main([*argv, "--seconds", "1", "--read_workers", "2", "--out", str(out)]) == 0
+  saved = json.loads(out.read_text())
+  assert saved["device"] == "cpu" and saved["encoders"] == os.path.abspath(inputs[2])
+  assert saved["clip"] == "5 frames of 96x64 from 128x96 at 16 fps" and saved["clips"] == 3
+  assert saved["clips_per_s"] == pytest.approx(3 / saved["seconds_total"])
+  assert [p.name for p in tmp_path.iterdir()] == [out.name]  # written whole, nothing beside it
+  with pytest.raises(SystemExit):
+    benchmark.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.json")])
+  assert "not a Wan diffusers folder" in capsys.readouterr().err
