@@ -50,7 +50,8 @@ SEQ_MULTIPLE = None  # any q_len and kv_len (lengths that are not multiples of 8
 
 @dataclasses.dataclass(frozen=True)
 class MosaicTuning:
-  """The settings a caller may choose; the defaults are the fastest measured (MOSAIC_NOTES.md).
+  """The settings a caller may choose; the defaults are the fastest measured (MOSAIC_NOTES.md), except
+  `balanced` under causal masking, chosen by the cost model there and not yet run on a GPU.
 
   forward_stages: K/V slots in flight in the forward, 128 keys (two kept kv blocks) each.
   dq_stages: K/V slots in flight in the dQ kernel, 64 keys each.
