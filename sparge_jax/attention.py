@@ -70,18 +70,19 @@ def _default_scale(scale, head_dim):
   return float(head_dim) ** -0.5 if scale is None else float(scale)
 
 
-def _as_lengths(lengths):
-  """Array-likes as arrays, as jax.nn takes them (a list of ints becomes int32)."""
-  return None if lengths is None else jnp.asarray(lengths)
-
-
-def _check_common(q, k, v, *, block_q, block_kv, scale, query_seq_lengths, key_value_seq_lengths, names=None):
-  config.check_qkv(q, k, v, **({} if names is None else {"names": names}))
+def _checked_lengths(q, k, v, *, block_q, block_kv, scale, query_seq_lengths, key_value_seq_lengths):
+  """Checks the arguments every entry point shares; returns the two lengths as arrays (as jax.nn takes
+  them: a list of ints becomes int32) or None."""
+  query_seq_lengths, key_value_seq_lengths = (
+    None if lengths is None else jnp.asarray(lengths) for lengths in (query_seq_lengths, key_value_seq_lengths)
+  )
+  config.check_qkv(q, k, v)
   config.check_block("block_q", block_q)
   config.check_block("block_kv", block_kv)
   config.check_scale(scale)
   config.check_seq_lengths("query_seq_lengths", query_seq_lengths, q.shape[0])
   config.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, q.shape[0])
+  return query_seq_lengths, key_value_seq_lengths
 
 
 def _check_selection(topk, topp, mode, *, heads):
@@ -143,17 +144,10 @@ def block_mask(
   keeps at least one. No gradient flows through the mask.
   """
   implementation, argument = _implementation(implementation, backend)
-  query_seq_lengths, key_value_seq_lengths = _as_lengths(query_seq_lengths), _as_lengths(key_value_seq_lengths)
-  _check_common(
-    q,
-    k,
-    k,
-    block_q=block_q,
-    block_kv=block_kv,
-    scale=scale,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-  )
+  query_seq_lengths, key_value_seq_lengths = _checked_lengths(
+    q, k, k, block_q=block_q, block_kv=block_kv, scale=scale,
+    query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+  )  # fmt: skip
   _check_selection(topk, topp, mode, heads=q.shape[2])
   return core.block_mask(
     q,
@@ -200,17 +194,10 @@ def block_sparse_attention(
   output is zero.
   """
   implementation, argument = _implementation(implementation, backend)
-  query_seq_lengths, key_value_seq_lengths = _as_lengths(query_seq_lengths), _as_lengths(key_value_seq_lengths)
-  _check_common(
-    q,
-    k,
-    v,
-    block_q=block_q,
-    block_kv=block_kv,
-    scale=scale,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-  )
+  query_seq_lengths, key_value_seq_lengths = _checked_lengths(
+    q, k, v, block_q=block_q, block_kv=block_kv, scale=scale,
+    query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+  )  # fmt: skip
   expected = (q.shape[0], q.shape[2], -(-q.shape[1] // block_q), -(-k.shape[1] // block_kv))
   if not hasattr(mask, "shape") or tuple(mask.shape) != expected:
     raise ValueError(
@@ -264,17 +251,10 @@ def sparse_attention(
   results come in that order: out, lse, stats.
   """
   implementation, argument = _implementation(implementation, backend)
-  query_seq_lengths, key_value_seq_lengths = _as_lengths(query_seq_lengths), _as_lengths(key_value_seq_lengths)
-  _check_common(
-    q,
-    k,
-    v,
-    block_q=block_q,
-    block_kv=block_kv,
-    scale=scale,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-  )
+  query_seq_lengths, key_value_seq_lengths = _checked_lengths(
+    q, k, v, block_q=block_q, block_kv=block_kv, scale=scale,
+    query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+  )  # fmt: skip
   _check_selection(topk, topp, mode, heads=q.shape[2])
   kernel = _kernel(
     q,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -37,24 +38,11 @@ def _axis_size(name, argument: str) -> int:
 
 
 # The keyword arguments of `sparge_jax.attention.dot_product_attention` (and `return_stats`), with its defaults.
-DEFAULTS = dict(
-  bias=None,
-  mask=None,
-  scale=None,
-  is_causal=False,
-  query_seq_lengths=None,
-  key_value_seq_lengths=None,
-  local_window_size=None,
-  implementation=None,
-  return_residual=False,
-  topk=0.03,
-  topp=0.2,
-  mode="hybrid",
-  block_q=128,
-  block_kv=64,
-  interpret=False,
-  return_stats=False,
-)
+DEFAULTS = {
+  name: parameter.default
+  for name, parameter in inspect.signature(sparge_attention.dot_product_attention).parameters.items()
+  if parameter.default is not inspect.Parameter.empty
+} | {"return_stats": False}
 
 
 @dataclasses.dataclass(frozen=True)
